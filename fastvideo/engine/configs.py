@@ -1,0 +1,164 @@
+"""User-facing configuration: ``PipelineConfig`` (how the engine runs a model) and
+``SamplingParam`` (what one video looks like). Both take per-model defaults from the
+registry, and every field can be set by attribute or by keyword; an unknown keyword is a
+TypeError naming it. Field help strings double as CLI help.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastvideo import envs
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+EXECUTORS = ("mp", "inproc")
+DEVICES = ("cuda", "cpu")
+
+T = TypeVar("T")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text})
+
+
+def _apply(obj: T, where: str, overrides: dict[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    for key, value in overrides.items():
+        if key not in names:
+            raise TypeError(
+                f"{where} got an unexpected keyword argument {key!r}; valid: "
+                + ", ".join(sorted(names))
+            )
+        setattr(obj, key, value)
+    return obj
+
+
+@dataclass
+class VAEConfig:
+    vae_precision: str = _help("VAE weights/activations: fp32, bf16 or fp16.", "fp32")
+
+
+@dataclass
+class PipelineConfig:
+    """How the engine loads and runs a model."""
+
+    model_path: str = _help("Model id or folder (set by from_pretrained).", "")
+    num_gpus: int = _help("Worker processes, one per GPU (CPU workers when no GPU).", 1)
+    dit_precision: str | None = _help("DiT precision; None: bf16 on GPU, fp32 on CPU.", None)
+    text_encoder_precision: str | None = _help(
+        "Text encoder precision; None: bf16 on GPU, fp32 on CPU.", None
+    )
+    vae_config: VAEConfig = _help("VAE settings.", default_factory=VAEConfig)
+    attention_backend: str | None = _help(
+        "Attention backend name, or None/'auto' to pick the fastest available.", None
+    )
+    flow_shift: float | None = _help(
+        "Flow-matching sigma shift; None: the checkpoint's scheduler config.", None
+    )
+    scheduler: str | None = _help("'unipc' or 'euler'; None: the checkpoint's scheduler.", None)
+    device: str | None = _help("'cuda' or 'cpu'; None: cuda when available.", None)
+    executor: str = _help("'mp' (worker processes, default) or 'inproc' (debugging).", "mp")
+    cfg_parallel: bool | None = _help("Force CFG-parallel on/off; None: automatic.", None)
+    sp_degree: int | None = _help("Force the sequence-parallel group size.", None)
+    ulysses_degree: int | None = _help("Force the Ulysses degree.", None)
+    ring_degree: int | None = _help("Force the ring-attention degree.", None)
+    ready_timeout_s: float | None = _help("Seconds to wait for workers to load.", None)
+
+    @classmethod
+    def from_pretrained(cls, model: str, **overrides: Any) -> PipelineConfig:
+        """Defaults for ``model`` (a registry id or a local folder) plus ``overrides``."""
+        from fastvideo.engine.model_info import variant_defaults
+
+        _, pipeline_defaults = variant_defaults(model)
+        config = cls(model_path=str(model))
+        _apply(config, "PipelineConfig.from_pretrained()", pipeline_defaults)
+        return config.update(**overrides)
+
+    def update(self, **overrides: Any) -> PipelineConfig:
+        vae_precision = overrides.pop("vae_precision", None)
+        _apply(self, "PipelineConfig", overrides)
+        if vae_precision is not None:
+            self.vae_config.vae_precision = vae_precision
+        return self
+
+    def copy(self) -> PipelineConfig:
+        return copy.deepcopy(self)
+
+    def validate(self) -> None:
+        if (
+            not isinstance(self.num_gpus, int)
+            or isinstance(self.num_gpus, bool)
+            or self.num_gpus < 1
+        ):
+            raise ValueError(f"num_gpus must be a positive int, got {self.num_gpus!r}")
+        for name, value in (
+            ("dit_precision", self.dit_precision),
+            ("text_encoder_precision", self.text_encoder_precision),
+            ("vae_config.vae_precision", self.vae_config.vae_precision),
+        ):
+            if value is not None and value not in PRECISIONS:
+                raise ValueError(f"{name} must be one of {PRECISIONS}, got {value!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.device is not None and self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES} or None, got {self.device!r}")
+        if self.executor == "inproc" and self.num_gpus != 1:
+            raise ValueError("executor='inproc' runs one rank: num_gpus must be 1")
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise ValueError(f"flow_shift must be > 0, got {self.flow_shift!r}")
+
+    def resolved_attention_backend(self) -> str | None:
+        return self.attention_backend or envs.attention_backend()
+
+
+@dataclass
+class SamplingParam:
+    """What to generate. ``generate_video(prompt, sampling_param, **overrides)``."""
+
+    negative_prompt: str | None = _help("What to steer away from (CFG).", None)
+    height: int = _help("Frame height in pixels (a multiple of 16 for Wan).", 480)
+    width: int = _help("Frame width in pixels (a multiple of 16 for Wan).", 832)
+    num_frames: int = _help("Frames, of the form 4k+1 for Wan.", 81)
+    fps: int = _help("Frames per second of the saved video.", 16)
+    num_inference_steps: int = _help("Denoising steps.", 50)
+    guidance_scale: float = _help("Classifier-free guidance scale; <= 1 turns CFG off.", 5.0)
+    seed: int = _help("Random seed of the initial noise.", 1024)
+    output_path: str | None = _help(
+        "Save the video here: a .mp4 file path, or a folder (named after the prompt).", None
+    )
+    output_type: str = _help("'np' for uint8 frames, 'latent' to skip VAE decoding.", "np")
+
+    @classmethod
+    def from_pretrained(cls, model: str, **overrides: Any) -> SamplingParam:
+        from fastvideo.engine.model_info import variant_defaults
+
+        sampling_defaults, _ = variant_defaults(model)
+        param = _apply(cls(), "SamplingParam.from_pretrained()", sampling_defaults)
+        return param.update(**overrides)
+
+    def update(self, **overrides: Any) -> SamplingParam:
+        return _apply(self, "SamplingParam", overrides)
+
+    def copy(self) -> SamplingParam:
+        return copy.deepcopy(self)
+
+    def resolve_output_file(self, prompt: str) -> Path | None:
+        """Where ``output_path`` saves the video for ``prompt`` (None: not saved)."""
+        if not self.output_path:
+            return None
+        path = Path(self.output_path).expanduser()
+        if path.suffix.lower() == ".mp4":
+            return path
+        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in prompt)[:100].strip()
+        return path / f"{safe or 'video'}.mp4"
+
+
+def dataclass_help(cls: type) -> dict[str, str]:
+    """Field name -> help text (for the CLI)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -1,0 +1,76 @@
+"""Every message that crosses a process boundary, in one place.
+
+All are ``msgspec.Struct(array_like=True, omit_defaults=True, gc=False)`` tagged unions;
+new fields are only ever appended (with defaults). Tensors travel as raw frames next to
+the message (see ``engine/serial.py``), never pickled.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+_OPTS = {"array_like": True, "omit_defaults": True, "gc": False}
+
+
+# --- driver -> workers -------------------------------------------------------------------
+class GenerateRequest(msgspec.Struct, tag="generate", **_OPTS):
+    """One batch of videos to generate (B = len(prompts)) and the plan to run it with."""
+
+    request_id: str
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    guidance_scales: list[float]
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    output_type: str = "np"
+    cfg_degree: int = 1
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", **_OPTS):
+    pass
+
+
+# --- workers -> driver -------------------------------------------------------------------
+class WorkerReady(msgspec.Struct, tag="ready", **_OPTS):
+    rank: int
+    pid: int
+    device: str
+    load_seconds: float
+    memory_bytes: int = 0
+
+
+class Progress(msgspec.Struct, tag="progress", **_OPTS):
+    request_id: str
+    stage: str
+    step: int
+    total_steps: int
+    elapsed: float
+
+
+class GenerateResult(msgspec.Struct, tag="result", **_OPTS):
+    request_id: str
+    plan: str
+    timings: dict[str, float]
+    frames: torch.Tensor | None = None  # uint8 [B, T, H, W, 3]
+    latents: torch.Tensor | None = None  # fp32 [B, C, F, H, W]
+    peak_memory_bytes: list[int] = []  # per rank, GPU only
+
+
+class WorkerFailure(msgspec.Struct, tag="failure", **_OPTS):
+    """A request (or, with request_id None, the worker's start-up) failed on a rank."""
+
+    request_id: str | None
+    rank: int
+    error_type: str
+    message: str
+    traceback: str = ""
+
+
+ToWorker = GenerateRequest | Shutdown
+FromWorker = WorkerReady | Progress | GenerateResult | WorkerFailure

@@ -1,0 +1,41 @@
+"""Every environment variable fastvideo reads, in one place.
+
+Each one only sets a default; the same option is reachable from Python through
+``PipelineConfig`` or ``SamplingParam``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def logging_level() -> str:
+    """FASTVIDEO_LOGGING_LEVEL: level of the ``fastvideo`` logger (default INFO)."""
+    return os.environ.get("FASTVIDEO_LOGGING_LEVEL", "INFO").upper()
+
+
+def attention_backend() -> str | None:
+    """FASTVIDEO_ATTENTION_BACKEND: default for ``PipelineConfig.attention_backend``."""
+    return os.environ.get("FASTVIDEO_ATTENTION_BACKEND") or None
+
+
+def cache_dir() -> Path:
+    """FASTVIDEO_CACHE_DIR: where the built-in demo model is written.
+
+    Defaults to ``$XDG_CACHE_HOME/fastvideo`` or ``~/.cache/fastvideo``.
+    """
+    if os.environ.get("FASTVIDEO_CACHE_DIR"):
+        return Path(os.environ["FASTVIDEO_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastvideo"
+
+
+def worker_ready_timeout_s() -> float:
+    """FASTVIDEO_WORKER_READY_TIMEOUT: seconds to wait for workers to load (default 1200)."""
+    return float(os.environ.get("FASTVIDEO_WORKER_READY_TIMEOUT", "1200"))
+
+
+def hf_offline() -> bool:
+    """HF_HUB_OFFLINE (huggingface_hub's own variable): no network look-ups for hub ids."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")

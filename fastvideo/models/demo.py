@@ -1,0 +1,161 @@
+"""The built-in demo model: a tiny Wan2.1 T2V checkpoint with RANDOM weights, written in
+the real diffusers layout by our own classes (no download, no diffusers needed).
+
+It exists so the README's commands work offline on a CPU in seconds. Its video is noise:
+the weights are random, only the shapes and the code path are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastvideo import envs
+from fastvideo.logger import init_logger
+
+logger = init_logger(__name__)
+
+DEMO_MODEL_ID = "fastvideo/wan2.1-t2v-tiny-random"
+_DEMO_VERSION = "v1"
+_SEED = 2024
+
+TINY_TRANSFORMER = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 8,
+    "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 32, "ffn_dim": 192,
+    "num_layers": 2, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+}  # fmt: skip
+TINY_VAE = {
+    "base_dim": 8, "z_dim": 16, "dim_mult": [1, 1, 2, 2], "num_res_blocks": 1,
+    "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0,
+}  # fmt: skip
+WAN_SCHEDULER = {
+    "_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0,
+    "solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
+    "final_sigmas_type": "zero", "disable_corrector": [],
+}  # fmt: skip
+
+
+def ensure_demo_model() -> Path:
+    """The demo model's folder in the user's cache, created on first use."""
+    target = envs.cache_dir() / "demo" / f"wan2.1-t2v-tiny-random-{_DEMO_VERSION}"
+    if not (target / "model_index.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            write_demo_model(staging)
+            os.replace(staging, target)  # atomic: concurrent first uses never see half a model
+            logger.info("wrote the demo model (random weights) to %s", target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_demo_model(folder: Path) -> Path:
+    """Write the tiny random Wan2.1 checkpoint (diffusers layout) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        _write_transformer(folder / "transformer")
+        _write_vae(folder / "vae")
+        tokenizer = _write_tokenizer(folder / "tokenizer")
+        _write_text_encoder(folder / "text_encoder", vocab_size=len(tokenizer))
+    _write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
+    _write_json(folder / "model_index.json", {
+        "_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
+        "_fastvideo_variant": "wan2.1-t2v-tiny-random",
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    })  # fmt: skip
+    return folder
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _save_module(module: nn.Module, folder: Path, class_name: str, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    _write_json(
+        folder / "config.json",
+        {"_class_name": class_name, "_diffusers_version": "0.33.0", **config},
+    )
+
+
+def _write_transformer(folder: Path) -> None:
+    from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
+
+    model = WanTransformer3D(WanTransformerConfig.from_dict(TINY_TRANSFORMER))
+    dim = model.config.inner_dim
+    for name, param in model.named_parameters():
+        if name.endswith("scale_shift_table"):  # created empty; init as the reference does
+            param.data.copy_(torch.randn(param.shape) / dim**0.5)
+    _save_module(model, folder, "WanTransformer3DModel", TINY_TRANSFORMER)
+
+
+def _write_vae(folder: Path) -> None:
+    from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
+
+    _save_module(WanVAE(WanVAEConfig.from_dict(TINY_VAE)), folder, "AutoencoderKLWan", TINY_VAE)
+
+
+def _write_tokenizer(folder: Path):
+    """A small unigram tokenizer over printable ASCII (UMT5's real one is 256k pieces)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + c, -2.0) for c in chars] + [(c, -3.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+    )
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def _write_text_encoder(folder: Path, vocab_size: int) -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+    )
+    UMT5EncoderModel(config).save_pretrained(str(folder))

@@ -1,0 +1,96 @@
+"""Text encoders from transformers (UMT5 for Wan), loaded through our own loader, and the
+prompt encoding the Wan pipeline uses (cleaning, padding to a fixed length, zeroing the
+states past each prompt's end).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastvideo.models.loader import load_checkpoint, meta_module
+from fastvideo.models.registry import read_json
+
+
+def load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype, device: torch.device):
+    """Build a transformers encoder class on meta and fill it from ``folder``."""
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if cls is None:
+        raise ValueError(f"{folder}: transformers has no text encoder class {class_name!r}")
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    model: nn.Module = meta_module(lambda: cls(config))
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:  # transformers keeps these in fp32 only for fp16
+        keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    def dtype_for(name: str) -> torch.dtype:
+        return torch.float32 if any(f".{m}." in f".{name}" for m in keep_fp32) else dtype
+
+    return load_checkpoint(model, folder, device, dtype_for, tied=_tied_keys(model))
+
+
+def _tied_keys(model: nn.Module) -> dict[str, str]:
+    """{target: source} of tied embeddings (transformers 5 uses a dict, 4.x a list)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(tied, dict):
+        return dict(tied)
+    source = next(
+        n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight
+    )
+    return {t: source for t in tied if t != source}
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing tokenizer folder {folder}")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def clean_prompt(text: str) -> str:
+    """Unescape HTML entities and collapse white space, as the reference pipeline does
+    (ftfy's mojibake repair is applied too when ftfy happens to be installed)."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer, encoder: nn.Module, prompts: list[str], max_length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Prompts -> [B, max_length, D] encoder states, zero past each prompt's last token."""
+    device = next(encoder.parameters()).device
+    inputs = tokenizer(
+        [clean_prompt(p) for p in prompts],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+    states = encoder(ids, mask).last_hidden_state.to(dtype)
+    keep = torch.arange(max_length, device=device)[None, :] < mask.gt(0).sum(dim=1)[:, None]
+    return states.masked_fill(~keep[..., None], 0.0)
+
+
+def text_encoder_class(model_dir: Path) -> str:
+    """The transformers class named for ``text_encoder`` in model_index.json."""
+    entry = read_json(model_dir / "model_index.json").get("text_encoder")
+    if not entry or len(entry) != 2:
+        raise ValueError(f"{model_dir / 'model_index.json'} names no text_encoder component")
+    return entry[1]

@@ -1,0 +1,131 @@
+"""Composable pipelines: a pipeline is a list of stages run in order over a ForwardBatch.
+
+A model family writes a short pipeline file that names its components, how to load each
+one, and which stages to run; the stages themselves live in ``pipelines/stages`` and are
+shared across families.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvideo.distributed.runtime import ParallelRuntime
+from fastvideo.layers.sequence import SequenceShard, TokenGrid
+from fastvideo.logger import init_logger
+from fastvideo.models.registry import ModelSpec
+
+logger = init_logger(__name__)
+
+# progress(stage, step, total_steps)
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class ForwardBatch:
+    """One batch of requests moving through the stages (B = len(prompts))."""
+
+    request_id: str
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    guidance_scales: list[float]
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    output_type: str = "np"
+    # Filled in by the stages.
+    prompt_embeds: torch.Tensor | None = None  # [B, Lt, Dt]
+    negative_prompt_embeds: torch.Tensor | None = None
+    scheduler: Any = None
+    timesteps: torch.Tensor | None = None  # [steps]
+    grid: TokenGrid | None = None
+    shard: SequenceShard | None = None
+    latents: torch.Tensor | None = None  # this rank's tokens [B, L_shard, P*C], fp32
+    output_latents: torch.Tensor | None = None  # [B, C, F, H, W] fp32 (output rank)
+    frames: torch.Tensor | None = None  # uint8 [B, T, H, W, 3] (output rank)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def do_cfg(self) -> bool:
+        return any(g > 1.0 for g in self.guidance_scales)
+
+
+@dataclass(frozen=True)
+class PipelineRuntime:
+    """Where a pipeline runs: this rank's device, process groups and settings."""
+
+    runtime: ParallelRuntime
+    device: torch.device
+    spec: ModelSpec
+    dtypes: dict[str, torch.dtype]  # component name -> dtype
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_output_rank(self) -> bool:
+        return self.runtime.rank == 0
+
+
+class PipelineStage(ABC):
+    """One step of a pipeline; ``name`` labels its time in the output's timings."""
+
+    name: str = "stage"
+
+    @abstractmethod
+    def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch: ...
+
+
+ComponentLoader = Callable[[Path, PipelineRuntime], Any]
+
+
+class ComposedPipelineBase(ABC):
+    """Loads the components this rank needs and runs the stages.
+
+    Subclasses set ``component_loaders`` and ``output_rank_components`` (loaded only on
+    the rank that encodes text and decodes video) and implement ``create_stages``.
+    """
+
+    component_loaders: dict[str, ComponentLoader] = {}
+    output_rank_components: tuple[str, ...] = ()
+
+    def __init__(self, components: dict[str, Any], env: PipelineRuntime):
+        self.components = components
+        self.env = env
+        self.stages = self.create_stages()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, env: PipelineRuntime) -> ComposedPipelineBase:
+        components = {}
+        for name, loader in cls.component_loaders.items():
+            if name in cls.output_rank_components and not env.is_output_rank:
+                continue
+            start = time.perf_counter()
+            components[name] = loader(model_dir / name, env)
+            logger.debug("loaded %s in %.2fs", name, time.perf_counter() - start)
+        return cls(components, env)
+
+    @abstractmethod
+    def create_stages(self) -> list[PipelineStage]: ...
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch, progress: ProgressFn | None = None) -> ForwardBatch:
+        progress = progress or (lambda stage, step, total: None)
+        for stage in self.stages:
+            start = time.perf_counter()
+            progress(stage.name, 0, 0)
+            batch = stage(batch, progress)
+            if self.env.device.type == "cuda":
+                torch.cuda.synchronize(self.env.device)  # so timings are the stage's own
+            batch.timings[stage.name] = time.perf_counter() - start
+        return batch

@@ -1,0 +1,38 @@
+"""Gather the latent shards once, after the last step, and decode them on the output rank
+into uint8 frames."""
+
+from __future__ import annotations
+
+import torch
+
+from fastvideo.layers.sequence import unpatchify
+from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, ProgressFn
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] (rounded to nearest)."""
+    x = (video.float() / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
+class DecodingStage(PipelineStage):
+    name = "decoding"
+
+    def __init__(self, vae, env: PipelineRuntime):
+        self.vae = vae
+        self.env = env
+
+    def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch:
+        assert batch.latents is not None and batch.grid is not None
+        runtime = self.env.runtime
+        tokens = runtime.all_gather(runtime.groups.sp, batch.latents, dim=1)
+        tokens = tokens[:, : batch.grid.num_tokens]
+        if not self.env.is_output_rank:
+            return batch
+        latents = unpatchify(tokens, batch.grid, self.env.spec.patch_size)
+        batch.output_latents = latents
+        if batch.output_type == "latent":
+            return batch
+        z = self.vae.unnormalize_latents(latents.to(self.vae.dtype))
+        batch.frames = to_uint8_frames(self.vae.decode(z))
+        return batch

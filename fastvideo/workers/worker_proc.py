@@ -1,0 +1,180 @@
+"""The worker process: a ``Worker`` behind ZeroMQ sockets.
+
+Started as ``python -m fastvideo.workers.worker_proc`` (not multiprocessing, so the user's
+script is never re-imported in the child: scripts without a ``__main__`` guard work).
+Its arguments arrive on stdin as one length-prefixed msgspec message; stdin then stays
+open as the death pipe: EOF means the driver is gone.
+
+Start-up: decode the arguments, start the death watch, join the process
+group, load, then send ``WorkerReady`` — or ``WorkerFailure`` with the traceback. Then
+serve requests until ``Shutdown``. A message that does not decode is logged and dropped;
+an exception in a request is reported for that request and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from fastvideo.engine.protocol import (
+    GenerateRequest,
+    Progress,
+    Shutdown,
+    ToWorker,
+    WorkerFailure,
+    WorkerReady,
+)
+from fastvideo.engine.serial import Decoder, Encoder, MalformedMessage
+from fastvideo.logger import init_logger
+
+logger = init_logger(__name__)
+
+POLL_MS = 500
+
+
+class WorkerArgs(msgspec.Struct, array_like=True):
+    """Everything a worker process needs, passed explicitly at spawn (msgspec-encoded)."""
+
+    rank: int
+    world_size: int
+    device: str
+    model_dir: str
+    config: dict
+    store_host: str
+    store_port: int
+    request_addr: str
+    output_addr: str
+
+
+def _watch_parent(stdin_fd: int) -> None:
+    """Exit as soon as the driver is gone (stdin reaches EOF), even mid-request."""
+    try:
+        while os.read(stdin_fd, 4096):
+            pass
+    except OSError:
+        pass
+    os._exit(1)
+
+
+def encode_args(args: WorkerArgs) -> bytes:
+    payload = msgspec.msgpack.encode(args)
+    return struct.pack("<I", len(payload)) + payload
+
+
+def _read_args(stdin_fd: int) -> WorkerArgs:
+    def read_exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = os.read(stdin_fd, n - len(data))
+            if not chunk:
+                raise SystemExit("driver closed stdin before sending the worker arguments")
+            data += chunk
+        return data
+
+    (size,) = struct.unpack("<I", read_exact(4))
+    return msgspec.msgpack.decode(read_exact(size), type=WorkerArgs)
+
+
+class _WorkerLoop:
+    def __init__(self, args: WorkerArgs):
+        self.args = args
+        self.ctx = zmq.Context()
+        self.requests = self.ctx.socket(zmq.PULL)
+        self.requests.connect(args.request_addr)
+        self.output = self.ctx.socket(zmq.PUSH)
+        self.output.setsockopt(zmq.LINGER, 2000)
+        self.output.connect(args.output_addr)
+        self.encoder = Encoder()
+        self.decoder = Decoder(ToWorker)
+        self.worker = None
+        self.handlers = {GenerateRequest: self._generate, Shutdown: self._shutdown}
+        self.running = True
+
+    def send(self, msg: msgspec.Struct) -> None:
+        self.output.send_multipart(self.encoder.encode(msg), copy=False)
+
+    def start(self) -> bool:
+        import torch
+
+        from fastvideo.engine.configs import PipelineConfig
+        from fastvideo.workers.worker import Worker, set_cpu_threads
+
+        a = self.args
+        try:
+            config = msgspec.convert(a.config, PipelineConfig)
+            device = torch.device(a.device)
+            if device.type == "cpu":
+                set_cpu_threads(a.world_size)
+            self.worker = Worker(a.rank, a.world_size, device, Path(a.model_dir), config)
+            self.worker.init_distributed(a.store_host, a.store_port)
+            seconds = self.worker.load()
+        except BaseException as e:  # report anything, including import errors
+            self.send(WorkerFailure(None, a.rank, type(e).__name__, str(e), traceback.format_exc()))
+            return False
+        self.send(WorkerReady(a.rank, os.getpid(), a.device, seconds, self.worker.memory_bytes()))
+        return True
+
+    def serve(self) -> None:
+        while self.running:
+            if not self.requests.poll(POLL_MS):
+                continue
+            frames = self.requests.recv_multipart(copy=False)
+            try:
+                msg = self.decoder.decode(frames)
+            except MalformedMessage as e:
+                logger.warning("rank %d dropped a malformed message: %s", self.args.rank, e)
+                continue
+            self.handlers[type(msg)](msg)
+
+    def _generate(self, req: GenerateRequest) -> None:
+        start = time.perf_counter()
+
+        def progress(stage: str, step: int, total: int) -> None:
+            self.send(Progress(req.request_id, stage, step, total, time.perf_counter() - start))
+
+        try:
+            result = self.worker.execute(req, progress)
+        except Exception as e:
+            logger.exception("rank %d: request %s failed", self.args.rank, req.request_id)
+            self.send(
+                WorkerFailure(
+                    req.request_id, self.args.rank, type(e).__name__, str(e), traceback.format_exc()
+                )
+            )
+            return
+        if result is not None:
+            self.send(result)
+
+    def _shutdown(self, _: Shutdown) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.requests.close(linger=0)
+        self.output.close()
+        self.ctx.term()
+
+
+def main() -> None:
+    stdin_fd = sys.stdin.fileno()
+    args = _read_args(stdin_fd)
+    threading.Thread(target=_watch_parent, args=(stdin_fd,), daemon=True).start()
+    loop = _WorkerLoop(args)
+    try:
+        if loop.start():
+            loop.serve()
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()

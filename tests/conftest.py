@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny diffusers-built checkpoints, the demo model in a private cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import TINY_A, TINY_B, build_diffusers_pipeline
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Keep the demo model out of the user's real cache, and never reach for the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fastvideo-cache")
+    os.environ["FASTVIDEO_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_a(tmp_path_factory: pytest.TempPathFactory):
+    """(folder, diffusers WanPipeline) of tiny config A (UniPC, 6 heads)."""
+    folder = tmp_path_factory.mktemp("tiny-a")
+    return folder, build_diffusers_pipeline(TINY_A, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_b(tmp_path_factory: pytest.TempPathFactory):
+    """(folder, diffusers WanPipeline) of tiny config B (Euler, 4 heads, no cross norm)."""
+    folder = tmp_path_factory.mktemp("tiny-b")
+    return folder, build_diffusers_pipeline(TINY_B, folder)

@@ -1,0 +1,72 @@
+"""The whole text-to-video pipeline against diffusers' WanPipeline: same checkpoint, seed,
+prompt and negative prompt must give the same frames.
+
+Tolerance: uint8 frames identical or off by at most 1 (we round to the nearest level;
+diffusers' float frames are compared after the same rounding). Measured: see -s output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastvideo import PipelineConfig, VideoGenerator
+from tests.tiny_models import run_diffusers
+
+PROMPT = "a red fox walking through a snowy forest at dawn"
+NEGATIVE = "blurry, low quality"
+
+
+def _compare(ours: np.ndarray, ref: torch.Tensor) -> int:
+    ref_u8 = (ref.numpy() * 255).round().astype(np.int16)
+    assert ours.shape == ref_u8.shape, (ours.shape, ref_u8.shape)
+    diff = np.abs(ours.astype(np.int16) - ref_u8)
+    print(
+        f"\nframes {ours.shape}: max |diff| {diff.max()}, differing values {(diff > 0).mean():.2e}"
+    )
+    assert diff.max() <= 1
+    assert ours.std() > 1.0, "frames are flat: the comparison would prove nothing"
+    return int(diff.max())
+
+
+@pytest.mark.parametrize(
+    "fixture, size",
+    [
+        ("tiny_a", dict(height=48, width=80, num_frames=13, num_inference_steps=6)),
+        ("tiny_b", dict(height=64, width=32, num_frames=5, num_inference_steps=4)),
+    ],
+)
+def test_frames_match_diffusers_inprocess(request, fixture, size):
+    folder, pipe = request.getfixturevalue(fixture)
+    ref = run_diffusers(pipe, PROMPT, NEGATIVE, seed=42, guidance_scale=5.0, **size)
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
+        out = gen.generate_video(
+            PROMPT, negative_prompt=NEGATIVE, seed=42, guidance_scale=5.0, **size
+        )
+    _compare(out.frames, ref)
+
+
+def test_frames_match_diffusers_without_guidance(tiny_a):
+    folder, pipe = tiny_a
+    size = dict(height=32, width=48, num_frames=9, num_inference_steps=5)
+    ref = run_diffusers(pipe, PROMPT, NEGATIVE, seed=7, guidance_scale=1.0, **size)
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
+        out = gen.generate_video(
+            PROMPT, negative_prompt=NEGATIVE, seed=7, guidance_scale=1.0, **size
+        )
+    _compare(out.frames, ref)
+
+
+def test_frames_match_diffusers_in_a_worker_process(tiny_b):
+    """The default multi-process executor, one worker: same frames as diffusers."""
+    folder, pipe = tiny_b
+    size = dict(height=48, width=48, num_frames=9, num_inference_steps=3)
+    ref = run_diffusers(pipe, PROMPT, NEGATIVE, seed=3, guidance_scale=4.0, **size)
+    config = PipelineConfig.from_pretrained(str(folder))
+    with VideoGenerator.from_pretrained(str(folder), pipeline_config=config) as gen:
+        out = gen.generate_video(
+            PROMPT, negative_prompt=NEGATIVE, seed=3, guidance_scale=4.0, **size
+        )
+    assert out.plan == "single rank"
+    _compare(out.frames, ref)
