@@ -1,0 +1,112 @@
+"""Shared benchmark helpers: a random full-size Wan2.1 checkpoint written in the diffusers
+layout by our own classes, device facts, and the JSON result record.
+
+Speed does not depend on weight values, so random weights give real timings; anything
+that does depend on them (cache skip counts, quality) is flagged where it is reported.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WAN_1_3B = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128,
+    "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960,
+    "num_layers": 30, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
+    "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+}  # fmt: skip
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+ARCHS = {"1.3B": WAN_1_3B, "14B": WAN_14B}
+
+
+def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: str = "cuda") -> Path:
+    """Full-size Wan2.1 T2V checkpoint with seeded random weights (bf16 DiT, fp32 VAE).
+
+    The text encoder is a 1-layer UMT5 with the real width (4096) so the DiT sees real
+    shapes; its own speed is therefore NOT the real UMT5-XXL's.
+    """
+    from safetensors.torch import save_file
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from fastvideo.models.demo import WAN_SCHEDULER, _write_json, _write_tokenizer
+    from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
+    from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    cfg = ARCHS[arch]
+    with torch.device(device):
+        dit = WanTransformer3D(WanTransformerConfig.from_dict(cfg))
+        for name, p in dit.named_parameters():
+            if name.endswith("scale_shift_table"):
+                p.data.normal_().div_(dit.config.inner_dim**0.5)
+        vae = WanVAE(WanVAEConfig())
+    for sub, module, dtype, cls, conf in (
+        ("transformer", dit, torch.bfloat16, "WanTransformer3DModel", cfg),
+        ("vae", vae, torch.float32, "AutoencoderKLWan", {}),
+    ):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(folder / sub / "diffusion_pytorch_model.safetensors"))
+        _write_json(folder / sub / "config.json", {"_class_name": cls, **conf})
+        del state
+    del dit, vae
+    tokenizer = _write_tokenizer(folder / "tokenizer")
+    te = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=1024, num_layers=1, num_heads=64,
+    ))  # fmt: skip
+    te.to(torch.bfloat16).save_pretrained(str(folder / "text_encoder"))
+    _write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
+    _write_json(folder / "model_index.json", {
+        "_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    })  # fmt: skip
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return folder
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["gpu"] = info["gpus"][0]
+    return info
+
+
+def write_result(path: Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.common FOLDER [ARCH]: write the random checkpoint (own process,
+    # so benchmark drivers never initialise CUDA themselves).
+    target = write_random_wan(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "1.3B")
+    print(f"random checkpoint at {target}")
