@@ -9,12 +9,18 @@ of the SP degree) are cut out of the keys, never attended to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.kernels_bridge.attention import attention, attention_with_lse
 from fastvideo.layers.sequence import SequenceShard
+
+# Heads are exchanged in up to this many groups so that the all-to-all of one group
+# overlaps the attention of the previous one.
+MAX_HEAD_GROUPS = 3
 
 
 class DistributedAttention:
@@ -41,42 +47,66 @@ class DistributedAttention:
                 k, v = k[:, : shard.valid], v[:, : shard.valid]
             return attention(q, k, v)
         assert shard is not None, "a sharded sequence needs its SequenceShard"
-        q, k, v = _ulysses_scatter_heads(self.runtime, groups.ulysses, q, k, v)
-        chunk = q.shape[1]  # tokens per ring rank after the Ulysses gather
-        if groups.ring.size == 1:
-            k, v = k[:, : shard.total], v[:, : shard.total]
-            out = attention(q, k, v)
-        else:
-            out = _ring_attention(groups.ring, q, k, v, chunk, shard.total)
-        return _ulysses_gather_heads(self.runtime, groups.ulysses, out)
+        total = shard.total
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Attention over the Ulysses-gathered chunk [B, L/ring, h, D]."""
+            if groups.ring.size == 1:
+                return attention(q, k[:, :total], v[:, :total])
+            return _ring_attention(groups.ring, q, k, v, q.shape[1], total)
+
+        if groups.ulysses.size == 1:
+            return attend(q, k, v)
+        return _ulysses(groups.ulysses, q, k, v, attend)
 
 
-def _ulysses_scatter_heads(
-    runtime: ParallelRuntime, view: GroupView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, Ls, H, D] x3 -> [B, U*Ls, H/U, D] x3 with one all-to-all for q, k and v."""
-    u = view.size
-    if u == 1:
-        return q, k, v
-    b, ls, h, d = q.shape
-    qkv = torch.stack((q, k, v))  # 3, B, Ls, H, D
-    qkv = qkv.reshape(3, b, ls, u, h // u, d).permute(3, 0, 1, 2, 4, 5)  # U, 3, B, Ls, H/U, D
-    qkv = runtime.all_to_all(view, qkv)  # now dim 0 indexes the source rank's sequence chunk
-    qkv = qkv.permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * ls, h // u, d)
-    return qkv[0], qkv[1], qkv[2]
+def _head_groups(heads_per_rank: int) -> int:
+    return max(g for g in range(1, MAX_HEAD_GROUPS + 1) if heads_per_rank % g == 0)
 
 
-def _ulysses_gather_heads(
-    runtime: ParallelRuntime, view: GroupView, out: torch.Tensor
+def _ulysses(
+    view: GroupView,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """[B, U*Ls, H/U, D] -> [B, Ls, H, D] (inverse all-to-all)."""
+    """Ulysses attention: [B, Ls, H, D] x3 -> [B, Ls, H, D].
+
+    Rank u of the group attends heads [u*H/U, (u+1)*H/U) over the whole gathered sequence.
+    Heads move in G groups, pipelined: every group's q/k/v all-to-all is issued up front,
+    and group g's attention runs while later groups are still in flight; each group's
+    output all-to-all then overlaps the next group's attention.
+    """
     u = view.size
-    if u == 1:
-        return out
-    b, lu, hu, d = out.shape
-    x = out.reshape(b, u, lu // u, hu, d).permute(1, 0, 2, 3, 4)  # U, B, Ls, H/U, D
-    x = runtime.all_to_all(view, x)  # dim 0 now indexes the head chunk
-    return x.permute(1, 2, 0, 3, 4).reshape(b, lu // u, u * hu, d)
+    b, ls, h, d = q.shape
+    groups = _head_groups(h // u)
+    hg = h // (u * groups)
+    inflight = []
+    for g in range(groups):
+        # [U, 3, B, Ls, hg, D]: chunk i holds, for destination rank i, its heads of group g.
+        parts = [t.view(b, ls, u, groups, hg, d)[:, :, :, g] for t in (q, k, v)]
+        send = torch.stack([p.permute(2, 0, 1, 3, 4) for p in parts], dim=1)
+        recv = torch.empty_like(send)
+        work = dist.all_to_all_single(recv, send, group=view.group, async_op=True)
+        inflight.append((recv, work))
+    out = torch.empty_like(q)
+    out_groups = out.view(b, ls, u, groups, hg, d)
+    returns = []
+    for recv, work in inflight:
+        work.wait()
+        # dim 0 now indexes the source rank, i.e. the position of its sequence shard.
+        qkv = recv.permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * ls, hg, d)
+        res = attend(qkv[0], qkv[1], qkv[2])  # [B, U*Ls, hg, D]
+        send = res.view(b, u, ls, hg, d).transpose(0, 1).contiguous()  # [U, B, Ls, hg, D]
+        back = torch.empty_like(send)
+        work = dist.all_to_all_single(back, send, group=view.group, async_op=True)
+        returns.append((back, work))
+    for g, (back, work) in enumerate(returns):
+        work.wait()
+        # dim 0 now indexes the rank that owned these heads.
+        out_groups[:, :, :, g].copy_(back.permute(1, 2, 0, 3, 4))
+    return out
 
 
 def _ring_attention(

@@ -133,6 +133,37 @@ class WanAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.dist_attn = dist_attn
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv()
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse_qkv(self) -> None:
+        """Compute q, k and v with one GEMM (after loading; self-attention only).
+
+        The fused weight owns the memory; to_q/to_k/to_v keep views of it, so the state
+        dict is unchanged and nothing is stored twice.
+        """
+        layers = (self.to_q, self.to_k, self.to_v)
+        weight = torch.cat([m.weight.detach() for m in layers])
+        bias = torch.cat([m.bias.detach() for m in layers])
+        for i, m in enumerate(layers):
+            rows = slice(i * m.out_features, (i + 1) * m.out_features)
+            m.weight = nn.Parameter(weight[rows], requires_grad=False)
+            m.bias = nn.Parameter(bias[rows], requires_grad=False)
+        self.qkv_weight, self.qkv_bias = weight, bias
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q, k, v as [B, L, H, D_head] (k, v from ``context`` for cross-attention)."""
+        if context is None and self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        else:
+            kv_src = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(kv_src), self.to_v(kv_src)
+        heads = (self.heads, -1)
+        return (
+            self.norm_q(q).unflatten(2, heads),
+            self.norm_k(k).unflatten(2, heads),
+            v.unflatten(2, heads),
+        )
 
     def forward(
         self,
@@ -142,10 +173,7 @@ class WanAttention(nn.Module):
         shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         """x: [B, L, D]; context: [B, Lt, D] for cross-attention -> [B, L, D]."""
-        kv_src = x if context is None else context
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
-        k = self.norm_k(self.to_k(kv_src)).unflatten(2, (self.heads, -1))
-        v = self.to_v(kv_src).unflatten(2, (self.heads, -1))
+        q, k, v = self._project(x, context)
         if context is None:
             assert rope is not None and self.dist_attn is not None
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -252,6 +280,11 @@ class WanTransformer3D(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.proj_out.weight.dtype
+
+    def fuse_qkv(self) -> None:
+        """One q/k/v GEMM per self-attention (call once the weights are loaded)."""
+        for block in self.blocks:
+            block.attn1.fuse_qkv()
 
     def embed_patches(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, L, pt*ph*pw*C] -> [B, L, D]: the patch conv as a matmul on token features."""
