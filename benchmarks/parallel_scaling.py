@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> dict:
             load_s = time.perf_counter() - start
             check = gen.generate_video(args.prompt, num_inference_steps=2, **size)
             timed = gen.generate_video(args.prompt, num_inference_steps=args.steps, **size)
+        if args.profile_dir and item in args.profile_configs.split(","):
+            _profile(args, item, gpus, plan, size)
         reference = reference if reference is not None else check.latents
         row = {
             "gpus": gpus,
@@ -74,6 +76,24 @@ def run(args: argparse.Namespace) -> dict:
     return {"rows": rows}
 
 
+def _profile(args: argparse.Namespace, item: str, gpus: int, plan: str, size: dict) -> None:
+    """One more 2-step request under torch.profiler (rank 0's op table to --profile-dir)."""
+    import os
+
+    from fastvideo import VideoGenerator
+
+    os.environ["FASTVIDEO_TORCH_PROFILE_DIR"] = os.path.join(
+        args.profile_dir, item.replace(":", "-")
+    )
+    try:
+        with VideoGenerator.from_pretrained(
+            args.model, num_gpus=gpus, **_overrides(gpus, plan)
+        ) as gen:
+            gen.generate_video(args.prompt, num_inference_steps=2, **size)
+    finally:
+        del os.environ["FASTVIDEO_TORCH_PROFILE_DIR"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder (see benchmarks.common)")
@@ -85,6 +105,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--prompt", default="a fox running through a snowy forest, cinematic")
     p.add_argument("--out", type=Path, default=None, help="JSON result path")
+    p.add_argument("--profile-dir", default=None, help="write rank-0 profiler tables here")
+    p.add_argument("--profile-configs", default="", help="comma list of configs to profile")
     args = p.parse_args()
     result = run(args)
     print("\nconfig                     ms/step   speedup  rel.err(latents)")

@@ -43,7 +43,8 @@ def _add_demo_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fastvideo.engine.generator import VideoGenerator
+    from fastvideo.engine.generator import VideoGenerator, check_sampling
+    from fastvideo.engine.model_info import resolve_model
 
     overrides = {}
     for flag in (
@@ -60,6 +61,9 @@ def _generate(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[_SAMPLING_FLAGS.get(flag, flag)] = value
+    # Validate the flags before starting workers and loading weights.
+    info = resolve_model(args.model)
+    check_sampling(info, args.prompt, SamplingParam.from_pretrained(args.model, **overrides))
     pipeline = {"attention_backend": args.attention_backend}
     if args.device:
         pipeline["device"] = args.device
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"wrote the demo model (random weights) to {write_demo_model(args.path)}")
         return 0
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"fastvideo: error: {e}", file=sys.stderr)
         return 2
 

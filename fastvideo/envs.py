@@ -39,3 +39,8 @@ def worker_ready_timeout_s() -> float:
 def hf_offline() -> bool:
     """HF_HUB_OFFLINE (huggingface_hub's own variable): no network look-ups for hub ids."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def torch_profile_dir() -> str | None:
+    """FASTVIDEO_TORCH_PROFILE_DIR: rank 0 writes a torch.profiler op table per request here."""
+    return os.environ.get("FASTVIDEO_TORCH_PROFILE_DIR") or None

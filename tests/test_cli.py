@@ -77,11 +77,6 @@ def test_bad_flag_value_exits_2_naming_the_field(tmp_path, _private_cache):
     assert not (tmp_path / "never.mp4").exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: the CLI starts the workers and loads the whole model before validating "
-    "the sampling flags, so a typo costs a full model load before the error",
-    strict=True,
-)
 def test_bad_flag_value_fails_before_loading_the_model(monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("workers were started before the flags were validated")

@@ -55,15 +55,7 @@ def _rewrite_dit(folder, edit):
     [
         "vae",
         "transformer",
-        pytest.param(
-            "text_encoder",
-            marks=pytest.mark.xfail(
-                reason="BUG: a missing text_encoder/ folder reaches transformers' "
-                "AutoConfig, which reports 'Repo id must be in the form ...' instead of "
-                "saying the folder is missing",
-                strict=True,
-            ),
-        ),
+        "text_encoder",
         "tokenizer",
         "scheduler",
     ],

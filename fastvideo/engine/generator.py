@@ -100,19 +100,7 @@ class VideoGenerator:
 
     def build_request(self, prompt: str, param: SamplingParam) -> GenerateRequest:
         """Validate every field (before any model work) and pick the parallel plan."""
-        validate_generation(
-            self.info.spec,
-            prompt=prompt,
-            negative_prompt=param.negative_prompt,
-            height=param.height,
-            width=param.width,
-            num_frames=param.num_frames,
-            num_inference_steps=param.num_inference_steps,
-            guidance_scale=param.guidance_scale,
-            seed=param.seed,
-            fps=param.fps,
-            output_type=param.output_type,
-        )
+        check_sampling(self.info, prompt, param)
         plan = self._plan(self.config, self.info, param.guidance_scale > 1.0)
         logger.info(
             "parallel plan: %s on %d %s rank(s)", plan.describe(), plan.world_size, self.device
@@ -158,6 +146,23 @@ class VideoGenerator:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def check_sampling(info: ModelInfo, prompt: str, param: SamplingParam) -> None:
+    """Raise TypeError/ValueError naming the first invalid field of a request."""
+    validate_generation(
+        info.spec,
+        prompt=prompt,
+        negative_prompt=param.negative_prompt,
+        height=param.height,
+        width=param.width,
+        num_frames=param.num_frames,
+        num_inference_steps=param.num_inference_steps,
+        guidance_scale=param.guidance_scale,
+        seed=param.seed,
+        fps=param.fps,
+        output_type=param.output_type,
+    )
 
 
 def to_video_output(result: GenerateResult, prompt: str, param: SamplingParam) -> VideoOutput:

@@ -30,6 +30,7 @@ def resolve_model(model: str) -> ModelInfo:
     """Find (downloading if needed) ``model`` and read what the driver needs of it."""
     path = resolve_model_path(model)
     family = family_for_dir(path)
+    family.check_components(path)
     return ModelInfo(
         name=model,
         path=path,

@@ -23,11 +23,11 @@ from fastvideo.logger import init_logger
 logger = init_logger(__name__)
 
 DEMO_MODEL_ID = "fastvideo/wan2.1-t2v-tiny-random"
-_DEMO_VERSION = "v1"
+_DEMO_VERSION = "v2"
 _SEED = 2024
 
 TINY_TRANSFORMER = {
-    "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 8,
+    "patch_size": [1, 2, 2], "num_attention_heads": 6, "attention_head_dim": 16,
     "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 32, "ffn_dim": 192,
     "num_layers": 2, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
     "eps": 1e-6, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,

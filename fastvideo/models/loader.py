@@ -40,6 +40,9 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors file in {folder}")
+    plain = [f for f in files if f.name.count(".") == 1]  # not a variant like x.fp16.safetensors
+    if len(files) > 1 and len(plain) == 1:
+        files = plain
     if len(files) > 1:
         raise CheckpointError(
             f"{folder} holds several safetensors files ({', '.join(f.name for f in files)}) "
@@ -83,7 +86,7 @@ def load_checkpoint(
         ignore_unexpected: key substrings allowed in the file but unused by the module.
     """
     tied = tied or {}
-    expected = {k: v for k, v in module.state_dict(keep_vars=True).items()}
+    expected = dict(module.state_dict(keep_vars=True))
     where = checkpoint_files(folder)
     needed = set(expected) - set(tied)
     missing = needed - set(where)
@@ -116,6 +119,8 @@ def _read_file(
     device: torch.device,
     dtype_for: Callable[[str], torch.dtype],
 ) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:

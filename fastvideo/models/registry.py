@@ -61,6 +61,16 @@ class ModelFamily:
     read_spec: Callable[[Path], ModelSpec]
     variants: tuple[ModelVariant, ...]
     fallback: ModelVariant  # defaults for checkpoints that match no variant
+    components: tuple[str, ...] = ()  # component folders a checkpoint must have
+
+    def check_components(self, model_dir: Path) -> None:
+        """Fail on the driver, before any worker starts, if a component folder is absent."""
+        for name in self.components:
+            if not (model_dir / name).is_dir():
+                raise FileNotFoundError(
+                    f"missing component folder {model_dir / name} (the {self.name} pipeline "
+                    f"needs {', '.join(self.components)})"
+                )
 
     def variant_for(self, model_dir: Path) -> ModelVariant:
         """The variant of a local checkpoint: named in model_index.json (our own demo model

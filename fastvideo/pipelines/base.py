@@ -78,12 +78,22 @@ class PipelineRuntime:
 
 
 class PipelineStage(ABC):
-    """One step of a pipeline; ``name`` labels its time in the output's timings."""
+    """One step of a pipeline; ``name`` labels its time in the output's timings.
+
+    ``collective`` stages talk to other ranks; a failure inside one can leave the ranks
+    out of step (one waits in a collective the other never reaches).
+    """
 
     name: str = "stage"
+    collective: bool = True
 
     @abstractmethod
     def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch: ...
+
+
+class RanksOutOfStepError(RuntimeError):
+    """A rank failed inside a collective stage: the other ranks may be stuck, so this
+    worker must not serve further requests."""
 
 
 ComponentLoader = Callable[[Path, PipelineRuntime], Any]
@@ -124,7 +134,14 @@ class ComposedPipelineBase(ABC):
         for stage in self.stages:
             start = time.perf_counter()
             progress(stage.name, 0, 0)
-            batch = stage(batch, progress)
+            try:
+                batch = stage(batch, progress)
+            except Exception as e:
+                if stage.collective and self.env.runtime.is_distributed:
+                    raise RanksOutOfStepError(
+                        f"{type(e).__name__} in stage {stage.name!r}: {e}"
+                    ) from e
+                raise
             if self.env.device.type == "cuda":
                 torch.cuda.synchronize(self.env.device)  # so timings are the stage's own
             batch.timings[stage.name] = time.perf_counter() - start

@@ -176,6 +176,7 @@ class MultiprocExecutor(Executor):
         self, request: GenerateRequest, on_progress: ProgressCallback | None = None
     ) -> Future[GenerateResult]:
         future: Future[GenerateResult] = Future()
+        future.set_running_or_notify_cancel()  # a submitted request cannot be withdrawn
         with self._lock:
             if self._dead_reason is not None:
                 future.set_exception(EngineDeadError(self._dead_reason))
@@ -205,18 +206,28 @@ class MultiprocExecutor(Executor):
             except MalformedMessage as e:
                 logger.warning("dropped a malformed message from a worker: %s", e)
                 continue
-            self._dispatch(msg)
+            try:
+                self._dispatch(msg)
+            except Exception:  # the I/O thread must outlive any one message
+                logger.exception("error while handling a %s from a worker", type(msg).__name__)
 
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, Progress):
             pending = self._pending.get(msg.request_id)
             if pending is not None and pending.on_progress is not None:
-                pending.on_progress(msg)
+                try:
+                    pending.on_progress(msg)
+                except Exception:
+                    logger.exception("progress callback of request %s raised", msg.request_id)
         elif isinstance(msg, GenerateResult):
             pending = self._pop(msg.request_id)
             if pending is not None:
                 pending.future.set_result(msg)
         elif isinstance(msg, WorkerFailure) and msg.request_id is not None:
+            dead = [r for r, p in enumerate(self._procs) if p.poll() is not None]
+            if dead:  # a peer's death surfaced here first (e.g. a reset connection)
+                self._fail_all(f"worker rank {dead[0]} died; the engine has shut down")
+                return
             pending = self._pop(msg.request_id)
             if pending is not None:
                 pending.future.set_exception(

@@ -7,14 +7,17 @@ worker process (``worker_proc.py``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from fastvideo import envs
 from fastvideo.distributed.plan import ParallelPlan
 from fastvideo.distributed.runtime import ParallelRuntime
 from fastvideo.engine.configs import PipelineConfig
@@ -116,7 +119,7 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        with self.runtime.activate(plan):
+        with self.runtime.activate(plan), _maybe_profile(self.rank, req.request_id):
             batch = self.pipeline.forward(batch, progress if self.rank == 0 else None)
         batch.timings["total"] = time.perf_counter() - start
         peaks = self._peak_memory_per_rank()
@@ -150,6 +153,28 @@ class Worker:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _maybe_profile(rank: int, request_id: str) -> Iterator[None]:
+    """Profile the request on rank 0 when FASTVIDEO_TORCH_PROFILE_DIR is set."""
+    out_dir = envs.torch_profile_dir()
+    if out_dir is None or rank != 0:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        yield
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    path = Path(out_dir) / f"profile-rank{rank}-{request_id[:8]}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    logger.info("wrote %s", path)
 
 
 def set_cpu_threads(world_size: int) -> None:

@@ -14,6 +14,7 @@ an exception in a request is reported for that request and the worker keeps serv
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -34,6 +35,7 @@ from fastvideo.engine.protocol import (
 )
 from fastvideo.engine.serial import Decoder, Encoder, MalformedMessage
 from fastvideo.logger import init_logger
+from fastvideo.pipelines.base import RanksOutOfStepError
 
 logger = init_logger(__name__)
 
@@ -54,13 +56,18 @@ class WorkerArgs(msgspec.Struct, array_like=True):
     output_addr: str
 
 
-def _watch_parent(stdin_fd: int) -> None:
-    """Exit as soon as the driver is gone (stdin reaches EOF), even mid-request."""
+def _watch_parent(stdin_fd: int, socket_dir: str | None) -> None:
+    """Exit as soon as the driver is gone (stdin reaches EOF), even mid-request.
+
+    Rank 0 also removes the driver's socket directory, which a killed driver leaves behind.
+    """
     try:
         while os.read(stdin_fd, 4096):
             pass
     except OSError:
         pass
+    if socket_dir is not None:
+        shutil.rmtree(socket_dir, ignore_errors=True)
     os._exit(1)
 
 
@@ -97,6 +104,7 @@ class _WorkerLoop:
         self.worker = None
         self.handlers = {GenerateRequest: self._generate, Shutdown: self._shutdown}
         self.running = True
+        self.exit_code = 0
 
     def send(self, msg: msgspec.Struct) -> None:
         self.output.send_multipart(self.encoder.encode(msg), copy=False)
@@ -142,16 +150,25 @@ class _WorkerLoop:
 
         try:
             result = self.worker.execute(req, progress)
+        except RanksOutOfStepError as e:
+            # Peers may wait in a collective this rank will never join: report, then exit,
+            # so the driver fails everything with EngineDeadError instead of hanging.
+            cause = e.__cause__ or e
+            logger.error("rank %d: %s; exiting (ranks out of step)", self.args.rank, e)
+            message = f"{e} (fatal on a multi-rank engine: it shuts down)"
+            self._fail(req, type(cause).__name__, message)
+            self.running, self.exit_code = False, 1
+            return
         except Exception as e:
             logger.exception("rank %d: request %s failed", self.args.rank, req.request_id)
-            self.send(
-                WorkerFailure(
-                    req.request_id, self.args.rank, type(e).__name__, str(e), traceback.format_exc()
-                )
-            )
+            self._fail(req, type(e).__name__, str(e))
             return
         if result is not None:
             self.send(result)
+
+    def _fail(self, req: GenerateRequest, error_type: str, message: str) -> None:
+        tb = traceback.format_exc()
+        self.send(WorkerFailure(req.request_id, self.args.rank, error_type, message, tb))
 
     def _shutdown(self, _: Shutdown) -> None:
         self.running = False
@@ -167,13 +184,17 @@ class _WorkerLoop:
 def main() -> None:
     stdin_fd = sys.stdin.fileno()
     args = _read_args(stdin_fd)
-    threading.Thread(target=_watch_parent, args=(stdin_fd,), daemon=True).start()
+    socket_dir = None
+    if args.rank == 0 and args.output_addr.startswith("ipc://"):
+        socket_dir = os.path.dirname(args.output_addr.removeprefix("ipc://"))
+    threading.Thread(target=_watch_parent, args=(stdin_fd, socket_dir), daemon=True).start()
     loop = _WorkerLoop(args)
     try:
         if loop.start():
             loop.serve()
     finally:
         loop.close()
+    sys.exit(loop.exit_code)
 
 
 if __name__ == "__main__":

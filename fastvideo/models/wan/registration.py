@@ -98,5 +98,6 @@ register_family(
         read_spec=read_wan_spec,
         variants=(WAN_1_3B, WAN_14B, WAN_TINY_DEMO),
         fallback=WAN_OTHER,
+        components=("transformer", "scheduler", "text_encoder", "tokenizer", "vae"),
     )
 )

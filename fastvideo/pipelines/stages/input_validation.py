@@ -10,6 +10,7 @@ from fastvideo.pipelines.validation import validate_generation
 
 class InputValidationStage(PipelineStage):
     name = "input_validation"
+    collective = False  # every rank validates the same request the same way
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
