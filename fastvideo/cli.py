@@ -43,7 +43,8 @@ def _add_demo_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fastvideo.engine.generator import VideoGenerator, check_sampling
+    from fastvideo.engine.core import check_sampling
+    from fastvideo.engine.generator import VideoGenerator
     from fastvideo.engine.model_info import resolve_model
 
     overrides = {}

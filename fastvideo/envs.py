@@ -44,3 +44,8 @@ def hf_offline() -> bool:
 def torch_profile_dir() -> str | None:
     """FASTVIDEO_TORCH_PROFILE_DIR: rank 0 writes a torch.profiler op table per request here."""
     return os.environ.get("FASTVIDEO_TORCH_PROFILE_DIR") or None
+
+
+def test_fault() -> str | None:
+    """FASTVIDEO_TEST_FAULT: test-only fault injection in workers (e.g. "nan:<marker>")."""
+    return os.environ.get("FASTVIDEO_TEST_FAULT") or None

@@ -217,6 +217,10 @@ PIPELINE_VALUES = dict(
     ulysses_degree=2,
     ring_degree=1,
     ready_timeout_s=30.0,
+    max_batch_size=4,
+    max_waiting_requests=8,
+    parallel_mode="latency",
+    throughput_replicas=2,
 )
 
 

@@ -91,18 +91,18 @@ def test_worker_killed_mid_generation(tiny_a):
         assert before.plan == "CFG 2"
 
         denoising = threading.Event()
-        execute = gen.executor.execute
+        submit = gen.executor.submit
 
-        def observed_execute(request, progress=None):
+        def observed_submit(request, progress=None):
             def on_progress(event):
                 if event.stage == "denoising" and event.step >= 2:
                     denoising.set()
                 if progress is not None:
                     progress(event)
 
-            return execute(request, on_progress)
+            return submit(request, on_progress)
 
-        gen.executor.execute = observed_execute
+        gen.executor.submit = observed_submit
         outcome: dict[str, object] = {}
 
         def long_request() -> None:

@@ -1,8 +1,8 @@
-"""The parallel plan: how N ranks split one denoising step. Pure Python (no torch).
+"""The parallel plan: how N ranks split the work. Pure Python (no torch).
 
-Rank layout (``cfg`` outermost, Ulysses innermost)::
+Rank layout (data-parallel replicas outermost, then ``cfg``, Ulysses innermost)::
 
-    rank    = cfg_rank * sp_degree + sp_rank
+    rank    = replica * replica_size + cfg_rank * sp_degree + sp_rank
     sp_rank = ring_rank * ulysses_degree + ulysses_rank
 
 so the members of one Ulysses group hold neighbouring sequence shards, and after the
@@ -16,63 +16,89 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """Degrees of each kind of parallelism; their product is the world size."""
+    """Degrees of each kind of parallelism; their product is the world size.
+
+    ``dp_degree`` replicas each run their own requests (throughput mode); inside a replica,
+    one request is split by CFG, Ulysses and ring parallelism (latency mode is dp = 1).
+    """
 
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
+    dp_degree: int = 1
 
     @property
     def sp_degree(self) -> int:
         return self.ulysses_degree * self.ring_degree
 
     @property
-    def world_size(self) -> int:
+    def replica_size(self) -> int:
         return self.cfg_degree * self.sp_degree
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_degree * self.replica_size
+
+    def replica_ranks(self, replica: int) -> list[int]:
+        start = replica * self.replica_size
+        return list(range(start, start + self.replica_size))
 
     def describe(self) -> str:
         parts = []
+        if self.dp_degree > 1:
+            parts.append(f"{self.dp_degree} replicas of")
         if self.cfg_degree > 1:
             parts.append(f"CFG {self.cfg_degree}")
         if self.ulysses_degree > 1:
             parts.append(f"Ulysses {self.ulysses_degree}")
         if self.ring_degree > 1:
             parts.append(f"ring {self.ring_degree}")
-        return " x ".join(parts) if parts else "single rank"
+        inner = " x ".join(p for p in parts if not p.endswith(" of")) or "single rank"
+        return f"{parts[0]} {inner}" if self.dp_degree > 1 else inner
 
     # --- rank arithmetic ---------------------------------------------------------------
     def coords(self, rank: int) -> tuple[int, int, int]:
-        """(cfg_rank, ring_rank, ulysses_rank) of a global rank."""
-        cfg_rank, sp_rank = divmod(rank, self.sp_degree)
+        """(cfg_rank, ring_rank, ulysses_rank) of a global rank, inside its replica."""
+        cfg_rank, sp_rank = divmod(rank % self.replica_size, self.sp_degree)
         ring_rank, ulysses_rank = divmod(sp_rank, self.ulysses_degree)
         return cfg_rank, ring_rank, ulysses_rank
 
-    def rank_of(self, cfg_rank: int, ring_rank: int, ulysses_rank: int) -> int:
-        return cfg_rank * self.sp_degree + ring_rank * self.ulysses_degree + ulysses_rank
+    def rank_of(self, cfg_rank: int, ring_rank: int, ulysses_rank: int, replica: int = 0) -> int:
+        local = cfg_rank * self.sp_degree + ring_rank * self.ulysses_degree + ulysses_rank
+        return replica * self.replica_size + local
 
     def ulysses_groups(self) -> list[list[int]]:
         return [
-            [self.rank_of(c, r, u) for u in range(self.ulysses_degree)]
+            [self.rank_of(c, r, u, d) for u in range(self.ulysses_degree)]
+            for d in range(self.dp_degree)
             for c in range(self.cfg_degree)
             for r in range(self.ring_degree)
         ]
 
     def ring_groups(self) -> list[list[int]]:
         return [
-            [self.rank_of(c, r, u) for r in range(self.ring_degree)]
+            [self.rank_of(c, r, u, d) for r in range(self.ring_degree)]
+            for d in range(self.dp_degree)
             for c in range(self.cfg_degree)
             for u in range(self.ulysses_degree)
         ]
 
     def sp_groups(self) -> list[list[int]]:
         return [
-            [c * self.sp_degree + s for s in range(self.sp_degree)] for c in range(self.cfg_degree)
+            [d * self.replica_size + c * self.sp_degree + s for s in range(self.sp_degree)]
+            for d in range(self.dp_degree)
+            for c in range(self.cfg_degree)
         ]
 
     def cfg_groups(self) -> list[list[int]]:
         return [
-            [c * self.sp_degree + s for c in range(self.cfg_degree)] for s in range(self.sp_degree)
+            [d * self.replica_size + c * self.sp_degree + s for c in range(self.cfg_degree)]
+            for d in range(self.dp_degree)
+            for s in range(self.sp_degree)
         ]
+
+    def replica_groups(self) -> list[list[int]]:
+        return [self.replica_ranks(d) for d in range(self.dp_degree)]
 
 
 def _largest_divisor_at_most(n: int, limit: int, of: int) -> int:
@@ -88,6 +114,7 @@ def choose_plan(
     num_heads: int,
     use_cfg: bool,
     *,
+    dp_degree: int = 1,
     cfg_parallel: bool | None = None,
     sp_degree: int | None = None,
     ulysses_degree: int | None = None,
@@ -99,6 +126,9 @@ def choose_plan(
     CFG group, Ulysses at the largest degree dividing both the group size and the head
     count; ring attention for the remaining factor.
     """
+    if dp_degree < 1 or world_size % dp_degree:
+        raise ValueError(f"{dp_degree} replicas do not divide num_gpus={world_size}")
+    world_size //= dp_degree  # ranks of one replica
     _check_positive(
         world_size=world_size,
         sp_degree=sp_degree,
@@ -115,7 +145,7 @@ def choose_plan(
             f"{cfg_degree}: sp_degree must be {group}"
         )
     uly, ring = _split_sp(group, num_heads, ulysses_degree, ring_degree)
-    return ParallelPlan(cfg_degree=cfg_degree, ulysses_degree=uly, ring_degree=ring)
+    return ParallelPlan(cfg_degree, uly, ring, dp_degree)
 
 
 def _choose_cfg_degree(
@@ -178,3 +208,25 @@ def _split_sp(group: int, num_heads: int, ulysses: int | None, ring: int | None)
         return uly, ring
     uly = _largest_divisor_at_most(group, group, num_heads)
     return uly, group // uly
+
+
+def candidate_plans(
+    world_size: int,
+    num_heads: int,
+    *,
+    throughput_replicas: int = 1,
+    forced: dict[str, object] | None = None,
+) -> list[ParallelPlan]:
+    """Every plan an engine may run: latency mode with guidance on and off (honouring
+    forced options), and throughput mode's replicas. Deterministic order: every rank
+    creates the process groups of these plans, in this order, at start-up."""
+    forced = forced or {}
+    plans: list[ParallelPlan] = []
+    for use_cfg in (True, False):
+        try:
+            plans.append(choose_plan(world_size, num_heads, use_cfg, **forced))  # type: ignore[arg-type]
+        except ValueError:
+            pass  # a forced plan may only fit one of guidance on/off
+        if throughput_replicas > 1:
+            plans.append(choose_plan(world_size, num_heads, use_cfg, dp_degree=throughput_replicas))
+    return list(dict.fromkeys(plans))

@@ -37,6 +37,12 @@ class PlanGroups:
     ring: GroupView
     sp: GroupView
     cfg: GroupView
+    replica: GroupView  # every rank serving the same request; ranks[0] is its output rank
+
+    @property
+    def leader(self) -> int:
+        """Global rank that encodes text, decodes video and reports for the replica."""
+        return self.replica.ranks[0]
 
 
 class ParallelRuntime:
@@ -55,13 +61,22 @@ class ParallelRuntime:
         return self.world_size > 1
 
     # --- plan activation ---------------------------------------------------------------
+    def prepare(self, plans: list[ParallelPlan]) -> None:
+        """Create the process groups of ``plans``. Collective over all ranks: each calls it
+        with the same list, once, at start-up (replicas later run independently, so groups
+        can not be created on demand)."""
+        for plan in plans:
+            if plan not in self._groups:
+                self._groups[plan] = self._build_groups(plan)
+
     @contextlib.contextmanager
     def activate(self, plan: ParallelPlan) -> Iterator[PlanGroups]:
-        """Make ``plan`` current for the enclosed request. Every rank must call this with
-        the same plan in the same order (group creation is collective)."""
+        """Make ``plan`` (prepared at start-up) current for the enclosed request."""
         if plan.world_size != self.world_size:
             raise ValueError(f"plan {plan} does not cover world size {self.world_size}")
         if plan not in self._groups:
+            if self.world_size > 1:
+                raise ValueError(f"plan {plan.describe()} was not prepared at start-up")
             self._groups[plan] = self._build_groups(plan)
         previous = (self.plan, self.groups)
         self.plan, self.groups = plan, self._groups[plan]
@@ -76,6 +91,7 @@ class ParallelRuntime:
             ring=self._view(plan.ring_groups()),
             sp=self._view(plan.sp_groups()),
             cfg=self._view(plan.cfg_groups()),
+            replica=self._view(plan.replica_groups()),
         )
 
     def _view(self, all_groups: list[list[int]]) -> GroupView:
@@ -91,10 +107,10 @@ class ParallelRuntime:
         return mine
 
     # --- collectives -------------------------------------------------------------------
-    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """In-place broadcast over all ranks."""
-        if self.world_size > 1:
-            dist.broadcast(tensor, src=src)
+    def broadcast_(self, view: GroupView, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place broadcast from the group's first member to the others."""
+        if view.size > 1:
+            dist.broadcast(tensor, src=view.ranks[0], group=view.group)
         return tensor
 
     def all_gather(self, view: GroupView, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -115,7 +131,7 @@ class ParallelRuntime:
         dist.all_to_all_single(out, x, group=view.group)
         return out
 
-    def all_reduce_max_(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    def all_reduce_max_(self, view: GroupView, x: torch.Tensor) -> torch.Tensor:
+        if view.size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=view.group)
         return x

@@ -17,6 +17,7 @@ from fastvideo import envs
 PRECISIONS = ("fp32", "bf16", "fp16")
 EXECUTORS = ("mp", "inproc")
 DEVICES = ("cuda", "cpu")
+PARALLEL_MODES = ("auto", "latency", "throughput")
 
 T = TypeVar("T")
 
@@ -69,6 +70,18 @@ class PipelineConfig:
     ulysses_degree: int | None = _help("Force the Ulysses degree.", None)
     ring_degree: int | None = _help("Force the ring-attention degree.", None)
     ready_timeout_s: float | None = _help("Seconds to wait for workers to load.", None)
+    max_batch_size: int = _help(
+        "Compatible waiting requests (same size, frames, steps, guidance on/off) run as one "
+        "batched forward, up to this many.",
+        1,
+    )
+    max_waiting_requests: int = _help("Queue bound: submitting beyond it raises at once.", 256)
+    parallel_mode: str = _help(
+        "'latency' (all GPUs on one request), 'throughput' (data-parallel replicas) or 'auto' "
+        "(throughput while enough requests wait).",
+        "auto",
+    )
+    throughput_replicas: int | None = _help("Replicas in throughput mode; None: one per GPU.", None)
 
     @classmethod
     def from_pretrained(cls, model: str, **overrides: Any) -> PipelineConfig:
@@ -112,6 +125,32 @@ class PipelineConfig:
             raise ValueError("executor='inproc' runs one rank: num_gpus must be 1")
         if self.flow_shift is not None and not self.flow_shift > 0:
             raise ValueError(f"flow_shift must be > 0, got {self.flow_shift!r}")
+        for name in ("max_batch_size", "max_waiting_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.parallel_mode not in PARALLEL_MODES:
+            raise ValueError(
+                f"parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}"
+            )
+        replicas = self.replicas()
+        if self.num_gpus % replicas:
+            raise ValueError(f"throughput_replicas={replicas} must divide num_gpus={self.num_gpus}")
+
+    def replicas(self) -> int:
+        """Data-parallel replicas in throughput mode (1 when throughput mode is off)."""
+        if self.parallel_mode == "latency":
+            return 1
+        return self.throughput_replicas or self.num_gpus
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """Forced latency-mode plan options (None means automatic)."""
+        return {
+            "cfg_parallel": self.cfg_parallel,
+            "sp_degree": self.sp_degree,
+            "ulysses_degree": self.ulysses_degree,
+            "ring_degree": self.ring_degree,
+        }
 
     def resolved_attention_backend(self) -> str | None:
         return self.attention_backend or envs.attention_backend()

@@ -1,25 +1,28 @@
-"""``VideoGenerator``: the synchronous user API.
+"""``VideoGenerator``: the synchronous user API, a thin layer over ``EngineCore``.
 
-The driver process validates requests, picks the parallel plan and talks to the workers;
-it never loads weights and never initialises CUDA.
+The driver process validates requests, schedules them and talks to the workers; it
+never loads weights and never initialises CUDA.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 import uuid
 from typing import Any
 
-from fastvideo.distributed.plan import ParallelPlan, choose_plan
+from fastvideo.distributed.plan import choose_plan
 from fastvideo.engine.configs import PipelineConfig, SamplingParam
+from fastvideo.engine.core import EngineCore, ProgressEvent, check_sampling
 from fastvideo.engine.model_info import ModelInfo, resolve_model
 from fastvideo.engine.output import VideoOutput
-from fastvideo.engine.protocol import GenerateRequest, GenerateResult, Progress
+from fastvideo.engine.protocol import GenerateRequest
 from fastvideo.logger import init_logger
-from fastvideo.pipelines.validation import validate_generation
 from fastvideo.workers.executor import Executor, create_executor
 
 logger = init_logger(__name__)
+
+__all__ = ["VideoGenerator", "check_sampling", "pick_device", "start_engine"]
 
 
 def pick_device(config: PipelineConfig) -> str:
@@ -38,14 +41,57 @@ def pick_device(config: PipelineConfig) -> str:
     return device
 
 
+def start_engine(
+    model: str,
+    num_gpus: int | None,
+    pipeline_config: PipelineConfig | None,
+    overrides: dict[str, Any],
+) -> EngineCore:
+    """Resolve the model, check the configuration, start the workers and the core."""
+    config = (pipeline_config or PipelineConfig.from_pretrained(model)).copy()
+    config.update(**overrides)
+    if num_gpus is not None:
+        config.num_gpus = num_gpus
+    config.validate()
+    info = resolve_model(model)
+    config.model_path = str(info.path)
+    for use_cfg in (True, False):  # an impossible forced plan fails here, not later
+        choose_plan(config.num_gpus, info.spec.num_heads, use_cfg, **config.plan_kwargs())
+    device = pick_device(config)
+    start = time.perf_counter()
+    executor = create_executor(info.path, config, device)
+    logger.info(
+        "loaded %s (%s) on %d %s worker(s) in %.1fs",
+        model,
+        info.variant.name,
+        config.num_gpus,
+        device,
+        time.perf_counter() - start,
+    )
+    return EngineCore(info, config, executor, device)
+
+
+class _QueueSink:
+    """Collects one request's events for a waiting thread."""
+
+    def __init__(self, events: queue.Queue, index: int):
+        self.events, self.index = events, index
+
+    def progress(self, event: ProgressEvent) -> None:
+        self.events.put((self.index, event))
+
+    def finish(self, output: VideoOutput) -> None:
+        self.events.put((self.index, output))
+
+    def fail(self, error: BaseException) -> None:
+        self.events.put((self.index, error))
+
+
 class VideoGenerator:
     """Generates videos with a model running on ``num_gpus`` worker processes."""
 
-    def __init__(self, info: ModelInfo, config: PipelineConfig, executor: Executor, device: str):
-        self.info = info
-        self.config = config
-        self.executor = executor
-        self.device = device
+    def __init__(self, core: EngineCore):
+        self.core = core
 
     @classmethod
     def from_pretrained(
@@ -57,56 +103,94 @@ class VideoGenerator:
     ) -> VideoGenerator:
         """Start workers for ``model`` (a Hugging Face id, a local diffusers folder, or
         the built-in demo id) and load it. ``overrides`` set ``PipelineConfig`` fields."""
-        if pipeline_config is None:
-            config = PipelineConfig.from_pretrained(model)
-        else:
-            config = pipeline_config.copy()
-        config.update(**overrides)
-        if num_gpus is not None:
-            config.num_gpus = num_gpus
-        config.validate()
-        info = resolve_model(model)
-        config.model_path = str(info.path)
-        for use_cfg in (True, False):  # an impossible forced plan fails here, not later
-            cls._plan(config, info, use_cfg)
-        device = pick_device(config)
-        start = time.perf_counter()
-        executor = create_executor(info.path, config, device)
-        logger.info(
-            "loaded %s (%s) on %d %s worker(s) in %.1fs",
-            model,
-            info.variant.name,
-            config.num_gpus,
-            device,
-            time.perf_counter() - start,
-        )
-        return cls(info, config, executor, device)
+        return cls(start_engine(model, num_gpus, pipeline_config, overrides))
 
-    @staticmethod
-    def _plan(config: PipelineConfig, info: ModelInfo, use_cfg: bool) -> ParallelPlan:
-        return choose_plan(
-            config.num_gpus,
-            info.spec.num_heads,
-            use_cfg,
-            cfg_parallel=config.cfg_parallel,
-            sp_degree=config.sp_degree,
-            ulysses_degree=config.ulysses_degree,
-            ring_degree=config.ring_degree,
-        )
+    @property
+    def info(self) -> ModelInfo:
+        return self.core.info
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.core.config
+
+    @property
+    def executor(self) -> Executor:
+        return self.core.executor
 
     @property
     def default_sampling_param(self) -> SamplingParam:
         return SamplingParam().update(**self.info.variant.sampling_defaults)
 
-    def build_request(self, prompt: str, param: SamplingParam) -> GenerateRequest:
-        """Validate every field (before any model work) and pick the parallel plan."""
-        check_sampling(self.info, prompt, param)
-        plan = self._plan(self.config, self.info, param.guidance_scale > 1.0)
+    def generate_video(
+        self,
+        prompt: str | list[str],
+        sampling_param: SamplingParam | list[SamplingParam] | None = None,
+        **overrides: Any,
+    ) -> VideoOutput | list[VideoOutput]:
+        """Generate one video, or a list of videos for a list of prompts (in input order).
+
+        ``overrides`` set ``SamplingParam`` fields for this call. With a list of prompts and
+        one param, video i gets seed ``param.seed + i`` (logged); with a list of params,
+        each keeps its own. Every request is validated before any is queued.
+        """
+        single = isinstance(prompt, str)
+        if not single and not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        prompts = [prompt] if single else list(prompt)
+        params = self._params(prompts, sampling_param, overrides)
+        for p, param in zip(prompts, params, strict=True):
+            check_sampling(self.info, p, param)
+        events: queue.Queue = queue.Queue()
+        ids = [
+            self.core.submit(p, param, _QueueSink(events, i))
+            for i, (p, param) in enumerate(zip(prompts, params, strict=True))
+        ]
+        outputs = _collect(events, len(ids), params[0].num_inference_steps)
+        for out, param in zip(outputs, params, strict=True):
+            path = param.resolve_output_file(out.prompt) if out.frames is not None else None
+            if path is not None:
+                out.save(path)
+                logger.info("saved %s", path)
+        return outputs[0] if single else outputs
+
+    def _params(
+        self,
+        prompts: list[str],
+        sampling_param: SamplingParam | list[SamplingParam] | None,
+        overrides: dict[str, Any],
+    ) -> list[SamplingParam]:
+        if not prompts:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of them")
+        if isinstance(sampling_param, list):
+            if len(sampling_param) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(sampling_param)} params")
+            return [p.copy().update(**overrides) for p in sampling_param]
+        base = (sampling_param or self.default_sampling_param).copy().update(**overrides)
+        if len(prompts) == 1:
+            return [base]
+        params = [base.copy().update(seed=base.seed + i) for i in range(len(prompts))]
         logger.info(
-            "parallel plan: %s on %d %s rank(s)", plan.describe(), plan.world_size, self.device
+            "seeds %d..%d for %d prompts (base seed %d + index)",
+            base.seed,
+            base.seed + len(prompts) - 1,
+            len(prompts),
+            base.seed,
         )
+        return params
+
+    def build_request(self, prompt: str, param: SamplingParam) -> GenerateRequest:
+        """The wire request the engine would send for one prompt (validated), for callers
+        that drive the executor directly."""
+        check_sampling(self.info, prompt, param)
+        plan = choose_plan(
+            self.config.num_gpus,
+            self.info.spec.num_heads,
+            param.guidance_scale > 1.0,
+            **self.config.plan_kwargs(),
+        )
+        request_id = uuid.uuid4().hex
         return GenerateRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
             prompts=[prompt],
             negative_prompts=[param.negative_prompt or ""],
             seeds=[param.seed],
@@ -119,27 +203,11 @@ class VideoGenerator:
             cfg_degree=plan.cfg_degree,
             ulysses_degree=plan.ulysses_degree,
             ring_degree=plan.ring_degree,
+            item_ids=[request_id],
         )
 
-    def generate_video(
-        self, prompt: str, sampling_param: SamplingParam | None = None, **overrides: Any
-    ) -> VideoOutput:
-        """Generate one video. ``overrides`` set ``SamplingParam`` fields for this call."""
-        param = (sampling_param or self.default_sampling_param).copy().update(**overrides)
-        request = self.build_request(prompt, param)
-        start = time.perf_counter()
-        with _StepProgress() as progress:
-            result = self.executor.execute(request, progress)
-        output = to_video_output(result, prompt, param)
-        output.timings["end_to_end"] = time.perf_counter() - start
-        path = param.resolve_output_file(prompt)
-        if path is not None and output.frames is not None:
-            output.save(path)
-            logger.info("saved %s", path)
-        return output
-
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.core.shutdown()
 
     def __enter__(self) -> VideoGenerator:
         return self
@@ -148,59 +216,34 @@ class VideoGenerator:
         self.shutdown()
 
 
-def check_sampling(info: ModelInfo, prompt: str, param: SamplingParam) -> None:
-    """Raise TypeError/ValueError naming the first invalid field of a request."""
-    validate_generation(
-        info.spec,
-        prompt=prompt,
-        negative_prompt=param.negative_prompt,
-        height=param.height,
-        width=param.width,
-        num_frames=param.num_frames,
-        num_inference_steps=param.num_inference_steps,
-        guidance_scale=param.guidance_scale,
-        seed=param.seed,
-        fps=param.fps,
-        output_type=param.output_type,
-    )
+def _collect(events: queue.Queue, count: int, steps: int) -> list[VideoOutput]:
+    """Wait for ``count`` requests' outputs (in index order); a tqdm bar counts denoising
+    steps of all of them and finished videos. Raises the first error once all are done."""
+    from tqdm.auto import tqdm
 
-
-def to_video_output(result: GenerateResult, prompt: str, param: SamplingParam) -> VideoOutput:
-    """The first (only) video of a result as a VideoOutput."""
-    frames = result.frames[0].numpy() if result.frames is not None else None
-    latents = result.latents[0] if result.latents is not None else None
-    return VideoOutput(
-        frames=frames,
-        fps=param.fps,
-        seed=param.seed,
-        prompt=prompt,
-        negative_prompt=param.negative_prompt,
-        timings=dict(result.timings),
-        latents=latents,
-        request_id=result.request_id,
-        plan=result.plan,
-        peak_memory_bytes=list(result.peak_memory_bytes),
-    )
-
-
-class _StepProgress:
-    """A tqdm bar over denoising steps, fed by the workers' progress events."""
-
-    def __init__(self) -> None:
-        self.bar = None
-
-    def __enter__(self) -> _StepProgress:
-        return self
-
-    def __call__(self, event: Progress) -> None:
-        if event.stage != "denoising" or event.total_steps == 0:
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=event.total_steps, desc="denoising", unit="step", disable=None)
-        self.bar.update(event.step - self.bar.n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    outputs: list[VideoOutput | None] = [None] * count
+    errors: list[BaseException | None] = [None] * count
+    done_steps = [0] * count
+    bar = tqdm(total=count * steps, desc="denoising", unit="step", disable=None)
+    finished = 0
+    try:
+        while finished < count:
+            index, event = events.get()
+            if isinstance(event, ProgressEvent):
+                if event.stage == "denoising" and event.total_steps:
+                    done_steps[index] = event.step
+                    bar.update(sum(done_steps) - bar.n)
+                continue
+            finished += 1
+            if isinstance(event, BaseException):
+                errors[index] = event
+            else:
+                outputs[index] = event
+            if count > 1:
+                bar.set_postfix(videos=f"{finished}/{count}")
+    finally:
+        bar.close()
+    first_error = next((e for e in errors if e is not None), None)
+    if first_error is not None:
+        raise first_error
+    return outputs  # type: ignore[return-value]

@@ -30,6 +30,15 @@ class GenerateRequest(msgspec.Struct, tag="generate", **_OPTS):
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
+    item_ids: list[str] = []  # one per prompt (the engine's request ids)
+    dp_degree: int = 1  # replicas of the plan; this request runs on replica `replica`
+    replica: int = 0
+
+
+class AbortRequest(msgspec.Struct, tag="abort", **_OPTS):
+    """Stop these items at the next step boundary (sent to a replica's leader)."""
+
+    item_ids: list[str]
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", **_OPTS):
@@ -60,6 +69,9 @@ class GenerateResult(msgspec.Struct, tag="result", **_OPTS):
     frames: torch.Tensor | None = None  # uint8 [B, T, H, W, 3]
     latents: torch.Tensor | None = None  # fp32 [B, C, F, H, W]
     peak_memory_bytes: list[int] = []  # per rank, GPU only
+    item_ids: list[str] = []  # the items in frames/latents, in order
+    aborted_ids: list[str] = []
+    failures: dict[str, str] = {}  # item id -> why it failed (e.g. NaN latents)
 
 
 class WorkerFailure(msgspec.Struct, tag="failure", **_OPTS):
@@ -72,5 +84,5 @@ class WorkerFailure(msgspec.Struct, tag="failure", **_OPTS):
     traceback: str = ""
 
 
-ToWorker = GenerateRequest | Shutdown
+ToWorker = GenerateRequest | AbortRequest | Shutdown
 FromWorker = WorkerReady | Progress | GenerateResult | WorkerFailure

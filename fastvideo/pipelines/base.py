@@ -25,6 +25,9 @@ logger = init_logger(__name__)
 
 # progress(stage, step, total_steps)
 ProgressFn = Callable[[str, int, int], None]
+# Called by the denoising loop at every step boundary with (batch, step); returns the batch,
+# possibly without the items that were aborted or failed (the worker decides, collectively).
+StepHook = Callable[["ForwardBatch", int], "ForwardBatch"]
 
 
 @dataclass
@@ -41,6 +44,11 @@ class ForwardBatch:
     num_frames: int
     num_inference_steps: int
     output_type: str = "np"
+    item_ids: list[str] = field(default_factory=list)  # one per prompt
+    step_hook: StepHook | None = None
+    # Items that left the batch: aborted ids, and failed id -> reason.
+    aborted: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
     # Filled in by the stages.
     prompt_embeds: torch.Tensor | None = None  # [B, Lt, Dt]
     negative_prompt_embeds: torch.Tensor | None = None
@@ -61,6 +69,21 @@ class ForwardBatch:
     def do_cfg(self) -> bool:
         return any(g > 1.0 for g in self.guidance_scales)
 
+    def select(self, keep: list[int]) -> ForwardBatch:
+        """Keep only items ``keep`` (in order) in every per-item list, tensor and the
+        scheduler's state."""
+        for name in ("prompts", "negative_prompts", "seeds", "guidance_scales", "item_ids"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
+        index = torch.tensor(keep, dtype=torch.long)
+        for name in ("prompt_embeds", "negative_prompt_embeds", "latents"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        if self.scheduler is not None:
+            self.scheduler.select_batch(index)
+        return self
+
 
 @dataclass(frozen=True)
 class PipelineRuntime:
@@ -74,7 +97,8 @@ class PipelineRuntime:
 
     @property
     def is_output_rank(self) -> bool:
-        return self.runtime.rank == 0
+        """This rank encodes text and decodes video for its replica (the active plan's)."""
+        return self.runtime.groups is not None and self.runtime.groups.leader == self.runtime.rank
 
 
 class PipelineStage(ABC):
@@ -115,10 +139,13 @@ class ComposedPipelineBase(ABC):
         self.stages = self.create_stages()
 
     @classmethod
-    def from_pretrained(cls, model_dir: Path, env: PipelineRuntime) -> ComposedPipelineBase:
+    def from_pretrained(
+        cls, model_dir: Path, env: PipelineRuntime, output_rank: bool = True
+    ) -> ComposedPipelineBase:
+        """Load the components; ``output_rank`` ones only where this rank may lead a replica."""
         components = {}
         for name, loader in cls.component_loaders.items():
-            if name in cls.output_rank_components and not env.is_output_rank:
+            if name in cls.output_rank_components and not output_rank:
                 continue
             start = time.perf_counter()
             components[name] = loader(model_dir / name, env)
@@ -137,7 +164,7 @@ class ComposedPipelineBase(ABC):
             try:
                 batch = stage(batch, progress)
             except Exception as e:
-                if stage.collective and self.env.runtime.is_distributed:
+                if stage.collective and self.env.runtime.groups.replica.size > 1:
                     raise RanksOutOfStepError(
                         f"{type(e).__name__} in stage {stage.name!r}: {e}"
                     ) from e

@@ -3,9 +3,10 @@ one worker process per GPU (the default; see ``mp_executor.py``)."""
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from fastvideo.engine.configs import PipelineConfig
@@ -43,6 +44,10 @@ class Executor(ABC):
         return self.submit(request, on_progress).result()
 
     @abstractmethod
+    def abort(self, request_id: str, item_ids: list[str]) -> None:
+        """Ask the workers running ``request_id`` to drop ``item_ids`` at the next step."""
+
+    @abstractmethod
     def shutdown(self) -> None: ...
 
     @property
@@ -51,11 +56,10 @@ class Executor(ABC):
 
 
 class InProcessExecutor(Executor):
-    """One rank in the calling process. Initialises the device here: for debugging."""
+    """One rank in this process, on one background thread. Initialises the device here:
+    for debugging and fast tests."""
 
     def __init__(self, model_dir: Path, config: PipelineConfig, device: str):
-        import time
-
         import torch
 
         from fastvideo.workers.worker import Worker
@@ -63,34 +67,45 @@ class InProcessExecutor(Executor):
         self._worker = Worker(0, 1, torch.device(device), model_dir, config)
         self._worker.init_distributed("", 0)
         self._worker.load()
-        self._time = time.perf_counter
+        self._aborts: set[str] = set()
+        self._worker.abort_source = lambda: set(self._aborts)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fastvideo-inproc")
         self._alive = True
 
     def submit(
         self, request: GenerateRequest, on_progress: ProgressCallback | None = None
     ) -> Future[GenerateResult]:
-        future: Future[GenerateResult] = Future()
         if not self._alive:
+            future: Future[GenerateResult] = Future()
             future.set_exception(EngineDeadError("the engine was shut down"))
             return future
-        start = self._time()
+        return self._thread.submit(self._run, request, on_progress)
+
+    def _run(
+        self, request: GenerateRequest, on_progress: ProgressCallback | None
+    ) -> GenerateResult:
+        start = time.perf_counter()
 
         def progress(stage: str, step: int, total: int) -> None:
             if on_progress is not None:
-                on_progress(Progress(request.request_id, stage, step, total, self._time() - start))
+                elapsed = time.perf_counter() - start
+                on_progress(Progress(request.request_id, stage, step, total, elapsed))
 
         try:
             result = self._worker.execute(request, progress)
-            assert result is not None
-            future.set_result(result)
         except Exception as e:  # same contract as the worker processes: this request fails
-            future.set_exception(
-                RequestFailedError(request.request_id, 0, type(e).__name__, str(e))
-            )
-        return future
+            raise RequestFailedError(request.request_id, 0, type(e).__name__, str(e)) from e
+        finally:
+            self._aborts.difference_update(request.item_ids)
+        assert result is not None
+        return result
+
+    def abort(self, request_id: str, item_ids: list[str]) -> None:
+        self._aborts.update(item_ids)
 
     def shutdown(self) -> None:
         self._alive = False
+        self._thread.shutdown(wait=True)
         self._worker.close()
 
     @property

@@ -31,6 +31,7 @@ import zmq
 from fastvideo import envs
 from fastvideo.engine.configs import PipelineConfig
 from fastvideo.engine.protocol import (
+    AbortRequest,
     FromWorker,
     GenerateRequest,
     GenerateResult,
@@ -68,6 +69,7 @@ class WorkerStartupError(RuntimeError):
 class _Pending:
     future: Future[GenerateResult]
     on_progress: ProgressCallback | None
+    leader: int  # the rank that reports for the request's replica
 
 
 class MultiprocExecutor(Executor):
@@ -181,11 +183,21 @@ class MultiprocExecutor(Executor):
             if self._dead_reason is not None:
                 future.set_exception(EngineDeadError(self._dead_reason))
                 return future
-            self._pending[request.request_id] = _Pending(future, on_progress)
+            replica_size = self.world_size // request.dp_degree
+            ranks = range(request.replica * replica_size, (request.replica + 1) * replica_size)
+            self._pending[request.request_id] = _Pending(future, on_progress, ranks[0])
             frames = self._encoder.encode(request)
-            for sock in self._inputs:
-                sock.send_multipart(frames, copy=False)
+            for rank in ranks:
+                self._inputs[rank].send_multipart(frames, copy=False)
         return future
+
+    def abort(self, request_id: str, item_ids: list[str]) -> None:
+        with self._lock:
+            pending = self._pending.get(request_id)
+            if pending is None or self._closed:
+                return
+            frames = self._encoder.encode(AbortRequest(list(item_ids)))
+            self._inputs[pending.leader].send_multipart(frames, copy=False)
 
     def send_raw(self, rank: int, frames: list[bytes]) -> None:
         """Send raw bytes to one worker (tests use it to check malformed-message handling)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from fastvideo import envs
-from fastvideo.distributed.plan import ParallelPlan
-from fastvideo.distributed.runtime import ParallelRuntime
+from fastvideo.distributed.plan import ParallelPlan, candidate_plans
+from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.engine.configs import PipelineConfig
 from fastvideo.engine.protocol import GenerateRequest, GenerateResult
 from fastvideo.kernels_bridge import attention as attention_bridge
@@ -59,6 +59,8 @@ class Worker:
         self.config = config
         self.pipeline = None
         self.runtime = ParallelRuntime(rank, world_size, device)
+        # Item ids whose abort was requested (the host loop installs a real source).
+        self.abort_source: Callable[[], set[str]] = set
 
     def init_distributed(self, store_host: str, store_port: int, timeout_s: float = 1800) -> None:
         """Join the process group through the driver's TCPStore (NCCL on GPU, gloo on CPU)."""
@@ -79,13 +81,15 @@ class Worker:
         )
 
     def load(self) -> float:
-        """Load this rank's components; returns the seconds it took."""
+        """Load this rank's components and create every plan's process groups; returns the
+        seconds it took."""
         start = time.perf_counter()
         family = family_for_dir(self.model_dir)
+        spec = family.read_spec(self.model_dir)
         env = PipelineRuntime(
             runtime=self.runtime,
             device=self.device,
-            spec=family.read_spec(self.model_dir),
+            spec=spec,
             dtypes=component_dtypes(self.config, self.device),
             options={"flow_shift": self.config.flow_shift, "scheduler": self.config.scheduler},
         )
@@ -93,17 +97,30 @@ class Worker:
             self.config.resolved_attention_backend(), self.device, env.dtypes["transformer"]
         )
         attention_bridge.set_backend(backend)
-        self.pipeline = family.pipeline_class().from_pretrained(self.model_dir, env)
+        plans = candidate_plans(
+            self.world_size,
+            spec.num_heads,
+            throughput_replicas=self.config.replicas(),
+            forced=self.config.plan_kwargs(),
+        )
+        self.runtime.prepare(plans)
+        # Text encoder and VAE only where this rank can lead a replica (rank 0 always).
+        leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
+        pipeline_cls = family.pipeline_class()
+        self.pipeline = pipeline_cls.from_pretrained(self.model_dir, env, output_rank=leads)
         return time.perf_counter() - start
 
     def execute(
         self, req: GenerateRequest, progress: ProgressFn | None = None
     ) -> GenerateResult | None:
-        """Run one request on this rank; the output rank (0) returns the result."""
+        """Run one request on this rank; its replica's leader returns the result."""
         assert self.pipeline is not None, "load() first"
-        plan = ParallelPlan(req.cfg_degree, req.ulysses_degree, req.ring_degree)
-        if plan.world_size != self.world_size:
-            raise ValueError(f"plan {plan.describe()} does not match {self.world_size} ranks")
+        plan = ParallelPlan(req.cfg_degree, req.ulysses_degree, req.ring_degree, req.dp_degree)
+        if plan.world_size != self.world_size or self.rank not in plan.replica_ranks(req.replica):
+            raise ValueError(
+                f"plan {plan.describe()} (replica {req.replica}) does not fit rank {self.rank} "
+                f"of {self.world_size}"
+            )
         batch = ForwardBatch(
             request_id=req.request_id,
             prompts=list(req.prompts),
@@ -115,15 +132,18 @@ class Worker:
             num_frames=req.num_frames,
             num_inference_steps=req.num_inference_steps,
             output_type=req.output_type,
+            item_ids=list(req.item_ids) or [req.request_id] * len(req.prompts),
+            step_hook=self._step_hook,
         )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        with self.runtime.activate(plan), _maybe_profile(self.rank, req.request_id):
-            batch = self.pipeline.forward(batch, progress if self.rank == 0 else None)
-        batch.timings["total"] = time.perf_counter() - start
-        peaks = self._peak_memory_per_rank()
-        if self.rank != 0:
+        with self.runtime.activate(plan) as groups, _maybe_profile(self.rank, req.request_id):
+            leader = groups.leader == self.rank
+            batch = self.pipeline.forward(batch, progress if leader else None)
+            batch.timings["total"] = time.perf_counter() - start
+            peaks = self._peak_memory_per_rank(groups.replica)
+        if not leader:
             return None
         return GenerateResult(
             request_id=req.request_id,
@@ -132,18 +152,52 @@ class Worker:
             frames=batch.frames,
             latents=batch.output_latents if req.output_type == "latent" else None,
             peak_memory_bytes=peaks,
+            item_ids=batch.item_ids,
+            aborted_ids=batch.aborted,
+            failures=batch.failures,
         )
 
-    def _peak_memory_per_rank(self) -> list[int]:
-        """Peak GPU memory of this request on every rank (collective; empty on CPU)."""
+    def _step_hook(self, batch: ForwardBatch, step: int) -> ForwardBatch:
+        """At a step boundary, drop items that were aborted or whose latents hold NaN/inf.
+
+        Every rank of the replica must drop the same items at the same step, so the
+        leader's abort decisions and every rank's NaN checks are combined with one small
+        all-reduce.
+        """
+        groups = self.runtime.groups
+        n = batch.batch_size
+        flags = torch.zeros(2, n, device=self.device)
+        if groups.leader == self.rank:
+            requested = self.abort_source()
+            flags[0] = torch.tensor([float(i in requested) for i in batch.item_ids])
+        _inject_test_fault(batch, step)
+        if batch.latents is not None:
+            flags[1] = (~torch.isfinite(batch.latents)).flatten(1).any(dim=1).float()
+        self.runtime.all_reduce_max_(groups.replica, flags)
+        aborted, bad = flags.bool().tolist()
+        if not any(aborted) and not any(bad):
+            return batch
+        for i, item in enumerate(batch.item_ids):
+            if aborted[i]:
+                batch.aborted.append(item)
+            elif bad[i]:
+                batch.failures[item] = f"non-finite (NaN/inf) latents at step {step}"
+        keep = [i for i in range(n) if not aborted[i] and not bad[i]]
+        logger.info(
+            "request %s: %d item(s) left the batch at step %d",
+            batch.request_id,
+            n - len(keep),
+            step,
+        )
+        return batch.select(keep)
+
+    def _peak_memory_per_rank(self, replica: GroupView) -> list[int]:
+        """Peak GPU memory of this request on every rank of the replica (empty on CPU)."""
         if self.device.type != "cuda":
             return []
         peak = torch.tensor([torch.cuda.max_memory_allocated(self.device)], device=self.device)
-        if self.world_size == 1:
-            return [int(peak.item())]
-        parts = [torch.empty_like(peak) for _ in range(self.world_size)]
-        dist.all_gather(parts, peak)
-        return [int(p.item()) for p in parts]
+        gathered = self.runtime.all_gather(replica, peak, dim=0)
+        return [int(p) for p in gathered.tolist()]
 
     def memory_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -175,6 +229,18 @@ def _maybe_profile(rank: int, request_id: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     logger.info("wrote %s", path)
+
+
+def _inject_test_fault(batch: ForwardBatch, step: int) -> None:
+    """Test-only: FASTVIDEO_TEST_FAULT="nan:<marker>" makes the latents of items whose
+    prompt contains <marker> NaN at step 1 (exercises per-request failure isolation)."""
+    fault = envs.test_fault()
+    if not fault or not fault.startswith("nan:") or step != 1 or batch.latents is None:
+        return
+    marker = fault.removeprefix("nan:")
+    for i, prompt in enumerate(batch.prompts):
+        if marker in prompt:
+            batch.latents[i] = float("nan")
 
 
 def set_cpu_threads(world_size: int) -> None:

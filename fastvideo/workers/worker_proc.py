@@ -20,12 +20,14 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 
 import msgspec
 import zmq
 
 from fastvideo.engine.protocol import (
+    AbortRequest,
     GenerateRequest,
     Progress,
     Shutdown,
@@ -102,9 +104,16 @@ class _WorkerLoop:
         self.encoder = Encoder()
         self.decoder = Decoder(ToWorker)
         self.worker = None
-        self.handlers = {GenerateRequest: self._generate, Shutdown: self._shutdown}
+        self.handlers = {
+            GenerateRequest: self._generate,
+            AbortRequest: self._abort,
+            Shutdown: self._shutdown,
+        }
         self.running = True
         self.exit_code = 0
+        # Messages that arrived while a request ran (read at step boundaries for aborts).
+        self.backlog: deque[msgspec.Struct] = deque()
+        self.aborts: set[str] = set()
 
     def send(self, msg: msgspec.Struct) -> None:
         self.output.send_multipart(self.encoder.encode(msg), copy=False)
@@ -122,6 +131,7 @@ class _WorkerLoop:
             if device.type == "cpu":
                 set_cpu_threads(a.world_size)
             self.worker = Worker(a.rank, a.world_size, device, Path(a.model_dir), config)
+            self.worker.abort_source = self._poll_aborts
             self.worker.init_distributed(a.store_host, a.store_port)
             seconds = self.worker.load()
         except BaseException as e:  # report anything, including import errors
@@ -132,15 +142,34 @@ class _WorkerLoop:
 
     def serve(self) -> None:
         while self.running:
-            if not self.requests.poll(POLL_MS):
-                continue
-            frames = self.requests.recv_multipart(copy=False)
-            try:
-                msg = self.decoder.decode(frames)
-            except MalformedMessage as e:
-                logger.warning("rank %d dropped a malformed message: %s", self.args.rank, e)
-                continue
-            self.handlers[type(msg)](msg)
+            msg = self.backlog.popleft() if self.backlog else self._receive(POLL_MS)
+            if msg is not None:
+                self.handlers[type(msg)](msg)
+
+    def _receive(self, timeout_ms: int) -> msgspec.Struct | None:
+        """The next well-formed message, or None (timeout, or a malformed one dropped)."""
+        if not self.requests.poll(timeout_ms):
+            return None
+        frames = self.requests.recv_multipart(copy=False)
+        try:
+            return self.decoder.decode(frames)
+        except MalformedMessage as e:
+            logger.warning("rank %d dropped a malformed message: %s", self.args.rank, e)
+            return None
+
+    def _poll_aborts(self) -> set[str]:
+        """Called at step boundaries: take in what arrived, keep all but aborts for later."""
+        while self.requests.poll(0):
+            msg = self._receive(0)
+            if isinstance(msg, AbortRequest):
+                self.aborts.update(msg.item_ids)
+            elif msg is not None:
+                self.backlog.append(msg)
+        return self.aborts
+
+    def _abort(self, msg: AbortRequest) -> None:
+        # Arrived between requests: the items may still be in the backlog.
+        self.aborts.update(msg.item_ids)
 
     def _generate(self, req: GenerateRequest) -> None:
         start = time.perf_counter()
@@ -163,6 +192,8 @@ class _WorkerLoop:
             logger.exception("rank %d: request %s failed", self.args.rank, req.request_id)
             self._fail(req, type(e).__name__, str(e))
             return
+        finally:
+            self.aborts.difference_update(req.item_ids)
         if result is not None:
             self.send(result)
 

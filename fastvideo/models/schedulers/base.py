@@ -76,6 +76,11 @@ class FlowScheduler(ABC):
         Returns the sample at the next (lower) sigma, with ``sample``'s dtype and shape.
         """
 
+    def select_batch(self, index: Tensor) -> None:
+        """Keep only batch items ``index`` (a 1-D LongTensor) in any per-sample state, when
+        requests leave a running batch (aborted, failed). Stateless schedulers do nothing."""
+        return None
+
     @staticmethod
     def _check_num_steps(num_inference_steps: int) -> None:
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:

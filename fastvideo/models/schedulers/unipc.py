@@ -229,6 +229,16 @@ class FlowUniPCMultistepScheduler(FlowScheduler):
         self._step_index = index + 1
         return prev_sample
 
+    def select_batch(self, index: Tensor) -> None:
+        self._model_outputs = [
+            None if m is None else m.index_select(0, index.to(m.device))
+            for m in self._model_outputs
+        ]
+        if self._last_sample is not None:
+            self._last_sample = self._last_sample.index_select(
+                0, index.to(self._last_sample.device)
+            )
+
     def _uni_bh_update(
         self, x: Tensor, s0: int, order: int, model_t: Tensor | None = None
     ) -> Tensor:

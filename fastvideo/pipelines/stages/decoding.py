@@ -24,6 +24,8 @@ class DecodingStage(PipelineStage):
 
     def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch:
         assert batch.latents is not None and batch.grid is not None
+        if batch.batch_size == 0:  # all items left during denoising (a collective decision)
+            return batch
         runtime = self.env.runtime
         tokens = runtime.all_gather(runtime.groups.sp, batch.latents, dim=1)
         tokens = tokens[:, : batch.grid.num_tokens]

@@ -55,6 +55,11 @@ class DenoisingStage(PipelineStage):
         latents = batch.latents
         step_times = []
         for i, t in enumerate(batch.timesteps):
+            batch.latents = latents
+            batch = self._boundary(batch, i)
+            if batch.batch_size == 0:
+                return batch  # every request left (aborted or failed)
+            latents = batch.latents
             start = time.perf_counter()
             noise_pred = self.predict(batch, latents, t.to(self.env.device))
             latents = batch.scheduler.step(noise_pred, latents)
@@ -63,5 +68,10 @@ class DenoisingStage(PipelineStage):
             step_times.append(time.perf_counter() - start)
             progress(self.name, i + 1, total)
         batch.latents = latents
+        batch = self._boundary(batch, total)  # catches NaNs of the last step
         batch.timings["denoising_step_mean"] = sum(step_times) / max(1, len(step_times))
         return batch
+
+    @staticmethod
+    def _boundary(batch: ForwardBatch, step: int) -> ForwardBatch:
+        return batch.step_hook(batch, step) if batch.step_hook is not None else batch

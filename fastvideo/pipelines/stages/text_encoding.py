@@ -30,7 +30,7 @@ class TextEncodingStage(PipelineStage):
             )
         else:
             states = torch.empty(shape, dtype=dtype, device=self.env.device)
-        self.env.runtime.broadcast_(states, src=0)
+        self.env.runtime.broadcast_(self.env.runtime.groups.replica, states)
         batch.prompt_embeds = states[: batch.batch_size]
         if batch.do_cfg:
             batch.negative_prompt_embeds = states[batch.batch_size :]

@@ -1,0 +1,123 @@
+"""``AsyncVideoEngine``: the asyncio API over the same ``EngineCore`` as VideoGenerator.
+
+    engine = AsyncVideoEngine.from_pretrained(model, num_gpus=2)
+    async for event in engine.generate("a fox", num_inference_steps=30):
+        ...  # ProgressEvent(s), then the final VideoOutput
+
+Many coroutines may generate at once; ``await engine.abort(request_id)`` stops a waiting
+or running request at its next step boundary. ``fastvideo.run(main())`` runs a coroutine
+on uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+from fastvideo.engine.configs import PipelineConfig, SamplingParam
+from fastvideo.engine.core import EngineCore, ProgressEvent
+from fastvideo.engine.generator import start_engine
+from fastvideo.engine.output import VideoOutput
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when it is installed (it is a dependency on Linux/macOS)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+class _AsyncSink:
+    """Hands one request's events to its coroutine, across threads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def _put(self, event: object) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def progress(self, event: ProgressEvent) -> None:
+        self._put(event)
+
+    def finish(self, output: VideoOutput) -> None:
+        self._put(output)
+
+    def fail(self, error: BaseException) -> None:
+        self._put(error)
+
+
+class AsyncVideoEngine:
+    """Streams progress and results of concurrent requests to coroutines."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        num_gpus: int | None = None,
+        pipeline_config: PipelineConfig | None = None,
+        **overrides: Any,
+    ) -> AsyncVideoEngine:
+        """Start the workers and load ``model`` (blocking, like VideoGenerator's)."""
+        return cls(start_engine(model, num_gpus, pipeline_config, overrides))
+
+    @property
+    def default_sampling_param(self) -> SamplingParam:
+        return SamplingParam().update(**self.core.info.variant.sampling_defaults)
+
+    async def generate(
+        self,
+        prompt: str,
+        sampling_param: SamplingParam | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        **overrides: Any,
+    ) -> AsyncIterator[ProgressEvent | VideoOutput]:
+        """Yield ProgressEvents, then the VideoOutput; raises the request's error.
+
+        The request is validated and queued when iteration starts (invalid fields or a
+        full queue raise at once). Leaving the loop early aborts the request.
+        """
+        param = (sampling_param or self.default_sampling_param).copy().update(**overrides)
+        sink = _AsyncSink(asyncio.get_running_loop())
+        request_id = self.core.submit(prompt, param, sink, request_id, priority)
+        finished = False
+        try:
+            while True:
+                event = await sink.events.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                if isinstance(event, VideoOutput):
+                    finished = True
+                    path = param.resolve_output_file(prompt) if event.frames is not None else None
+                    if path is not None:
+                        await asyncio.to_thread(event.save, path)
+                    yield event
+                    return
+                yield event
+        finally:
+            if not finished:
+                self.core.abort(request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a waiting request now, a running one at its next step boundary."""
+        return self.core.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+    async def __aenter__(self) -> AsyncVideoEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.shutdown)

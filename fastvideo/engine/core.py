@@ -1,0 +1,315 @@
+"""EngineCore: the one engine behind ``VideoGenerator`` and ``AsyncVideoEngine``.
+
+schedule -> execute -> update, on one background thread. Requests are validated when
+submitted (before they are queued), wait in the scheduler, run in batches on the
+executor's workers, and every request ends finished, failed or aborted: its sink gets
+progress events and then exactly one output or error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastvideo.distributed.plan import ParallelPlan, choose_plan
+from fastvideo.engine.configs import PipelineConfig, SamplingParam
+from fastvideo.engine.model_info import ModelInfo
+from fastvideo.engine.output import VideoOutput
+from fastvideo.engine.protocol import GenerateRequest, GenerateResult, Progress
+from fastvideo.logger import init_logger
+from fastvideo.pipelines.validation import validate_generation
+from fastvideo.scheduler import (
+    Batch,
+    Mode,
+    RequestState,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerConfig,
+)
+from fastvideo.workers.executor import EngineDeadError, Executor, RequestFailedError
+
+logger = init_logger(__name__)
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by its caller before it finished."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a request is: ``stage`` ('text_encoding', 'denoising', ...) and, while
+    denoising, ``step`` of ``total_steps``; ``elapsed`` seconds since its batch started."""
+
+    request_id: str
+    stage: str
+    step: int
+    total_steps: int
+    elapsed: float
+
+
+class RequestSink(Protocol):
+    """Receives one request's events (called from engine threads; must not block long)."""
+
+    def progress(self, event: ProgressEvent) -> None: ...
+    def finish(self, output: VideoOutput) -> None: ...
+    def fail(self, error: BaseException) -> None: ...
+
+
+@dataclass
+class _Item:
+    """What the engine keeps of one request (the scheduler's opaque payload)."""
+
+    prompt: str
+    param: SamplingParam
+    sink: RequestSink
+    submitted: float
+
+
+def check_sampling(info: ModelInfo, prompt: str, param: SamplingParam) -> None:
+    """Raise TypeError/ValueError naming the first invalid field of a request."""
+    validate_generation(
+        info.spec,
+        prompt=prompt,
+        negative_prompt=param.negative_prompt,
+        height=param.height,
+        width=param.width,
+        num_frames=param.num_frames,
+        num_inference_steps=param.num_inference_steps,
+        guidance_scale=param.guidance_scale,
+        seed=param.seed,
+        fps=param.fps,
+        output_type=param.output_type,
+    )
+
+
+def batch_key(param: SamplingParam) -> tuple:
+    """Requests with equal keys can share one batched forward."""
+    return (param.height, param.width, param.num_frames, param.num_inference_steps,
+            param.guidance_scale > 1.0, param.output_type)  # fmt: skip
+
+
+class EngineCore:
+    """Scheduler + executor, driven by one background thread."""
+
+    def __init__(self, info: ModelInfo, config: PipelineConfig, executor: Executor, device: str):
+        self.info = info
+        self.config = config
+        self.executor = executor
+        self.device = device
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_size=config.max_batch_size,
+                max_waiting_requests=config.max_waiting_requests,
+                mode=config.parallel_mode,
+                throughput_replicas=config.replicas(),
+            )
+        )
+        self._cond = threading.Condition()
+        self._dirty = False
+        self._stopped = False
+        self._dead: BaseException | None = None
+        self._last_plan: tuple[Mode, ParallelPlan] | None = None
+        self._batch_requests: dict[str, str] = {}  # batch id -> wire request id
+        self._thread = threading.Thread(target=self._loop, name="fastvideo-core", daemon=True)
+        self._thread.start()
+
+    # --- requests ----------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str,
+        param: SamplingParam,
+        sink: RequestSink,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Validate and queue one request; raises at once if invalid or the queue is full."""
+        check_sampling(self.info, prompt, param)
+        request_id = request_id or uuid.uuid4().hex
+        item = _Item(prompt, param.copy(), sink, time.perf_counter())
+        request = ScheduledRequest(request_id, batch_key(param), priority, item)
+        with self._cond:
+            if self._dead is not None:
+                raise EngineDeadError(str(self._dead))
+            if self._stopped:
+                raise EngineDeadError("the engine was shut down")
+            self.scheduler.add(request)
+            self._dirty = True
+            self._cond.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a waiting request now, or a running one at its next step boundary.
+        Returns False when the request is unknown or already over."""
+        with self._cond:
+            request = self.scheduler.abort(request_id)
+            wire_id = self._batch_requests.get(request.batch_id or "") if request else None
+        if request is None:
+            return False
+        if request.state is RequestState.ABORTED:  # it was still waiting
+            request.payload.sink.fail(RequestAbortedError(f"request {request_id} was aborted"))
+            with self._cond:
+                self._dirty = True
+                self._cond.notify()
+        elif wire_id is not None:
+            self.executor.abort(wire_id, [request_id])
+        return True
+
+    # --- the loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._dirty and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                self._dirty = False
+                batches = self.scheduler.schedule() if self._dead is None else []
+                wires = [(b, self._wire_request(b)) for b in batches]
+            for batch, wire in wires:
+                self._launch(batch, wire)
+
+    def _plan(self, batch: Batch) -> ParallelPlan:
+        use_cfg = batch.requests[0].payload.param.guidance_scale > 1.0
+        world, heads = self.config.num_gpus, self.info.spec.num_heads
+        if batch.mode is Mode.THROUGHPUT:
+            return choose_plan(world, heads, use_cfg, dp_degree=self.config.replicas())
+        return choose_plan(world, heads, use_cfg, **self.config.plan_kwargs())
+
+    def _wire_request(self, batch: Batch) -> GenerateRequest:
+        plan = self._plan(batch)
+        if self._last_plan != (batch.mode, plan):
+            self._last_plan = (batch.mode, plan)
+            logger.info(
+                "parallel plan: %s on %d %s rank(s) (%s mode)",
+                plan.describe(),
+                plan.world_size,
+                self.device,
+                batch.mode.value,
+            )
+        items = [r.payload for r in batch.requests]
+        first = items[0].param
+        wire = GenerateRequest(
+            request_id=batch.batch_id + "-" + uuid.uuid4().hex[:8],
+            prompts=[i.prompt for i in items],
+            negative_prompts=[i.param.negative_prompt or "" for i in items],
+            seeds=[i.param.seed for i in items],
+            guidance_scales=[float(i.param.guidance_scale) for i in items],
+            height=first.height,
+            width=first.width,
+            num_frames=first.num_frames,
+            num_inference_steps=first.num_inference_steps,
+            output_type=first.output_type,
+            cfg_degree=plan.cfg_degree,
+            ulysses_degree=plan.ulysses_degree,
+            ring_degree=plan.ring_degree,
+            item_ids=batch.request_ids,
+            dp_degree=plan.dp_degree,
+            replica=batch.replica,
+        )
+        self._batch_requests[batch.batch_id] = wire.request_id
+        return wire
+
+    def _launch(self, batch: Batch, wire: GenerateRequest) -> None:
+        def on_progress(event: Progress) -> None:
+            for r in batch.requests:
+                if not r.state.is_final:
+                    r.payload.sink.progress(
+                        ProgressEvent(
+                            r.request_id, event.stage, event.step, event.total_steps, event.elapsed
+                        )
+                    )
+
+        future = self.executor.submit(wire, on_progress)
+        future.add_done_callback(lambda f: self._on_done(batch, wire, f))
+
+    # --- completion --------------------------------------------------------------------
+    def _on_done(self, batch: Batch, wire: GenerateRequest, future: Future) -> None:
+        try:
+            result: GenerateResult = future.result()
+        except EngineDeadError as e:
+            self._engine_died(e)
+            return
+        except BaseException as e:  # the whole batch failed on the workers
+            self._finish(batch, failed={r.request_id: e for r in batch.requests})
+            return
+        failed: dict[str, BaseException] = {
+            item: RequestFailedError(item, 0, "NonFiniteLatents", why)
+            for item, why in result.failures.items()
+        }
+        self._finish(batch, failed=failed, aborted=set(result.aborted_ids), result=result)
+
+    def _finish(
+        self,
+        batch: Batch,
+        failed: dict[str, BaseException],
+        aborted: set[str] = frozenset(),  # type: ignore[assignment]
+        result: GenerateResult | None = None,
+    ) -> None:
+        with self._cond:
+            requests = self.scheduler.finish(batch.batch_id, failed=failed, aborted=aborted)
+            self._batch_requests.pop(batch.batch_id, None)
+            self._dirty = True
+            self._cond.notify()
+        index = {item: i for i, item in enumerate(result.item_ids)} if result else {}
+        for r in requests:
+            item: _Item = r.payload
+            if r.request_id in aborted:
+                item.sink.fail(RequestAbortedError(f"request {r.request_id} was aborted"))
+            elif r.request_id in failed:
+                item.sink.fail(failed[r.request_id])
+            else:
+                assert result is not None
+                output = to_video_output(result, index[r.request_id], item.prompt, item.param)
+                output.request_id = r.request_id
+                output.timings["end_to_end"] = time.perf_counter() - item.submitted
+                item.sink.finish(output)
+
+    def _engine_died(self, error: BaseException) -> None:
+        with self._cond:
+            if self._dead is None:
+                self._dead = error
+            requests = self.scheduler.fail_all(error)
+            self._dirty = True
+            self._cond.notify()
+        for r in requests:
+            r.payload.sink.fail(error)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and not self._stopped and self.executor.is_alive
+
+    def shutdown(self) -> None:
+        """Stop the loop and the workers; every unfinished request fails."""
+        with self._cond:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._cond.notify()
+        self.executor.shutdown()
+        self._engine_died(EngineDeadError("the engine was shut down"))
+        self._thread.join(timeout=5)
+
+
+def to_video_output(
+    result: GenerateResult, index: int, prompt: str, param: SamplingParam
+) -> VideoOutput:
+    """Item ``index`` of a batch result as a VideoOutput."""
+    frames = result.frames[index].numpy() if result.frames is not None else None
+    latents = result.latents[index] if result.latents is not None else None
+    return VideoOutput(
+        frames=frames,
+        fps=param.fps,
+        seed=param.seed,
+        prompt=prompt,
+        negative_prompt=param.negative_prompt,
+        timings=dict(result.timings),
+        latents=latents,
+        request_id=result.request_id,
+        plan=result.plan,
+        peak_memory_bytes=list(result.peak_memory_bytes),
+    )
