@@ -25,6 +25,7 @@ from fastvideo.pipelines.validation import validate_generation
 from fastvideo.scheduler import (
     Batch,
     Mode,
+    QueueFullError,
     RequestState,
     ScheduledRequest,
     Scheduler,
@@ -136,7 +137,14 @@ class EngineCore:
                 raise EngineDeadError(str(self._dead))
             if self._stopped:
                 raise EngineDeadError("the engine was shut down")
-            self.scheduler.add(request)
+            try:
+                self.scheduler.add(request)
+            except QueueFullError:
+                limit = self.config.max_waiting_requests
+                raise QueueFullError(
+                    f"{limit} requests are already waiting; retry later or raise "
+                    f"PipelineConfig.max_waiting_requests (now {limit})"
+                ) from None
             self._dirty = True
             self._cond.notify()
         return request_id
