@@ -87,10 +87,27 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        info["gpu"] = info["gpus"][0]
+    gpus = _gpu_names()
+    if gpus:
+        info["gpus"], info["gpu"] = gpus, gpus[0]
     return info
+
+
+def _gpu_names() -> list[str]:
+    """GPU names from nvidia-smi, so a benchmark driver never creates a CUDA context."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def write_result(path: Path, payload: dict[str, Any]) -> None:

@@ -64,16 +64,33 @@ def run(args: argparse.Namespace) -> dict:
             "timings": timed.timings,
         }
         rows.append(row)
+        if args.out:  # after every config, so a run cut short still leaves its figures
+            _write(args, rows)
         print(
             f"{item:>12}: {row['plan']:<22} {row['step_s'] * 1e3:8.1f} ms/step  "
             f"err {row['latents_rel_err_vs_first']:.2e}  "
             f"peak {', '.join(f'{m:.1f}' for m in row['peak_memory_gib_per_rank'])} GiB",
             flush=True,
         )
-    base = rows[0]["step_s"]
-    for row in rows:
-        row["speedup_vs_first"] = base / row["step_s"]
+    _add_speedups(rows)
     return {"rows": rows}
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    for row in rows:
+        row["speedup_vs_first"] = rows[0]["step_s"] / row["step_s"]
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    _add_speedups(rows)
+    payload = {
+        "benchmark": "parallel_scaling",
+        **environment(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "weights": "seeded random bf16 (speed does not depend on them)",
+        "rows": rows,
+    }
+    write_result(args.out, payload)
 
 
 def _profile(args: argparse.Namespace, item: str, gpus: int, plan: str, size: dict) -> None:
@@ -115,15 +132,6 @@ def main() -> None:
             f"{r['gpus']} GPU {r['plan']:<20} {r['step_s'] * 1e3:9.1f} "
             f"{r['speedup_vs_first']:8.2f}x  {r['latents_rel_err_vs_first']:.2e}"
         )
-    if args.out:
-        payload = {
-            "benchmark": "parallel_scaling",
-            **environment(),
-            "args": vars(args) | {"out": str(args.out)},
-            "weights": "seeded random bf16 (speed does not depend on them)",
-            **result,
-        }
-        write_result(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Issue-6 run (four GPUs, one call): 1, 2 and 4 GPUs on the full-size Wan2.1-T2V-1.3B
+# architecture (random weights), automatic plan and forced Ulysses 4 / ring 4, latents
+# after 2 steps compared with 1 GPU. JSON is rewritten after every config.
+set -euo pipefail
+out=${1:-benchmarks/results}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 FASTVIDEO_CACHE_DIR=/tmp/fastvideo-cache
+nvidia-smi --query-gpu=index,name,memory.total --format=csv
+python3 -m benchmarks.common /tmp/wan13b 1.3B
+python3 -m benchmarks.parallel_scaling --model /tmp/wan13b --configs 1,2,4,4:ulysses,4:ring \
+  --steps 3 --out "$out/parallel_scaling_4gpu.json"
