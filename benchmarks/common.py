@@ -36,7 +36,7 @@ def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: st
     from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from fastvideo.models.demo import WAN_SCHEDULER, _write_json, _write_tokenizer
+    from fastvideo.models.demo import WAN_SCHEDULER, _write_json, _write_tokenizer, wan_model_index
     from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
     from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 
@@ -67,14 +67,7 @@ def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: st
     ))  # fmt: skip
     te.to(torch.bfloat16).save_pretrained(str(folder / "text_encoder"))
     _write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
-    _write_json(folder / "model_index.json", {
-        "_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    })  # fmt: skip
+    _write_json(folder / "model_index.json", wan_model_index())
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return folder
 

@@ -56,10 +56,6 @@ class ParallelRuntime:
         self.plan = ParallelPlan()
         self.groups = self._build_groups(self.plan) if world_size == 1 else None
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
     # --- plan activation ---------------------------------------------------------------
     def prepare(self, plans: list[ParallelPlan]) -> None:
         """Create the process groups of ``plans``. Collective over all ranks: each calls it

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from fastvideo.engine.configs import PipelineConfig, SamplingParam
-from fastvideo.engine.core import EngineCore, ProgressEvent
+from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent
 from fastvideo.engine.generator import start_engine
 from fastvideo.engine.output import VideoOutput
 
@@ -32,25 +32,15 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-class _AsyncSink:
-    """Hands one request's events to its coroutine, across threads."""
+def _sink_for(queue: asyncio.Queue) -> EventSink:
+    """Events from engine threads onto ``queue`` of the running loop."""
+    loop = asyncio.get_running_loop()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
+    def put(event: object) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(queue.put_nowait, event)
 
-    def _put(self, event: object) -> None:
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    def progress(self, event: ProgressEvent) -> None:
-        self._put(event)
-
-    def finish(self, output: VideoOutput) -> None:
-        self._put(output)
-
-    def fail(self, error: BaseException) -> None:
-        self._put(error)
+    return EventSink(put)
 
 
 class AsyncVideoEngine:
@@ -88,12 +78,12 @@ class AsyncVideoEngine:
         full queue raise at once). Leaving the loop early aborts the request.
         """
         param = (sampling_param or self.default_sampling_param).copy().update(**overrides)
-        sink = _AsyncSink(asyncio.get_running_loop())
-        request_id = self.core.submit(prompt, param, sink, request_id, priority)
+        events: asyncio.Queue = asyncio.Queue()
+        request_id = self.core.submit(prompt, param, _sink_for(events), request_id, priority)
         finished = False
         try:
             while True:
-                event = await sink.events.get()
+                event = await events.get()
                 if isinstance(event, BaseException):
                     finished = True
                     raise event

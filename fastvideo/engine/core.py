@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -58,6 +59,22 @@ class RequestSink(Protocol):
     def progress(self, event: ProgressEvent) -> None: ...
     def finish(self, output: VideoOutput) -> None: ...
     def fail(self, error: BaseException) -> None: ...
+
+
+class EventSink:
+    """A RequestSink that hands every event (progress, output or error) to one function."""
+
+    def __init__(self, put: Callable[[object], None]):
+        self._put = put
+
+    def progress(self, event: ProgressEvent) -> None:
+        self._put(event)
+
+    def finish(self, output: VideoOutput) -> None:
+        self._put(output)
+
+    def fail(self, error: BaseException) -> None:
+        self._put(error)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastvideo.distributed.plan import choose_plan
 from fastvideo.engine.configs import PipelineConfig, SamplingParam
-from fastvideo.engine.core import EngineCore, ProgressEvent, check_sampling
+from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent, check_sampling
 from fastvideo.engine.model_info import ModelInfo, resolve_model
 from fastvideo.engine.output import VideoOutput
 from fastvideo.engine.protocol import GenerateRequest
@@ -71,22 +71,6 @@ def start_engine(
     return EngineCore(info, config, executor, device)
 
 
-class _QueueSink:
-    """Collects one request's events for a waiting thread."""
-
-    def __init__(self, events: queue.Queue, index: int):
-        self.events, self.index = events, index
-
-    def progress(self, event: ProgressEvent) -> None:
-        self.events.put((self.index, event))
-
-    def finish(self, output: VideoOutput) -> None:
-        self.events.put((self.index, output))
-
-    def fail(self, error: BaseException) -> None:
-        self.events.put((self.index, error))
-
-
 class VideoGenerator:
     """Generates videos with a model running on ``num_gpus`` worker processes."""
 
@@ -141,11 +125,9 @@ class VideoGenerator:
         for p, param in zip(prompts, params, strict=True):
             check_sampling(self.info, p, param)
         events: queue.Queue = queue.Queue()
-        ids = [
-            self.core.submit(p, param, _QueueSink(events, i))
-            for i, (p, param) in enumerate(zip(prompts, params, strict=True))
-        ]
-        outputs = _collect(events, len(ids), params[0].num_inference_steps)
+        for i, (p, param) in enumerate(zip(prompts, params, strict=True)):
+            self.core.submit(p, param, EventSink(lambda event, i=i: events.put((i, event))))
+        outputs = _collect(events, len(prompts), params[0].num_inference_steps)
         for out, param in zip(outputs, params, strict=True):
             path = param.resolve_output_file(out.prompt) if out.frames is not None else None
             if path is not None:

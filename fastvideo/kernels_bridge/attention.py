@@ -12,7 +12,7 @@ that cannot run is an error, never a silent fallback.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,17 +104,6 @@ def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) 
     if not _BACKENDS[name].is_available(device, dtype):
         raise ValueError(f"attention_backend={name!r} cannot run on {device} with {dtype}")
     return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed attention calls with backend ``name`` (already resolved)."""
-    global _active
-    previous, _active = _active, name
-    try:
-        yield
-    finally:
-        _active = previous
 
 
 def set_backend(name: str | None) -> None:

@@ -73,16 +73,23 @@ def write_demo_model(folder: Path) -> Path:
         tokenizer = _write_tokenizer(folder / "tokenizer")
         _write_text_encoder(folder / "text_encoder", vocab_size=len(tokenizer))
     _write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
-    _write_json(folder / "model_index.json", {
+    _write_json(folder / "model_index.json", wan_model_index("wan2.1-t2v-tiny-random"))
+    return folder
+
+
+def wan_model_index(variant: str | None = None) -> dict:
+    """model_index.json of a Wan2.1 T2V checkpoint in the diffusers layout."""
+    index = {
         "_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
-        "_fastvideo_variant": "wan2.1-t2v-tiny-random",
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
-    })  # fmt: skip
-    return folder
+    }  # fmt: skip
+    if variant is not None:
+        index["_fastvideo_variant"] = variant
+    return index
 
 
 def _write_json(path: Path, data: dict) -> None:
