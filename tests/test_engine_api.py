@@ -90,8 +90,9 @@ def test_batch_with_a_list_of_params_keeps_each_seed_and_guidance(batched):
 def test_nan_latents_fail_alone_and_the_engine_keeps_serving():
     os.environ["FASTVIDEO_TEST_FAULT"] = "nan:POISON"
     try:
-        gen = VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=2, max_batch_size=2,
-                                             parallel_mode="latency")
+        gen = VideoGenerator.from_pretrained(
+            DEMO_MODEL_ID, num_gpus=2, max_batch_size=2, parallel_mode="latency"
+        )
     finally:
         del os.environ["FASTVIDEO_TEST_FAULT"]  # the workers have inherited it
     with gen:
@@ -184,9 +185,14 @@ def test_abort_running_request_within_one_step(engine):
         aborted_at: list[float] = []
 
         async def long_one():
-            async for event in engine.generate("a long video", request_id="long-1",
-                                               height=64, width=64, num_frames=5,
-                                               num_inference_steps=400):
+            async for event in engine.generate(
+                "a long video",
+                request_id="long-1",
+                height=64,
+                width=64,
+                num_frames=5,
+                num_inference_steps=400,
+            ):
                 if isinstance(event, ProgressEvent) and event.stage == "denoising":
                     step_times.append(time.monotonic())
                     if event.step == 3:
@@ -208,8 +214,9 @@ def test_abort_running_request_within_one_step(engine):
 def test_abort_waiting_request_and_queue_bound():
     with VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=1, max_waiting_requests=2) as gen:
         core = gen.core
-        param = gen.default_sampling_param.update(height=64, width=64, num_frames=5,
-                                                  num_inference_steps=200)
+        param = gen.default_sampling_param.update(
+            height=64, width=64, num_frames=5, num_inference_steps=200
+        )
         running = _ListSink([])
         core.submit("busy", param, running, request_id="busy")
         assert _wait(lambda: running.steps, 60)  # the worker is busy now
@@ -234,8 +241,9 @@ def test_engine_death_fails_running_and_waiting_requests():
     gen = VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=2, parallel_mode="latency")
     try:
         core = gen.core
-        param = gen.default_sampling_param.update(height=64, width=64, num_frames=5,
-                                                  num_inference_steps=300)
+        param = gen.default_sampling_param.update(
+            height=64, width=64, num_frames=5, num_inference_steps=300
+        )
         sinks = [_ListSink([]) for _ in range(3)]
         for i, sink in enumerate(sinks):
             core.submit(f"doomed {i}", param, sink)
@@ -250,13 +258,26 @@ def test_engine_death_fails_running_and_waiting_requests():
 
 
 def test_throughput_mode_replicas_match_latency_mode():
-    with VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=2,
-                                        parallel_mode="throughput") as gen:
+    with VideoGenerator.from_pretrained(
+        DEMO_MODEL_ID, num_gpus=2, parallel_mode="throughput"
+    ) as gen:
         outs = gen.generate_video(PROMPTS[:4], seed=9, **SMALL)
         assert {o.plan for o in outs} == {"2 replicas of single rank"}
-    with VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=2,
-                                        parallel_mode="latency") as gen:
+    with VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=2, parallel_mode="latency") as gen:
         ref = gen.generate_video(PROMPTS[:4], seed=9, **SMALL)
         assert {o.plan for o in ref} == {"CFG 2"}
     for o, r in zip(outs, ref, strict=True):
         assert _max_diff(o.frames, r.frames) <= 1
+
+
+def test_offline_list_longer_than_the_queue_bound():
+    """An offline list is fed into the bounded queue as requests finish, not refused."""
+    with VideoGenerator.from_pretrained(
+        DEMO_MODEL_ID, executor="inproc", max_waiting_requests=2, max_batch_size=2
+    ) as gen:
+        prompts = [f"a kite {i}" for i in range(7)]
+        outputs = gen.generate_video(
+            prompts, height=32, width=32, num_frames=1, num_inference_steps=2
+        )
+    assert [o.prompt for o in outputs] == prompts
+    assert all(o.frames.shape == (1, 32, 32, 3) for o in outputs)

@@ -145,26 +145,54 @@ class EngineCore:
         priority: int = 0,
     ) -> str:
         """Validate and queue one request; raises at once if invalid or the queue is full."""
+        request = self._new_request(prompt, param, sink, request_id, priority)
+        self._enqueue([request], partial=False)
+        return request.request_id
+
+    def submit_many(
+        self, requests: list[tuple[str, SamplingParam, RequestSink]], partial: bool = True
+    ) -> int:
+        """Validate and queue several requests at once (so they can share batches).
+
+        With ``partial``, queues as many as fit (maybe none) and returns that count: the
+        caller submits the rest later. Otherwise all or none (``QueueFullError``).
+        """
+        new = [self._new_request(p, param, sink, None, 0) for p, param, sink in requests]
+        return self._enqueue(new, partial)
+
+    def _new_request(
+        self,
+        prompt: str,
+        param: SamplingParam,
+        sink: RequestSink,
+        request_id: str | None,
+        priority: int,
+    ) -> ScheduledRequest:
         check_sampling(self.info, prompt, param)
-        request_id = request_id or uuid.uuid4().hex
         item = _Item(prompt, param.copy(), sink, time.perf_counter())
-        request = ScheduledRequest(request_id, batch_key(param), priority, item)
+        return ScheduledRequest(request_id or uuid.uuid4().hex, batch_key(param), priority, item)
+
+    def _enqueue(self, requests: list[ScheduledRequest], partial: bool) -> int:
+        limit = self.config.max_waiting_requests
         with self._cond:
             if self._dead is not None:
                 raise EngineDeadError(str(self._dead))
             if self._stopped:
                 raise EngineDeadError("the engine was shut down")
-            try:
-                self.scheduler.add(request)
-            except QueueFullError:
-                limit = self.config.max_waiting_requests
+            room = limit - self.scheduler.num_waiting
+            if partial and room <= 0:
+                return 0
+            if room <= 0 or (not partial and room < len(requests)):
                 raise QueueFullError(
-                    f"{limit} requests are already waiting; retry later or raise "
-                    f"PipelineConfig.max_waiting_requests (now {limit})"
-                ) from None
+                    f"{self.scheduler.num_waiting} requests are already waiting; retry later or "
+                    f"raise PipelineConfig.max_waiting_requests (now {limit})"
+                )
+            accepted = requests[:room]
+            for request in accepted:
+                self.scheduler.add(request)
             self._dirty = True
             self._cond.notify()
-        return request_id
+        return len(accepted)
 
     def abort(self, request_id: str) -> bool:
         """Abort a waiting request now, or a running one at its next step boundary.

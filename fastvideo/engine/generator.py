@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastvideo.distributed.plan import choose_plan
@@ -125,9 +126,16 @@ class VideoGenerator:
         for p, param in zip(prompts, params, strict=True):
             check_sampling(self.info, p, param)
         events: queue.Queue = queue.Queue()
-        for i, (p, param) in enumerate(zip(prompts, params, strict=True)):
-            self.core.submit(p, param, EventSink(lambda event, i=i: events.put((i, event))))
-        outputs = _collect(events, len(prompts), params[0].num_inference_steps)
+        sinks = [EventSink(lambda event, i=i: events.put((i, event))) for i in range(len(prompts))]
+        pending = list(zip(prompts, params, sinks, strict=True))
+        outputs = _collect(
+            events,
+            len(prompts),
+            params[0].num_inference_steps,
+            feed=lambda: pending.__delitem__(
+                slice(0, self.core.submit_many(pending) if pending else 0)
+            ),
+        )
         for out, param in zip(outputs, params, strict=True):
             path = param.resolve_output_file(out.prompt) if out.frames is not None else None
             if path is not None:
@@ -198,9 +206,12 @@ class VideoGenerator:
         self.shutdown()
 
 
-def _collect(events: queue.Queue, count: int, steps: int) -> list[VideoOutput]:
-    """Wait for ``count`` requests' outputs (in index order); a tqdm bar counts denoising
-    steps of all of them and finished videos. Raises the first error once all are done."""
+def _collect(
+    events: queue.Queue, count: int, steps: int, feed: Callable[[], None]
+) -> list[VideoOutput]:
+    """Wait for ``count`` requests' outputs (in index order), calling ``feed`` to queue
+    more whenever one finishes (the queue is bounded); a tqdm bar counts denoising steps
+    of all of them and finished videos. Raises the first error once all are done."""
     from tqdm.auto import tqdm
 
     outputs: list[VideoOutput | None] = [None] * count
@@ -209,14 +220,20 @@ def _collect(events: queue.Queue, count: int, steps: int) -> list[VideoOutput]:
     bar = tqdm(total=count * steps, desc="denoising", unit="step", disable=None)
     finished = 0
     try:
+        feed()
         while finished < count:
-            index, event = events.get()
+            try:
+                index, event = events.get(timeout=0.5)
+            except queue.Empty:
+                feed()  # room may have opened up through other clients' requests
+                continue
             if isinstance(event, ProgressEvent):
                 if event.stage == "denoising" and event.total_steps:
                     done_steps[index] = event.step
                     bar.update(sum(done_steps) - bar.n)
                 continue
             finished += 1
+            feed()
             if isinstance(event, BaseException):
                 errors[index] = event
             else:
