@@ -303,8 +303,11 @@ class EngineCore:
         result: GenerateResult | None = None,
     ) -> None:
         with self._cond:
-            requests = self.scheduler.finish(batch.batch_id, failed=failed, aborted=aborted)
             self._batch_requests.pop(batch.batch_id, None)
+            try:
+                requests = self.scheduler.finish(batch.batch_id, failed=failed, aborted=aborted)
+            except KeyError:  # already failed with the whole engine (it died meanwhile)
+                return
             self._dirty = True
             self._cond.notify()
         index = {item: i for i, item in enumerate(result.item_ids)} if result else {}

@@ -128,14 +128,12 @@ class VideoGenerator:
         events: queue.Queue = queue.Queue()
         sinks = [EventSink(lambda event, i=i: events.put((i, event))) for i in range(len(prompts))]
         pending = list(zip(prompts, params, sinks, strict=True))
-        outputs = _collect(
-            events,
-            len(prompts),
-            params[0].num_inference_steps,
-            feed=lambda: pending.__delitem__(
-                slice(0, self.core.submit_many(pending) if pending else 0)
-            ),
-        )
+
+        def feed() -> None:  # the queue is bounded: top it up as requests finish
+            if pending:
+                del pending[: self.core.submit_many(pending)]
+
+        outputs = _collect(events, len(prompts), params[0].num_inference_steps, feed)
         for out, param in zip(outputs, params, strict=True):
             path = param.resolve_output_file(out.prompt) if out.frames is not None else None
             if path is not None:
