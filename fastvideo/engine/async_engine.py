@@ -62,7 +62,7 @@ class AsyncVideoEngine:
 
     @property
     def default_sampling_param(self) -> SamplingParam:
-        return SamplingParam().update(**self.core.info.variant.sampling_defaults)
+        return self.core.default_sampling_param
 
     async def generate(
         self,

@@ -135,6 +135,11 @@ class EngineCore:
         self._thread = threading.Thread(target=self._loop, name="fastvideo-core", daemon=True)
         self._thread.start()
 
+    @property
+    def default_sampling_param(self) -> SamplingParam:
+        """A fresh SamplingParam with the model's defaults."""
+        return SamplingParam().update(**self.info.variant.sampling_defaults)
+
     # --- requests ----------------------------------------------------------------------
     def submit(
         self,

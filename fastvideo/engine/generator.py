@@ -104,7 +104,7 @@ class VideoGenerator:
 
     @property
     def default_sampling_param(self) -> SamplingParam:
-        return SamplingParam().update(**self.info.variant.sampling_defaults)
+        return self.core.default_sampling_param
 
     def generate_video(
         self,
