@@ -5,9 +5,7 @@
 set -euo pipefail
 out=${1:-benchmarks/results}
 mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 FASTVIDEO_CACHE_DIR=/tmp/fastvideo-cache
-nvidia-smi --query-gpu=index,name,memory.total --format=csv
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider
 python3 -m benchmarks.common /tmp/wan13b 1.3B

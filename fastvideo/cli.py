@@ -64,7 +64,8 @@ def _generate(args: argparse.Namespace) -> int:
             overrides[_SAMPLING_FLAGS.get(flag, flag)] = value
     # Validate the flags before starting workers and loading weights.
     info = resolve_model(args.model)
-    check_sampling(info, args.prompt, SamplingParam.from_pretrained(args.model, **overrides))
+    param = SamplingParam().update(**info.variant.sampling_defaults).update(**overrides)
+    check_sampling(info, args.prompt, param)
     pipeline = {"attention_backend": args.attention_backend}
     if args.device:
         pipeline["device"] = args.device

@@ -11,6 +11,7 @@ Ulysses all-to-all each ring rank holds one contiguous chunk of the sequence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -99,14 +100,6 @@ class ParallelPlan:
 
     def replica_groups(self) -> list[list[int]]:
         return [self.replica_ranks(d) for d in range(self.dp_degree)]
-
-
-def _largest_divisor_at_most(n: int, limit: int, of: int) -> int:
-    """Largest d <= limit with d | n and d | of."""
-    for d in range(min(limit, n), 0, -1):
-        if n % d == 0 and of % d == 0:
-            return d
-    return 1
 
 
 def choose_plan(
@@ -206,7 +199,7 @@ def _split_sp(group: int, num_heads: int, ulysses: int | None, ring: int | None)
                 f"model's {num_heads} attention heads"
             )
         return uly, ring
-    uly = _largest_divisor_at_most(group, group, num_heads)
+    uly = math.gcd(group, num_heads)  # the largest Ulysses degree both allow
     return uly, group // uly
 
 

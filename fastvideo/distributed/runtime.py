@@ -118,15 +118,6 @@ class ParallelRuntime:
         dist.all_gather(parts, x, group=view.group)
         return torch.cat(parts, dim=dim)
 
-    def all_to_all(self, view: GroupView, x: torch.Tensor) -> torch.Tensor:
-        """all_to_all over dim 0 of ``x`` ([size, ...]: chunk i goes to member i)."""
-        if view.size == 1:
-            return x
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=view.group)
-        return out
-
     def all_reduce_max_(self, view: GroupView, x: torch.Tensor) -> torch.Tensor:
         if view.size > 1:
             dist.all_reduce(x, op=dist.ReduceOp.MAX, group=view.group)

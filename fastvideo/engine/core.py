@@ -230,15 +230,16 @@ class EngineCore:
             for batch, wire in wires:
                 self._launch(batch, wire)
 
-    def _plan(self, batch: Batch) -> ParallelPlan:
-        use_cfg = batch.requests[0].payload.param.guidance_scale > 1.0
+    def plan_for(self, use_cfg: bool, mode: Mode) -> ParallelPlan:
+        """The parallel plan a batch runs with (forced options apply to latency mode)."""
         world, heads = self.config.num_gpus, self.info.spec.num_heads
-        if batch.mode is Mode.THROUGHPUT:
+        if mode is Mode.THROUGHPUT:
             return choose_plan(world, heads, use_cfg, dp_degree=self.config.replicas())
         return choose_plan(world, heads, use_cfg, **self.config.plan_kwargs())
 
     def _wire_request(self, batch: Batch) -> GenerateRequest:
-        plan = self._plan(batch)
+        items = [r.payload for r in batch.requests]
+        plan = self.plan_for(items[0].param.guidance_scale > 1.0, batch.mode)
         if self._last_plan != (batch.mode, plan):
             self._last_plan = (batch.mode, plan)
             logger.info(
@@ -248,25 +249,12 @@ class EngineCore:
                 self.device,
                 batch.mode.value,
             )
-        items = [r.payload for r in batch.requests]
-        first = items[0].param
-        wire = GenerateRequest(
-            request_id=batch.batch_id + "-" + uuid.uuid4().hex[:8],
-            prompts=[i.prompt for i in items],
-            negative_prompts=[i.param.negative_prompt or "" for i in items],
-            seeds=[i.param.seed for i in items],
-            guidance_scales=[float(i.param.guidance_scale) for i in items],
-            height=first.height,
-            width=first.width,
-            num_frames=first.num_frames,
-            num_inference_steps=first.num_inference_steps,
-            output_type=first.output_type,
-            cfg_degree=plan.cfg_degree,
-            ulysses_degree=plan.ulysses_degree,
-            ring_degree=plan.ring_degree,
-            item_ids=batch.request_ids,
-            dp_degree=plan.dp_degree,
-            replica=batch.replica,
+        wire = wire_request(
+            f"{batch.batch_id}-{uuid.uuid4().hex[:8]}",
+            [(i.prompt, i.param) for i in items],
+            batch.request_ids,
+            plan,
+            batch.replica,
         )
         self._batch_requests[batch.batch_id] = wire.request_id
         return wire
@@ -354,6 +342,36 @@ class EngineCore:
         self.executor.shutdown()
         self._engine_died(EngineDeadError("the engine was shut down"))
         self._thread.join(timeout=5)
+
+
+def wire_request(
+    request_id: str,
+    items: list[tuple[str, SamplingParam]],
+    item_ids: list[str],
+    plan: ParallelPlan,
+    replica: int = 0,
+) -> GenerateRequest:
+    """The message that runs ``items`` (prompt, param) as one batch under ``plan``; the
+    shared fields (size, frames, steps, output type) come from the first item."""
+    first = items[0][1]
+    return GenerateRequest(
+        request_id=request_id,
+        prompts=[prompt for prompt, _ in items],
+        negative_prompts=[param.negative_prompt or "" for _, param in items],
+        seeds=[param.seed for _, param in items],
+        guidance_scales=[float(param.guidance_scale) for _, param in items],
+        height=first.height,
+        width=first.width,
+        num_frames=first.num_frames,
+        num_inference_steps=first.num_inference_steps,
+        output_type=first.output_type,
+        cfg_degree=plan.cfg_degree,
+        ulysses_degree=plan.ulysses_degree,
+        ring_degree=plan.ring_degree,
+        item_ids=list(item_ids),
+        dp_degree=plan.dp_degree,
+        replica=replica,
+    )
 
 
 def to_video_output(

@@ -14,11 +14,18 @@ from typing import Any
 
 from fastvideo.distributed.plan import choose_plan
 from fastvideo.engine.configs import PipelineConfig, SamplingParam
-from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent, check_sampling
+from fastvideo.engine.core import (
+    EngineCore,
+    EventSink,
+    ProgressEvent,
+    check_sampling,
+    wire_request,
+)
 from fastvideo.engine.model_info import ModelInfo, resolve_model
 from fastvideo.engine.output import VideoOutput
 from fastvideo.engine.protocol import GenerateRequest
 from fastvideo.logger import init_logger
+from fastvideo.scheduler import Mode
 from fastvideo.workers.executor import Executor, create_executor
 
 logger = init_logger(__name__)
@@ -49,12 +56,13 @@ def start_engine(
     overrides: dict[str, Any],
 ) -> EngineCore:
     """Resolve the model, check the configuration, start the workers and the core."""
-    config = (pipeline_config or PipelineConfig.from_pretrained(model)).copy()
-    config.update(**overrides)
+    info = resolve_model(model)  # once: the defaults below come from it too
+    if pipeline_config is None:
+        pipeline_config = PipelineConfig(model_path=model).update(**info.variant.pipeline_defaults)
+    config = pipeline_config.copy().update(**overrides)
     if num_gpus is not None:
         config.num_gpus = num_gpus
     config.validate()
-    info = resolve_model(model)
     config.model_path = str(info.path)
     for use_cfg in (True, False):  # an impossible forced plan fails here, not later
         choose_plan(config.num_gpus, info.spec.num_heads, use_cfg, **config.plan_kwargs())
@@ -167,32 +175,12 @@ class VideoGenerator:
         return params
 
     def build_request(self, prompt: str, param: SamplingParam) -> GenerateRequest:
-        """The wire request the engine would send for one prompt (validated), for callers
-        that drive the executor directly."""
+        """The wire request the engine would send for one prompt (validated, latency-mode
+        plan), for callers that drive the executor directly."""
         check_sampling(self.info, prompt, param)
-        plan = choose_plan(
-            self.config.num_gpus,
-            self.info.spec.num_heads,
-            param.guidance_scale > 1.0,
-            **self.config.plan_kwargs(),
-        )
+        plan = self.core.plan_for(param.guidance_scale > 1.0, Mode.LATENCY)
         request_id = uuid.uuid4().hex
-        return GenerateRequest(
-            request_id=request_id,
-            prompts=[prompt],
-            negative_prompts=[param.negative_prompt or ""],
-            seeds=[param.seed],
-            guidance_scales=[float(param.guidance_scale)],
-            height=param.height,
-            width=param.width,
-            num_frames=param.num_frames,
-            num_inference_steps=param.num_inference_steps,
-            output_type=param.output_type,
-            cfg_degree=plan.cfg_degree,
-            ulysses_degree=plan.ulysses_degree,
-            ring_degree=plan.ring_degree,
-            item_ids=[request_id],
-        )
+        return wire_request(request_id, [(prompt, param)], [request_id], plan)
 
     def shutdown(self) -> None:
         self.core.shutdown()

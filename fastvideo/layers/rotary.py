@@ -29,6 +29,8 @@ class RotaryEmbedding3D:
         self.max_positions = max_positions
         self.theta = theta
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        # Every step of a request asks for the same angles: keep the last answer.
+        self._last: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _axis_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._tables:
@@ -47,6 +49,9 @@ class RotaryEmbedding3D:
         Padding positions (past the real sequence) get position 0; their outputs are
         discarded.
         """
+        key = (grid, shard, device)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         start, length = (0, grid.num_tokens) if shard is None else (shard.start, shard.length)
         index = torch.arange(start, start + length, device=device)
         index = torch.where(index < grid.num_tokens, index, torch.zeros_like(index))
@@ -56,7 +61,9 @@ class RotaryEmbedding3D:
         cos_t, sin_t, cos_h, sin_h, cos_w, sin_w = self._axis_tables(device)
         cos = torch.cat([cos_t[f], cos_h[h], cos_w[w]], dim=-1)
         sin = torch.cat([sin_t[f], sin_h[h], sin_w[w]], dim=-1)
-        return cos[None, :, None, :], sin[None, :, None, :]
+        result = cos[None, :, None, :], sin[None, :, None, :]
+        self._last = (key, result)
+        return result
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

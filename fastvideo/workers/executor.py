@@ -38,11 +38,6 @@ class Executor(ABC):
         self, request: GenerateRequest, on_progress: ProgressCallback | None = None
     ) -> Future[GenerateResult]: ...
 
-    def execute(
-        self, request: GenerateRequest, on_progress: ProgressCallback | None = None
-    ) -> GenerateResult:
-        return self.submit(request, on_progress).result()
-
     @abstractmethod
     def abort(self, request_id: str, item_ids: list[str]) -> None:
         """Ask the workers running ``request_id`` to drop ``item_ids`` at the next step."""

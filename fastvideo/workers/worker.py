@@ -132,7 +132,8 @@ class Worker:
             num_frames=req.num_frames,
             num_inference_steps=req.num_inference_steps,
             output_type=req.output_type,
-            item_ids=list(req.item_ids) or [req.request_id] * len(req.prompts),
+            item_ids=list(req.item_ids)
+            or [f"{req.request_id}:{i}" for i in range(len(req.prompts))],
             step_hook=self._step_hook,
         )
         if self.device.type == "cuda":
