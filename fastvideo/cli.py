@@ -31,10 +31,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help=helps["seed"])
     p.add_argument("--fps", type=int, help=helps["fps"])
     p.add_argument("--output", default="outputs/", help=helps["output_path"])
+    p.add_argument("--teacache", action="store_true", help=helps["enable_teacache"])
+    p.add_argument("--teacache-thresh", type=float, help=helps["teacache_thresh"])
     pipe = dataclass_help(PipelineConfig)
     p.add_argument("--num-gpus", type=int, default=1, help=pipe["num_gpus"])
     p.add_argument("--attention-backend", help=pipe["attention_backend"])
     p.add_argument("--device", choices=["cuda", "cpu"], help=pipe["device"])
+    p.add_argument("--compile", action="store_true", help=pipe["enable_torch_compile"])
 
 
 def _add_demo_model(sub: argparse._SubParsersAction) -> None:
@@ -58,25 +61,34 @@ def _generate(args: argparse.Namespace) -> int:
         "seed",
         "fps",
         "output",
+        "teacache_thresh",
     ):
         value = getattr(args, flag)
         if value is not None:
             overrides[_SAMPLING_FLAGS.get(flag, flag)] = value
+    if args.teacache:
+        overrides["enable_teacache"] = True
     # Validate the flags before starting workers and loading weights.
     info = resolve_model(args.model)
     param = SamplingParam().update(**info.variant.sampling_defaults).update(**overrides)
     check_sampling(info, args.prompt, param)
     pipeline = {"attention_backend": args.attention_backend}
+    if args.compile:
+        pipeline["enable_torch_compile"] = True
     if args.device:
         pipeline["device"] = args.device
     with VideoGenerator.from_pretrained(args.model, num_gpus=args.num_gpus, **pipeline) as gen:
         output = gen.generate_video(args.prompt, **overrides)
     t = output.timings
-    print(
+    line = (
         f"wrote {output.output_path} ({output.frames.shape[0]} frames, "
         f"{output.frames.shape[2]}x{output.frames.shape[1]}) in {t['end_to_end']:.1f}s; "
         f"plan: {output.plan}"
     )
+    if "teacache_skipped_cond" in output.stats:
+        skipped = int(output.stats["teacache_skipped_cond"])
+        line += f"; TeaCache skipped {skipped} of {param.num_inference_steps} steps"
+    print(line)
     return 0
 
 

@@ -164,6 +164,12 @@ def test_registered_hub_ids_give_their_defaults_without_network(no_network):
     assert (p14.height, p14.width, p14.num_frames) == (720, 1280, 81)
     assert p14.negative_prompt == WAN_NEGATIVE_PROMPT
     assert PipelineConfig.from_pretrained(WAN_14B).flow_shift == 5.0
+    # TeaCache: the published calibration per model, off by default.
+    assert not p.enable_teacache and (p.teacache_thresh, p14.teacache_thresh) == (0.08, 0.2)
+    c13, c14 = PipelineConfig.from_pretrained(WAN_13B), PipelineConfig.from_pretrained(WAN_14B)
+    assert c13.teacache_coefficients[0] == -5.21862437e04
+    assert c14.teacache_coefficients[0] == -3.03318725e05
+    assert c13.sta_window_size["480x832x81"] == (7, 3, 5)
 
 
 def test_local_checkpoint_gets_fallback_defaults(tiny_a, no_network):
@@ -200,6 +206,8 @@ SAMPLING_VALUES = dict(
     seed=7,
     output_path="/somewhere/v.mp4",
     output_type="latent",
+    enable_teacache=True,
+    teacache_thresh=0.3,
 )
 PIPELINE_VALUES = dict(
     model_path="elsewhere",
@@ -221,6 +229,13 @@ PIPELINE_VALUES = dict(
     max_waiting_requests=8,
     parallel_mode="latency",
     throughput_replicas=2,
+    sta_tile_size=(1, 8, 16),
+    sta_window_size=(3, 3, 3),
+    enable_torch_compile=True,
+    torch_compile_mode="max-autotune-no-cudagraphs",
+    torch_compile_backend="aot_eager",
+    teacache_coefficients=(1.0, 0.0),
+    teacache_warmup_steps=2,
 )
 
 

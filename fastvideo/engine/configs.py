@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 EXECUTORS = ("mp", "inproc")
 DEVICES = ("cuda", "cpu")
 PARALLEL_MODES = ("auto", "latency", "throughput")
+# Every name fastvideo.kernels_bridge.attention registers (kept here so validating a config
+# does not import torch); whether one can run on this machine is checked on the workers.
+ATTENTION_BACKENDS = (
+    "auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn",
+    "sage", "sta",
+)  # fmt: skip
 
 T = TypeVar("T")
 
@@ -57,8 +64,29 @@ class PipelineConfig:
     )
     vae_config: VAEConfig = _help("VAE settings.", default_factory=VAEConfig)
     attention_backend: str | None = _help(
-        "Attention backend name, or None/'auto' to pick the fastest available.", None
+        "Attention backend: 'auto'/None (fastest available, logged), 'sdpa', 'sdpa_cudnn', "
+        "'sdpa_flash', 'sdpa_efficient', 'sdpa_math', 'flash_attn', 'sage' or 'sta' "
+        "(sliding-tile). Env: FASTVIDEO_ATTENTION_BACKEND.",
+        None,
     )
+    sta_tile_size: tuple[int, int, int] = _help(
+        "STA tile in tokens (frames, height, width); volume a multiple of 64 or 128.", (3, 8, 8)
+    )
+    sta_window_size: Any = _help(
+        "STA window in tiles (t, h, w): one triple for every resolution, or a dict "
+        "'HxWxF' (pixels) -> triple; resolutions not listed use the whole clip in time and "
+        "about 60% of the tiles in height and width.",
+        default_factory=dict,
+    )
+    enable_torch_compile: bool = _help(
+        "Regional torch.compile of the DiT blocks (also under sequence parallelism).", False
+    )
+    torch_compile_mode: str | None = _help("torch.compile mode (None: default).", None)
+    torch_compile_backend: str = _help("torch.compile backend.", "inductor")
+    teacache_coefficients: tuple[float, ...] | None = _help(
+        "TeaCache's rescaling polynomial for this model (highest power first).", None
+    )
+    teacache_warmup_steps: int = _help("Steps TeaCache always computes at the start.", 5)
     flow_shift: float | None = _help(
         "Flow-matching sigma shift; None: the checkpoint's scheduler config.", None
     )
@@ -133,6 +161,31 @@ class PipelineConfig:
             raise ValueError(
                 f"parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}"
             )
+        backend = self.attention_backend or "auto"
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}"
+            )
+        if backend == "sta" and (self.ring_degree or 1) > 1:
+            raise ValueError(
+                "attention_backend='sta' needs the whole sequence on one rank: use Ulysses "
+                f"(ulysses_degree), not ring_degree={self.ring_degree}"
+            )
+        _check_triple("sta_tile_size", self.sta_tile_size)
+        if math.prod(self.sta_tile_size) % 64:
+            raise ValueError(
+                f"sta_tile_size={tuple(self.sta_tile_size)}: the tile volume must be a multiple "
+                f"of 64 (FlexAttention blocks), got {math.prod(self.sta_tile_size)}"
+            )
+        windows = self.sta_window_size
+        if isinstance(windows, dict):
+            for key, value in windows.items():
+                parse_resolution(key)
+                _check_triple(f"sta_window_size[{key!r}]", value)
+        else:
+            _check_triple("sta_window_size", windows)
+        if not isinstance(self.enable_torch_compile, bool):
+            raise TypeError("enable_torch_compile must be a bool")
         replicas = self.replicas()
         if self.num_gpus % replicas:
             raise ValueError(f"throughput_replicas={replicas} must divide num_gpus={self.num_gpus}")
@@ -155,6 +208,29 @@ class PipelineConfig:
     def resolved_attention_backend(self) -> str | None:
         return self.attention_backend or envs.attention_backend()
 
+    def sta_windows(self) -> dict[tuple[int, int, int], tuple[int, int, int]] | tuple[int, ...]:
+        """(height, width, frames) -> window, or one window for every resolution."""
+        if isinstance(self.sta_window_size, dict):
+            return {parse_resolution(k): tuple(v) for k, v in self.sta_window_size.items()}
+        return tuple(self.sta_window_size)
+
+
+def _check_triple(name: str, value: Any) -> None:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        raise ValueError(f"{name} must be three positive ints (t, h, w), got {value!r}")
+
+
+def parse_resolution(key: Any) -> tuple[int, int, int]:
+    """'480x832x81' -> (480, 832, 81) (height, width, frames)."""
+    parts = str(key).lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"resolution key {key!r} must look like 'HxWxF', e.g. '480x832x81'")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
 
 @dataclass
 class SamplingParam:
@@ -172,6 +248,13 @@ class SamplingParam:
         "Save the video here: a .mp4 file path, or a folder (named after the prompt).", None
     )
     output_type: str = _help("'np' for uint8 frames, 'latent' to skip VAE decoding.", "np")
+    enable_teacache: bool = _help(
+        "TeaCache: skip the DiT blocks on steps whose timestep input barely changed (lossy).",
+        False,
+    )
+    teacache_thresh: float = _help(
+        "TeaCache threshold (higher skips more); the model's published default.", 0.08
+    )
 
     @classmethod
     def from_pretrained(cls, model: str, **overrides: Any) -> SamplingParam:

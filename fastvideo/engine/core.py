@@ -22,7 +22,7 @@ from fastvideo.engine.model_info import ModelInfo
 from fastvideo.engine.output import VideoOutput
 from fastvideo.engine.protocol import GenerateRequest, GenerateResult, Progress
 from fastvideo.logger import init_logger
-from fastvideo.pipelines.validation import validate_generation
+from fastvideo.pipelines.validation import check_teacache, validate_generation
 from fastvideo.scheduler import (
     Batch,
     Mode,
@@ -102,12 +102,14 @@ def check_sampling(info: ModelInfo, prompt: str, param: SamplingParam) -> None:
         fps=param.fps,
         output_type=param.output_type,
     )
+    check_teacache(param.enable_teacache, param.teacache_thresh)
 
 
 def batch_key(param: SamplingParam) -> tuple:
     """Requests with equal keys can share one batched forward."""
+    teacache = param.teacache_thresh if param.enable_teacache else None
     return (param.height, param.width, param.num_frames, param.num_inference_steps,
-            param.guidance_scale > 1.0, param.output_type)  # fmt: skip
+            param.guidance_scale > 1.0, param.output_type, teacache)  # fmt: skip
 
 
 class EngineCore:
@@ -371,6 +373,7 @@ def wire_request(
         item_ids=list(item_ids),
         dp_degree=plan.dp_degree,
         replica=replica,
+        teacache_thresh=first.teacache_thresh if first.enable_teacache else None,
     )
 
 
@@ -391,4 +394,5 @@ def to_video_output(
         request_id=result.request_id,
         plan=result.plan,
         peak_memory_bytes=list(result.peak_memory_bytes),
+        stats=dict(result.stats),
     )

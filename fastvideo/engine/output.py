@@ -18,6 +18,8 @@ class VideoOutput:
         timings: seconds per pipeline stage, plus ``denoising_step_mean``, the workers'
             ``total`` and the driver's ``end_to_end``.
         latents: fp32 [C, F, H/8, W/8] final latents when ``output_type='latent'``.
+        stats: counters of the run, e.g. ``teacache_skipped_cond`` /
+            ``teacache_skipped_uncond``: denoising steps whose DiT blocks TeaCache skipped.
     """
 
     frames: np.ndarray | None
@@ -30,6 +32,7 @@ class VideoOutput:
     request_id: str = ""
     plan: str = ""
     peak_memory_bytes: list[int] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
     output_path: Path | None = None
 
     def save(self, path: str | Path) -> Path:

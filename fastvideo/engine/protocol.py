@@ -33,6 +33,7 @@ class GenerateRequest(msgspec.Struct, tag="generate", **_OPTS):
     item_ids: list[str] = []  # one per prompt (the engine's request ids)
     dp_degree: int = 1  # replicas of the plan; this request runs on replica `replica`
     replica: int = 0
+    teacache_thresh: float | None = None  # None: TeaCache off
 
 
 class AbortRequest(msgspec.Struct, tag="abort", **_OPTS):
@@ -72,6 +73,7 @@ class GenerateResult(msgspec.Struct, tag="result", **_OPTS):
     item_ids: list[str] = []  # the items in frames/latents, in order
     aborted_ids: list[str] = []
     failures: dict[str, str] = {}  # item id -> why it failed (e.g. NaN latents)
+    stats: dict[str, float] = {}  # counters, e.g. TeaCache's skipped steps per branch
 
 
 class WorkerFailure(msgspec.Struct, tag="failure", **_OPTS):

@@ -1,17 +1,29 @@
 """The one attention function every model layer calls, and the backends behind it.
 
 All tensors use the model layout ``[B, L, H, D]``; backends receive the SDPA layout
-``[B, H, L, D]`` as transposed *views* (no copy: cuDNN and flash take strided inputs).
+``[B, H, L, D]`` as transposed *views* (no copy: cuDNN, flash and Sage take strided inputs).
 
-Backends are selected by name (``PipelineConfig.attention_backend`` or the
-``FASTVIDEO_ATTENTION_BACKEND`` environment variable). ``"auto"`` picks the fastest
-available backend for the device and logs the choice once; a backend asked for by name
-that cannot run is an error, never a silent fallback.
+Backends (``available_backends()`` lists what this install has):
+
+- ``sdpa``: torch SDPA with the kernel picked per GPU (cuDNN first on CUDA: the fastest
+  dense bf16 kernel measured on Hopper, then flash, memory-efficient, math);
+- ``sdpa_cudnn`` / ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_math``: one SDPA kernel only;
+- ``flash_attn``: the flash-attn package (``pip install flash-attn``), when installed;
+- ``sage``: SageAttention (the ``sageattention`` package, extra ``fastvideo[sage]``);
+- ``sta``: sliding-tile attention on FlexAttention for video self-attention (window per
+  model and resolution, see ``fastvideo.kernels_bridge.sta``); other attention (text
+  cross-attention) stays dense.
+
+Selected by ``PipelineConfig.attention_backend`` or ``FASTVIDEO_ATTENTION_BACKEND``.
+``"auto"`` (the default) takes the first backend of the device's preference list that can
+run, and logs which one runs; a backend asked for by name that cannot run is an error
+naming why, never a silent fallback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,23 +31,28 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastvideo.kernels_bridge.sta import STAConfig, sta_attention
+from fastvideo.layers.sequence import TokenGrid
 from fastvideo.logger import init_logger
 
 logger = init_logger(__name__)
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
     """A named attention implementation.
 
-    ``forward(q, k, v)`` takes and returns ``[B, H, L, D]`` tensors; ``forward_lse`` also
-    returns the log-sum-exp of the attention scores ``[B, H, Lq]`` in fp32 (ring attention
-    merges partial results with it).
+    ``forward(q, k, v)`` takes and returns ``[B, H, L, D]`` tensors. ``why_unavailable``
+    returns ``None`` when the backend can run on (device, dtype), else the reason.
+    ``video_only`` backends (STA) need the token grid: calls without one run dense SDPA.
     """
 
     name: str
-    is_available: Callable[[torch.device, torch.dtype], bool]
-    forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    why_unavailable: Callable[[torch.device, torch.dtype], str | None]
+    forward: Callable[..., torch.Tensor]
+    video_only: bool = False
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -47,6 +64,27 @@ def register_backend(backend: AttentionBackend) -> None:
 
 def available_backends() -> list[str]:
     return sorted(_BACKENDS)
+
+
+def _always(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def _cuda_half(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return f"it needs a CUDA device (got {device.type})"
+    if dtype not in HALF:
+        return f"it needs bf16 or fp16 (got {dtype}; set dit_precision='bf16')"
+    return None
+
+
+def _needs_package(module: str, pip: str) -> Callable[[torch.device, torch.dtype], str | None]:
+    def check(device: torch.device, dtype: torch.dtype) -> str | None:
+        if importlib.util.find_spec(module) is None:
+            return f"the {module!r} package is not installed (pip install {pip})"
+        return _cuda_half(device, dtype)
+
+    return check
 
 
 # --- torch SDPA --------------------------------------------------------------------------
@@ -67,61 +105,151 @@ def _sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def _sdpa_math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v)
+def _sdpa_only(kernel: SDPBackend) -> Callable[..., torch.Tensor]:
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel([kernel]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return forward
 
 
-register_backend(AttentionBackend("sdpa", lambda device, dtype: True, _sdpa_forward))
-register_backend(AttentionBackend("sdpa_math", lambda device, dtype: True, _sdpa_math_forward))
+def _flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    # flash-attn takes [B, L, H, D]: the model's own layout, so transposing back is free.
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _sage_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from sageattention import sageattn
+
+    out = sageattn(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), tensor_layout="NHD",
+        is_causal=False,
+    )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _sta_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid | None = None
+) -> torch.Tensor:
+    if grid is None:
+        return _sdpa_forward(q, k, v)
+    return sta_attention(q, k, v, grid, _sta_config)
+
+
+register_backend(AttentionBackend("sdpa", _always, _sdpa_forward))
+register_backend(AttentionBackend("sdpa_cudnn", _cuda_half, _sdpa_only(SDPBackend.CUDNN_ATTENTION)))
+register_backend(AttentionBackend("sdpa_flash", _cuda_half, _sdpa_only(SDPBackend.FLASH_ATTENTION)))
+register_backend(
+    AttentionBackend("sdpa_efficient", _always, _sdpa_only(SDPBackend.EFFICIENT_ATTENTION))
+)
+register_backend(AttentionBackend("sdpa_math", _always, _sdpa_only(SDPBackend.MATH)))
+register_backend(
+    AttentionBackend("flash_attn", _needs_package("flash_attn", "flash-attn"), _flash_attn_forward)
+)
+register_backend(
+    AttentionBackend("sage", _needs_package("sageattention", "sageattention"), _sage_forward)
+)
+register_backend(AttentionBackend("sta", _always, _sta_forward, video_only=True))
+
+
+def auto_preference(device: torch.device) -> list[str]:
+    """Backends ``auto`` tries, fastest first, for this device.
+
+    Hopper and newer: SDPA with cuDNN first (fastest dense kernel measured there). Older
+    GPUs: flash-attn when installed, else SDPA (whose own priority falls back per kernel).
+    """
+    if device.type != "cuda":
+        return ["sdpa"]
+    major, _ = torch.cuda.get_device_capability(device)
+    return ["sdpa", "flash_attn"] if major >= 9 else ["flash_attn", "sdpa"]
 
 
 # --- backend selection -------------------------------------------------------------------
 _active: str | None = None
+_sta_config = STAConfig()
 _logged_choice: set[tuple[str, str]] = set()
 
 
-def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn a requested backend name into the one that will run, or raise.
+def _probe(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run the backend once on a tiny input; the error text if it fails."""
+    shape = (1, 2, 64, 64)
+    q, k, v = (torch.randn(shape, device=device).to(dtype) for _ in range(3))
+    try:
+        _BACKENDS[name].forward(q, k, v)
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot run here"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
-    ``None``/``"auto"`` picks the first available of the preference list and logs it.
+
+def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn a requested backend name into the one that will run, or raise ValueError.
+
+    ``None``/``"auto"`` tries the device's preference list, falls back past backends that
+    cannot run, and logs the one chosen (and why others were passed over).
     """
     if name in (None, "", "auto"):
-        for candidate in ("sdpa",):
-            if _BACKENDS[candidate].is_available(device, dtype):
+        skipped = []
+        chosen = "sdpa"
+        for candidate in auto_preference(device):
+            why = _BACKENDS[candidate].why_unavailable(device, dtype)
+            if why is None:
                 chosen = candidate
                 break
+            skipped.append(f"{candidate}: {why}")
         key = (chosen, str(device))
         if key not in _logged_choice:
             _logged_choice.add(key)
-            logger.info("attention backend: %s (auto) on %s", chosen, device)
+            note = f" (passed over {'; '.join(skipped)})" if skipped else ""
+            logger.info("attention backend: %s (auto) on %s%s", chosen, device, note)
         return chosen
     if name not in _BACKENDS:
         raise ValueError(
             f"attention_backend={name!r} is unknown; allowed: 'auto', "
             + ", ".join(repr(n) for n in available_backends())
         )
-    if not _BACKENDS[name].is_available(device, dtype):
-        raise ValueError(f"attention_backend={name!r} cannot run on {device} with {dtype}")
+    why = _BACKENDS[name].why_unavailable(device, dtype) or _probe(name, device, dtype)
+    if why is not None:
+        raise ValueError(f"attention_backend={name!r} cannot run on {device} with {dtype}: {why}")
+    logger.info("attention backend: %s on %s", name, device)
     return name
 
 
-def set_backend(name: str | None) -> None:
+def set_backend(name: str | None, sta: STAConfig | None = None) -> None:
     """Set the process-wide backend (workers call this once after resolving it)."""
-    global _active
+    global _active, _sta_config
     _active = name
+    if sta is not None:
+        _sta_config = sta
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def active_backend() -> str:
+    return _active or "sdpa"
+
+
+def needs_whole_sequence() -> bool:
+    """The active backend needs every key of the video locally (no ring attention)."""
+    return _BACKENDS[active_backend()].video_only
+
+
+@torch.compiler.disable
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid | None = None
+) -> torch.Tensor:
     """Softmax attention, no mask, default scale 1/sqrt(D).
 
     Args:
         q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+        grid: the video's token grid when this is the video's self-attention over its
+            whole sequence (sparse video backends use it; others ignore it).
     Returns:
         [B, Lq, H, D] in q's dtype.
     """
-    backend = _BACKENDS[_active or "sdpa"]
-    out = backend.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    backend = _BACKENDS[active_backend()]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = backend.forward(qt, kt, vt, grid) if backend.video_only else backend.forward(qt, kt, vt)
     return out.transpose(1, 2)
 
 

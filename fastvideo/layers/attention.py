@@ -15,8 +15,13 @@ import torch
 import torch.distributed as dist
 
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
-from fastvideo.kernels_bridge.attention import attention, attention_with_lse
-from fastvideo.layers.sequence import SequenceShard
+from fastvideo.kernels_bridge.attention import (
+    active_backend,
+    attention,
+    attention_with_lse,
+    needs_whole_sequence,
+)
+from fastvideo.layers.sequence import SequenceShard, TokenGrid
 
 # Heads are exchanged in up to this many groups so that the all-to-all of one group
 # overlaps the attention of the previous one.
@@ -33,26 +38,38 @@ class DistributedAttention:
     def __init__(self, runtime: ParallelRuntime | None = None):
         self.runtime = runtime
 
+    @torch.compiler.disable  # collectives and kernel dispatch stay eager under compile
     def __call__(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         shard: SequenceShard | None = None,
+        grid: TokenGrid | None = None,
     ) -> torch.Tensor:
-        """q, k, v: [B, L_shard, H, D] -> [B, L_shard, H, D]."""
+        """q, k, v: [B, L_shard, H, D] -> [B, L_shard, H, D].
+
+        ``grid`` (the whole video's token grid) lets sparse video backends (STA) lay out
+        their tiles; they need the whole sequence on one rank, so not ring attention.
+        """
         groups = self.runtime.groups if self.runtime is not None else None
         if groups is None or groups.sp.size == 1:
             if shard is not None and shard.valid < q.shape[1]:
                 k, v = k[:, : shard.valid], v[:, : shard.valid]
-            return attention(q, k, v)
+            return attention(q, k, v, grid)
         assert shard is not None, "a sharded sequence needs its SequenceShard"
         total = shard.total
+        if groups.ring.size > 1 and needs_whole_sequence():
+            raise ValueError(
+                f"attention_backend={active_backend()!r} needs the whole sequence on one "
+                f"rank: it works with Ulysses and CFG parallelism, not ring attention "
+                f"(ring degree {groups.ring.size})"
+            )
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Attention over the Ulysses-gathered chunk [B, L/ring, h, D]."""
             if groups.ring.size == 1:
-                return attention(q, k[:, :total], v[:, :total])
+                return attention(q, k[:, :total], v[:, :total], grid)
             return _ring_attention(groups.ring, q, k, v, q.shape[1], total)
 
         if groups.ulysses.size == 1:

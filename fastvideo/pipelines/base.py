@@ -44,6 +44,7 @@ class ForwardBatch:
     num_frames: int
     num_inference_steps: int
     output_type: str = "np"
+    teacache_thresh: float | None = None  # None: TeaCache off
     item_ids: list[str] = field(default_factory=list)  # one per prompt
     step_hook: StepHook | None = None
     # Items that left the batch: aborted ids, and failed id -> reason.
@@ -60,6 +61,8 @@ class ForwardBatch:
     output_latents: torch.Tensor | None = None  # [B, C, F, H, W] fp32 (output rank)
     frames: torch.Tensor | None = None  # uint8 [B, T, H, W, 3] (output rank)
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # counters (TeaCache skips, ...)
+    teacache: Any = None  # the request's TeaCache state while denoising
 
     @property
     def batch_size(self) -> int:
@@ -82,6 +85,8 @@ class ForwardBatch:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
         if self.scheduler is not None:
             self.scheduler.select_batch(index)
+        if self.teacache is not None:
+            self.teacache.select(index)
         return self
 
 

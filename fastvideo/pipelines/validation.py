@@ -113,3 +113,18 @@ def _check_positions(spec: ModelSpec, height: int, width: int, num_frames: int) 
                 f"{name}={value} gives {tokens} positions on that axis; the model supports "
                 f"at most {spec.max_positions}"
             )
+
+
+def check_teacache(enable: Any, thresh: Any) -> None:
+    """``enable_teacache`` a bool; ``teacache_thresh`` a finite number >= 0 when enabled."""
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable_teacache must be a bool, got {type(enable).__name__}")
+    if not enable:
+        return
+    if isinstance(thresh, bool) or not isinstance(thresh, (int, float)):
+        raise TypeError(
+            f"teacache_thresh must be a number when enable_teacache=True, got "
+            f"{type(thresh).__name__} {thresh!r}"
+        )
+    if not math.isfinite(thresh) or thresh < 0:
+        raise ValueError(f"teacache_thresh must be a finite number >= 0, got {thresh}")

@@ -23,12 +23,46 @@ from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.engine.configs import PipelineConfig
 from fastvideo.engine.protocol import GenerateRequest, GenerateResult
 from fastvideo.kernels_bridge import attention as attention_bridge
+from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.logger import init_logger
 from fastvideo.models.loader import DTYPES
 from fastvideo.models.registry import family_for_dir
 from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, ProgressFn
 
 logger = init_logger(__name__)
+
+
+def sta_config(config: PipelineConfig, spec) -> STAConfig:
+    """The STA tile and windows with resolutions turned into this model's token grids."""
+    windows = config.sta_windows()
+    if not isinstance(windows, dict):
+        return STAConfig(tile=tuple(config.sta_tile_size), default_window=windows)
+    pt, ph, pw = spec.patch_size
+    by_grid = []
+    for (height, width, frames), window in windows.items():
+        latent_frames = (frames - 1) // spec.vae_scale_temporal + 1
+        grid = (
+            latent_frames // pt,
+            height // spec.vae_scale_spatial // ph,
+            width // spec.vae_scale_spatial // pw,
+        )
+        by_grid.append((grid, tuple(window)))
+    return STAConfig(tile=tuple(config.sta_tile_size), windows=tuple(by_grid))
+
+
+def _teacache_calibration(config: PipelineConfig) -> dict | None:
+    if config.teacache_coefficients is None:
+        return None
+    return {
+        "coefficients": tuple(config.teacache_coefficients),
+        "warmup_steps": config.teacache_warmup_steps,
+    }
+
+
+def _compile_options(config: PipelineConfig) -> dict | None:
+    if not config.enable_torch_compile:
+        return None
+    return {"backend": config.torch_compile_backend, "mode": config.torch_compile_mode}
 
 
 def component_dtypes(config: PipelineConfig, device: torch.device) -> dict[str, torch.dtype]:
@@ -91,12 +125,17 @@ class Worker:
             device=self.device,
             spec=spec,
             dtypes=component_dtypes(self.config, self.device),
-            options={"flow_shift": self.config.flow_shift, "scheduler": self.config.scheduler},
+            options={
+                "flow_shift": self.config.flow_shift,
+                "scheduler": self.config.scheduler,
+                "teacache": _teacache_calibration(self.config),
+                "compile": _compile_options(self.config),
+            },
         )
         backend = attention_bridge.resolve_backend(
             self.config.resolved_attention_backend(), self.device, env.dtypes["transformer"]
         )
-        attention_bridge.set_backend(backend)
+        attention_bridge.set_backend(backend, sta_config(self.config, spec))
         plans = candidate_plans(
             self.world_size,
             spec.num_heads,
@@ -132,6 +171,7 @@ class Worker:
             num_frames=req.num_frames,
             num_inference_steps=req.num_inference_steps,
             output_type=req.output_type,
+            teacache_thresh=req.teacache_thresh,
             item_ids=list(req.item_ids)
             or [f"{req.request_id}:{i}" for i in range(len(req.prompts))],
             step_hook=self._step_hook,
@@ -156,6 +196,7 @@ class Worker:
             item_ids=batch.item_ids,
             aborted_ids=batch.aborted,
             failures=batch.failures,
+            stats=batch.stats,
         )
 
     def _step_hook(self, batch: ForwardBatch, step: int) -> ForwardBatch:

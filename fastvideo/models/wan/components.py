@@ -30,9 +30,13 @@ def load_transformer(folder: Path, env: PipelineRuntime) -> WanTransformer3D:
         # The reference keeps the time embedder, modulation tables and norms in fp32.
         return torch.float32 if any(p in name for p in FP32_PARAM_PATTERNS) else dtype
 
-    return load_checkpoint(
+    model = load_checkpoint(
         model, folder, env.device, dtype_for, ignore_unexpected=("norm_added_q",)
     )
+    compile_options = env.options.get("compile")
+    if compile_options:
+        model.compile_blocks(**compile_options)
+    return model
 
 
 def load_vae(folder: Path, env: PipelineRuntime) -> WanVAE:

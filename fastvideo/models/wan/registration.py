@@ -55,18 +55,37 @@ _COMMON = {
     "guidance_scale": 5.0,
 }
 
+# TeaCache (github.com/ali-vilab/TeaCache, TeaCache4Wan2.1, "ret steps" mode: the modulated
+# timestep input e0, first 5 steps always computed): the published rescaling polynomials.
+# 0.08 is the published 1.3B setting also used by FastVideo and SGLang; 0.2 the 14B one.
+TEACACHE_1_3B = (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02)
+TEACACHE_14B = (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01)
+
+# Sliding-tile attention: tiles of 3x8x8 tokens (192 = 3 FlexAttention blocks of 64). At
+# 480x832x81 the token grid 21x30x52 is 7x4x7 tiles: a 7x3x5 window keeps ~54% of them.
+# At 720x1280x81 (21x45x80 tokens, 7x6x10 tiles) 7x4x6 keeps ~40%.
+STA_WINDOWS = {"480x832x81": (7, 3, 5), "720x1280x81": (7, 4, 6)}
+_PIPELINE_COMMON = {
+    "teacache_coefficients": TEACACHE_1_3B,
+    "sta_tile_size": (3, 8, 8),
+    "sta_window_size": STA_WINDOWS,
+}
+
 WAN_1_3B = ModelVariant(
     name="Wan2.1-T2V-1.3B",
     hf_ids=("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",),
-    sampling_defaults={**_COMMON, "height": 480, "width": 832, "num_frames": 81},
-    pipeline_defaults={"flow_shift": 3.0},
+    sampling_defaults={**_COMMON, "height": 480, "width": 832, "num_frames": 81,
+                       "teacache_thresh": 0.08},
+    pipeline_defaults={**_PIPELINE_COMMON, "flow_shift": 3.0},
     matches=_arch(30, 12),
 )
 WAN_14B = ModelVariant(
     name="Wan2.1-T2V-14B",
     hf_ids=("Wan-AI/Wan2.1-T2V-14B-Diffusers",),
-    sampling_defaults={**_COMMON, "height": 720, "width": 1280, "num_frames": 81},
-    pipeline_defaults={"flow_shift": 5.0},
+    sampling_defaults={**_COMMON, "height": 720, "width": 1280, "num_frames": 81,
+                       "teacache_thresh": 0.2},
+    pipeline_defaults={**_PIPELINE_COMMON, "teacache_coefficients": TEACACHE_14B,
+                       "flow_shift": 5.0},
     matches=_arch(40, 40),
 )
 # The built-in tiny random model (fastvideo.models.demo): small sizes so it runs on a CPU.
@@ -80,7 +99,7 @@ WAN_TINY_DEMO = ModelVariant(
         "num_frames": 5,
         "num_inference_steps": 8,
     },
-    pipeline_defaults={},
+    pipeline_defaults=dict(_PIPELINE_COMMON),
 )
 # Other Wan2.1 T2V checkpoints (fine-tunes, test models): the 1.3B sampling defaults, and
 # the flow shift stored in the checkpoint's scheduler config.
@@ -88,6 +107,7 @@ WAN_OTHER = ModelVariant(
     name="Wan2.1-T2V",
     hf_ids=(),
     sampling_defaults={**_COMMON, "height": 480, "width": 832, "num_frames": 81},
+    pipeline_defaults=dict(_PIPELINE_COMMON),
 )
 
 register_family(

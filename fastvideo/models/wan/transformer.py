@@ -24,6 +24,7 @@ from fastvideo.kernels_bridge.attention import attention
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
 from fastvideo.layers.sequence import SequenceShard, TokenGrid, patchify, unpatchify
+from fastvideo.pipelines.teacache import TeaCacheCall
 
 # Parameters kept in fp32 when the model runs in half precision (as diffusers does).
 FP32_PARAM_PATTERNS = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
@@ -133,31 +134,11 @@ class WanAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.dist_attn = dist_attn
-        self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv()
-        self.qkv_bias: torch.Tensor | None = None
-
-    def fuse_qkv(self) -> None:
-        """Compute q, k and v with one GEMM (after loading; self-attention only).
-
-        The fused weight owns the memory; to_q/to_k/to_v keep views of it, so the state
-        dict is unchanged and nothing is stored twice.
-        """
-        layers = (self.to_q, self.to_k, self.to_v)
-        weight = torch.cat([m.weight.detach() for m in layers])
-        bias = torch.cat([m.bias.detach() for m in layers])
-        for i, m in enumerate(layers):
-            rows = slice(i * m.out_features, (i + 1) * m.out_features)
-            m.weight = nn.Parameter(weight[rows], requires_grad=False)
-            m.bias = nn.Parameter(bias[rows], requires_grad=False)
-        self.qkv_weight, self.qkv_bias = weight, bias
 
     def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """q, k, v as [B, L, H, D_head] (k, v from ``context`` for cross-attention)."""
-        if context is None and self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
-        else:
-            kv_src = x if context is None else context
-            q, k, v = self.to_q(x), self.to_k(kv_src), self.to_v(kv_src)
+        kv_src = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(kv_src), self.to_v(kv_src)
         heads = (self.heads, -1)
         return (
             self.norm_q(q).unflatten(2, heads),
@@ -171,13 +152,14 @@ class WanAttention(nn.Module):
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         shard: SequenceShard | None = None,
+        grid: TokenGrid | None = None,
     ) -> torch.Tensor:
         """x: [B, L, D]; context: [B, Lt, D] for cross-attention -> [B, L, D]."""
         q, k, v = self._project(x, context)
         if context is None:
             assert rope is not None and self.dist_attn is not None
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            out = self.dist_attn(q, k, v, shard)
+            out = self.dist_attn(q, k, v, shard, grid)
         else:
             out = attention(q, k, v)
         return self.to_out[0](out.flatten(2).type_as(q))
@@ -240,16 +222,19 @@ class WanBlock(nn.Module):
         modulation: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         shard: SequenceShard | None,
+        grid: TokenGrid | None = None,
     ) -> torch.Tensor:
         """x: [B, L, D]; context: [B, Lt, D]; modulation: [B, 6, D] -> [B, L, D]."""
         mod = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod  # each [B, 1, D] fp32
-        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.attn1(h, rope=rope, shard=shard) * gate).type_as(x)
+        # addcmul: one fused multiply-add pass where `a * b + c` would take two.
+        h = torch.addcmul(shift, self.norm1(x.float()), 1 + scale).type_as(x)
+        x = torch.addcmul(x.float(), self.attn1(h, rope=rope, shard=shard, grid=grid), gate)
+        x = x.type_as(h)
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context=context)
-        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+        h = torch.addcmul(c_shift, self.norm3(x.float()), 1 + c_scale).type_as(x)
+        return torch.addcmul(x.float(), self.ffn(h).float(), c_gate).type_as(x)
 
 
 # --- model -------------------------------------------------------------------------------
@@ -281,11 +266,6 @@ class WanTransformer3D(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.proj_out.weight.dtype
 
-    def fuse_qkv(self) -> None:
-        """One q/k/v GEMM per self-attention (call once the weights are loaded)."""
-        for block in self.blocks:
-            block.attn1.fuse_qkv()
-
     def embed_patches(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, L, pt*ph*pw*C] -> [B, L, D]: the patch conv as a matmul on token features."""
         w = self.patch_embedding.weight  # [D, C, pt, ph, pw]
@@ -299,6 +279,7 @@ class WanTransformer3D(nn.Module):
         text: torch.Tensor,
         grid: TokenGrid,
         shard: SequenceShard | None = None,
+        cache: TeaCacheCall | None = None,
     ) -> torch.Tensor:
         """Denoiser output for a (shard of a) token sequence.
 
@@ -307,6 +288,7 @@ class WanTransformer3D(nn.Module):
             timestep: [B] diffusion timesteps.
             text: [B, L_text, text_dim] text-encoder states.
             grid: the whole video's token grid; shard: this rank's slice (None = all).
+            cache: TeaCache state and which rows are which CFG branch; None runs every block.
         Returns:
             [B, L_shard, pt*ph*pw*C_out] in the model dtype.
         """
@@ -314,11 +296,32 @@ class WanTransformer3D(nn.Module):
         rope = self.rope(grid, shard, x.device)
         temb, modulation = self.condition_embedder.embed_time(timestep, text.dtype)
         context = self.condition_embedder.text_embedder(text)
-        for block in self.blocks:
-            x = block(x, context, modulation, rope, shard)
+
+        def run_blocks(h: torch.Tensor, ctx: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                h = block(h, ctx, mod, rope, shard, grid)
+            return h
+
+        if cache is None:
+            x = run_blocks(x, context, modulation)
+        else:
+            # The modulated timestep input (Wan's e0) is what TeaCache compares.
+            def blocks(rows: torch.Tensor | None) -> torch.Tensor:
+                if rows is None:
+                    return run_blocks(x, context, modulation)
+                return run_blocks(x[rows], context[rows], modulation[rows])
+
+            x = cache.cache.run(x, modulation, cache.branches, blocks)
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         return self.proj_out(x)
+
+    def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Regional torch.compile: each block is compiled (one graph shared by all blocks,
+        attention and its collectives left eager), so compile time stays small and it
+        works under sequence parallelism."""
+        for block in self.blocks:
+            block.compile(backend=backend, mode=mode)
 
     def forward(
         self,

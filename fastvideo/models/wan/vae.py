@@ -125,12 +125,21 @@ class CausalConv3d(nn.Conv3d):
         Frames of ``prev`` replace that many zero frames of the causal padding.
         """
         time_pad = self.time_pad
-        if prev is not None:
-            x = torch.cat([prev, x], dim=2)
-            time_pad -= prev.shape[2]
-        # Pad even when all pads are 0 (1x1x1 convs): F.pad then hands the conv the same
-        # memory layout as in the reference, which keeps kernel choice and rounding identical.
-        return super().forward(F.pad(x, (*self.space_pad, time_pad, 0)))
+        if prev is None:
+            # Pad even when all pads are 0 (1x1x1 convs): F.pad then hands the conv the same
+            # memory layout as in the reference, which keeps kernel choice and rounding
+            # identical.
+            return super().forward(F.pad(x, (*self.space_pad, time_pad, 0)))
+        # [zero frames, prev, x] zero-padded in space, written into one buffer: the same
+        # tensor as F.pad(cat(prev, x)) without the intermediate copy.
+        time_pad -= prev.shape[2]
+        pw, _, ph, _ = self.space_pad
+        b, c, t, h, w = x.shape
+        t_prev = prev.shape[2]
+        buf = x.new_zeros(b, c, time_pad + t_prev + t, h + 2 * ph, w + 2 * pw)
+        buf[:, :, time_pad : time_pad + t_prev, ph : ph + h, pw : pw + w] = prev
+        buf[:, :, time_pad + t_prev :, ph : ph + h, pw : pw + w] = x
+        return super().forward(buf)
 
 
 class FeatureCache:
@@ -189,7 +198,8 @@ class RMSNorm(nn.Module):
         # The sum of squares over hundreds of channels is too coarse in half precision.
         low_precision = x.dtype.itemsize < 4
         y = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
-        return y * self.scale * self.gamma
+        # In place on the fresh tensor: the same products as y * scale * gamma.
+        return y.mul_(self.scale).mul_(self.gamma)
 
 
 class ResidualBlock(nn.Module):
@@ -207,9 +217,10 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
         """x [B, in_dim, t, H, W] -> [B, out_dim, t, H, W]."""
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = cache.causal_conv(self.conv1, F.silu(self.norm1(x)))
-        x = cache.causal_conv(self.conv2, self.dropout(F.silu(self.norm2(x))))
-        return x + skip
+        # SiLU and the residual add in place on fresh tensors (same values, less memory).
+        x = cache.causal_conv(self.conv1, F.silu(self.norm1(x), inplace=True))
+        x = cache.causal_conv(self.conv2, self.dropout(F.silu(self.norm2(x), inplace=True)))
+        return x.add_(skip)
 
 
 class AttentionBlock(nn.Module):
@@ -367,7 +378,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x) if isinstance(block, AttentionBlock) else block(x, cache)
         x = self.mid_block(x, cache)
-        return cache.causal_conv(self.conv_out, F.silu(self.norm_out(x)))
+        return cache.causal_conv(self.conv_out, F.silu(self.norm_out(x), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -400,7 +411,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache)
-        return cache.causal_conv(self.conv_out, F.silu(self.norm_out(x)))
+        return cache.causal_conv(self.conv_out, F.silu(self.norm_out(x), inplace=True))
 
 
 class WanVAE(nn.Module):
@@ -453,8 +464,19 @@ class WanVAE(nn.Module):
             raise ValueError(f"decode expects [B, {self.z_dim}, T, h, w], got {tuple(z.shape)}")
         x = self.post_quant_conv(z.to(self.dtype))
         cache = FeatureCache()
-        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
-        return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
+        out = None
+        written = 0
+        for i in range(x.shape[2]):
+            frames = self.decoder(x[:, :, i : i + 1], cache)
+            if out is None:  # latent frame 0 decodes to 1 frame, every later one to 2**k
+                per_frame = 2 ** sum(self.config.temperal_downsample)
+                total = frames.shape[2] + (x.shape[2] - 1) * per_frame
+                out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
+            out[:, :, written : written + frames.shape[2]] = frames
+            written += frames.shape[2]
+            del frames
+        assert out is not None and written == out.shape[2]
+        return out.clamp_(-1.0, 1.0)
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """Config latents_mean / latents_std as [1, z_dim, 1, 1, 1] in ``like``'s dtype/device."""

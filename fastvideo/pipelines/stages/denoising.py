@@ -11,7 +11,11 @@ import time
 
 import torch
 
+from fastvideo.logger import init_logger
 from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, ProgressFn
+from fastvideo.pipelines.teacache import TeaCache, TeaCacheCall, TeaCacheParams
+
+logger = init_logger(__name__)
 
 
 class DenoisingStage(PipelineStage):
@@ -32,20 +36,28 @@ class DenoisingStage(PipelineStage):
         model = self.transformer
         b = batch.batch_size
         x = latents.to(model.dtype)
-        run = lambda x, t, text: model.forward_tokens(x, t, text, batch.grid, batch.shard)  # noqa: E731
+
+        def run(
+            x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: dict
+        ) -> torch.Tensor:
+            cache = TeaCacheCall(batch.teacache, branches) if batch.teacache is not None else None
+            return model.forward_tokens(x, t, text, batch.grid, batch.shard, cache)
+
         if not batch.do_cfg:
-            return run(x, t.expand(b), batch.prompt_embeds)
+            return run(x, t.expand(b), batch.prompt_embeds, {"cond": slice(0, b)})
         cfg = self.env.runtime.groups.cfg
         if cfg.size == 1:
             out = run(
                 torch.cat([x, x]),
                 t.expand(2 * b),
                 torch.cat([batch.prompt_embeds, batch.negative_prompt_embeds]),
+                {"cond": slice(0, b), "uncond": slice(b, 2 * b)},
             )
             cond, uncond = out[:b], out[b:]
         else:
             text = batch.prompt_embeds if cfg.rank == 0 else batch.negative_prompt_embeds
-            both = self.env.runtime.all_gather(cfg, run(x, t.expand(b), text), dim=0)
+            branch = {"cond" if cfg.rank == 0 else "uncond": slice(0, b)}
+            both = self.env.runtime.all_gather(cfg, run(x, t.expand(b), text, branch), dim=0)
             cond, uncond = both[:b], both[b:]
         return uncond + self._guidance(batch, uncond) * (cond - uncond)
 
@@ -53,6 +65,7 @@ class DenoisingStage(PipelineStage):
         assert batch.timesteps is not None and batch.latents is not None
         total = len(batch.timesteps)
         latents = batch.latents
+        batch.teacache = self._teacache(batch)
         step_times = []
         for i, t in enumerate(batch.timesteps):
             batch.latents = latents
@@ -60,6 +73,8 @@ class DenoisingStage(PipelineStage):
             if batch.batch_size == 0:
                 return batch  # every request left (aborted or failed)
             latents = batch.latents
+            if batch.teacache is not None:
+                batch.teacache.step = i
             start = time.perf_counter()
             noise_pred = self.predict(batch, latents, t.to(self.env.device))
             latents = batch.scheduler.step(noise_pred, latents)
@@ -70,7 +85,39 @@ class DenoisingStage(PipelineStage):
         batch.latents = latents
         batch = self._boundary(batch, total)  # catches NaNs of the last step
         batch.timings["denoising_step_mean"] = sum(step_times) / max(1, len(step_times))
+        if batch.teacache is not None:
+            batch.stats.update(batch.teacache.stats())
+            logger.info(
+                "request %s: TeaCache (thresh %g) skipped %s of %d steps",
+                batch.request_id,
+                batch.teacache_thresh,
+                {k[17:]: int(v) for k, v in batch.stats.items() if "skipped" in k},
+                total,
+            )
+            batch.teacache = None
         return batch
+
+    def _teacache(self, batch: ForwardBatch) -> TeaCache | None:
+        if batch.teacache_thresh is None:
+            return None
+        calibration = self.env.options.get("teacache")
+        if calibration is None:
+            raise ValueError("TeaCache is not calibrated for this model (no coefficients)")
+        params = TeaCacheParams(
+            thresh=batch.teacache_thresh,
+            coefficients=tuple(calibration["coefficients"]),
+            warmup_steps=int(calibration.get("warmup_steps", 5)),
+        )
+        runtime = self.env.runtime
+        replica = runtime.groups.replica
+
+        def sync(values: torch.Tensor) -> None:
+            if replica.size > 1:
+                on_device = values.to(self.env.device)
+                runtime.all_reduce_max_(replica, on_device)
+                values.copy_(on_device.cpu())
+
+        return TeaCache(params, sync)
 
     @staticmethod
     def _boundary(batch: ForwardBatch, step: int) -> ForwardBatch:

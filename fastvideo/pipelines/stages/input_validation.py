@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastvideo.models.registry import ModelSpec
 from fastvideo.pipelines.base import ForwardBatch, PipelineStage, ProgressFn
-from fastvideo.pipelines.validation import validate_generation
+from fastvideo.pipelines.validation import check_teacache, validate_generation
 
 
 class InputValidationStage(PipelineStage):
@@ -35,4 +35,6 @@ class InputValidationStage(PipelineStage):
                 seed=batch.seeds[i],
                 output_type=batch.output_type,
             )
+        if batch.teacache_thresh is not None:
+            check_teacache(True, batch.teacache_thresh)
         return batch
