@@ -72,7 +72,7 @@ def main() -> None:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step_ms = sorted(times)[len(times) // 2] * 1000
-    res = {"gpus": world, "plan": f"diffusers Ulysses {world}", "step_ms": step_ms,
+    res = {"world_size": world, "plan": f"diffusers Ulysses {world}", "step_ms": step_ms,
            "attention": args.attention,
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}  # fmt: skip
     if rank == 0:

@@ -169,7 +169,7 @@ def test_registered_hub_ids_give_their_defaults_without_network(no_network):
     c13, c14 = PipelineConfig.from_pretrained(WAN_13B), PipelineConfig.from_pretrained(WAN_14B)
     assert c13.teacache_coefficients[0] == -5.21862437e04
     assert c14.teacache_coefficients[0] == -3.03318725e05
-    assert c13.sta_window_size["480x832x81"] == (7, 3, 5)
+    assert c13.sta_window_size["480x832x81"] == (5, 2, 5)
 
 
 def test_local_checkpoint_gets_fallback_defaults(tiny_a, no_network):

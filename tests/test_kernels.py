@@ -156,13 +156,14 @@ def test_sta_windows_per_resolution_and_default():
     assert cfg.window_for(TokenGrid(4, 10, 10)) == (4, 3, 3)
 
 
-def test_sta_kept_fraction_of_the_480p_default():
-    """The shipped 480x832x81 window: grid 21x30x52, tiles 3x8x8 -> 7x4x7, window 7x3x5.
+@pytest.mark.parametrize("window", [(7, 3, 5), (5, 2, 5)])
+def test_sta_kept_fraction_at_480p(window):
+    """480x832x81: grid 21x30x52, tiles 3x8x8 -> 7x4x7 (5x2x5 is the shipped window).
     Blocks of 64 never straddle tiles, so the kernel computes the window's tiles minus the
     key blocks that hold nothing but padding (real tokens come first inside a tile)."""
     g = TokenGrid(21, 30, 52)
-    tiles_kept = (7 * 3 * 5) / (7 * 4 * 7)
-    layout = sta_layout(g, (3, 8, 8), (7, 3, 5), CPU)
+    tiles_kept = (window[0] * window[1] * window[2]) / (7 * 4 * 7)
+    layout = sta_layout(g, (3, 8, 8), window, CPU)
     assert layout.block == (64, 64)
     kept = layout.kept_fraction
     assert 0.9 * tiles_kept < kept <= tiles_kept, (kept, tiles_kept)
