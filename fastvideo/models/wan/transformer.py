@@ -138,13 +138,11 @@ class WanAttention(nn.Module):
     def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """q, k, v as [B, L, H, D_head] (k, v from ``context`` for cross-attention)."""
         kv_src = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(kv_src), self.to_v(kv_src)
         heads = (self.heads, -1)
-        return (
-            self.norm_q(q).unflatten(2, heads),
-            self.norm_k(k).unflatten(2, heads),
-            v.unflatten(2, heads),
-        )
+        # Each raw projection is dropped as soon as it is normalised (peak memory).
+        q = self.norm_q(self.to_q(x)).unflatten(2, heads)
+        k = self.norm_k(self.to_k(kv_src)).unflatten(2, heads)
+        return q, k, self.to_v(kv_src).unflatten(2, heads)
 
     def forward(
         self,
@@ -229,12 +227,16 @@ class WanBlock(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = mod  # each [B, 1, D] fp32
         # addcmul: one fused multiply-add pass where `a * b + c` would take two.
         h = torch.addcmul(shift, self.norm1(x.float()), 1 + scale).type_as(x)
-        x = torch.addcmul(x.float(), self.attn1(h, rope=rope, shard=shard, grid=grid), gate)
-        x = x.type_as(h)
+        # The sublayer runs before x.float() exists: no fp32 copy of x lives through it.
+        out = self.attn1(h, rope=rope, shard=shard, grid=grid)
+        x = torch.addcmul(x.float(), out, gate).type_as(x)
+        del out
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context=context)
         h = torch.addcmul(c_shift, self.norm3(x.float()), 1 + c_scale).type_as(x)
-        return torch.addcmul(x.float(), self.ffn(h).float(), c_gate).type_as(x)
+        out = self.ffn(h)
+        del h
+        return torch.addcmul(x.float(), out.float(), c_gate).type_as(x)
 
 
 # --- model -------------------------------------------------------------------------------
@@ -303,7 +305,9 @@ class WanTransformer3D(nn.Module):
             return h
 
         if cache is None:
-            x = run_blocks(x, context, modulation)
+            # Inline, so no outer reference keeps the embedded input alive through the blocks.
+            for block in self.blocks:
+                x = block(x, context, modulation, rope, shard, grid)
         else:
             # The modulated timestep input (Wan's e0) is what TeaCache compares.
             def blocks(rows: torch.Tensor | None) -> torch.Tensor:

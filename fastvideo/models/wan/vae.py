@@ -197,7 +197,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The sum of squares over hundreds of channels is too coarse in half precision.
         low_precision = x.dtype.itemsize < 4
-        y = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
+        if low_precision:
+            # F.normalize's arithmetic (x / max(||x||, eps)), dividing the fp32 copy in place
+            # so that only one full-size fp32 tensor exists.
+            y = x.float()
+            y = y.div_(y.norm(2, dim=1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+        else:
+            y = F.normalize(x, dim=1)
         # In place on the fresh tensor: the same products as y * scale * gamma.
         return y.mul_(self.scale).mul_(self.gamma)
 
@@ -217,10 +223,14 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
         """x [B, in_dim, t, H, W] -> [B, out_dim, t, H, W]."""
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        # SiLU and the residual add in place on fresh tensors (same values, less memory).
-        x = cache.causal_conv(self.conv1, F.silu(self.norm1(x), inplace=True))
-        x = cache.causal_conv(self.conv2, self.dropout(F.silu(self.norm2(x), inplace=True)))
-        return x.add_(skip)
+        # SiLU and the residual add in place on fresh tensors (same values, less memory);
+        # every intermediate is released as soon as the next one exists.
+        h = F.silu(self.norm1(x), inplace=True)
+        del x
+        h = cache.causal_conv(self.conv1, h)
+        h = self.dropout(F.silu(self.norm2(h), inplace=True))
+        h = cache.causal_conv(self.conv2, h)
+        return h.add_(skip)
 
 
 class AttentionBlock(nn.Module):
