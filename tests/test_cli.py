@@ -91,3 +91,26 @@ def test_console_script_is_declared():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["fastvideo"].partition(":")
     assert getattr(importlib.import_module(module), func) is main
+
+
+def test_generate_with_speed_flags_reports_teacache_skips(tmp_path, _private_cache):
+    """--teacache / --teacache-thresh / --attention-backend reach the engine; the summary
+    line says how many steps TeaCache skipped (warm-up steps always run)."""
+    target = tmp_path / "fox.mp4"
+    proc = _cli(
+        "generate", "--model", DEMO_MODEL_ID, "--prompt", "a fox", "--steps", "8",
+        "--teacache", "--teacache-thresh", "5.0", "--attention-backend", "sdpa_math",
+        "--output", str(target),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert target.is_file()
+    assert "TeaCache skipped 3 of 8 steps" in proc.stdout, proc.stdout
+
+
+def test_unrunnable_attention_backend_is_a_clean_cli_error(tmp_path, _private_cache):
+    proc = _cli(
+        "generate", "--model", DEMO_MODEL_ID, "--prompt", "a fox", "--steps", "1",
+        "--attention-backend", "nope", "--output", str(tmp_path / "x.mp4"),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "attention_backend must be one of" in proc.stderr

@@ -236,6 +236,21 @@ def test_teacache_sync_makes_every_rank_decide_alike():
     assert ran == [1]  # this rank saw no change, another rank's 0.9 >= 0.5 wins
 
 
+def test_teacache_select_keeps_the_remaining_items_state():
+    """Requests leaving a running batch take their rows of the cached residuals along."""
+    cache = TeaCache(TeaCacheParams(thresh=10.0, coefficients=(1.0, 0.0), warmup_steps=1))
+    x = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 2).contiguous()
+    cache.step = 0
+    cache.run(x, torch.ones(3, 2), {"cond": slice(0, 3)}, lambda rows: x * 10)
+    cache.select(torch.tensor([0, 2]))
+    x2 = x[[0, 2]]
+    cache.step = 1
+    ran = []
+    out = cache.run(x2, torch.ones(2, 2), {"cond": slice(0, 2)}, lambda r: ran.append(1) or x2)
+    assert not ran  # skipped: the kept items' residuals (9x) are reused
+    assert torch.equal(out, x2 * 10)
+
+
 # --- pipeline level ------------------------------------------------------------------------
 STA_SIZE = dict(height=64, width=128, num_frames=5)  # token grid 2 x 4 x 8
 STA_OPTS = dict(attention_backend="sta", sta_tile_size=(1, 8, 8))
