@@ -110,6 +110,24 @@ def write_result(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def measure_cuda(fn, warmup: int, reps: int) -> tuple[float, float]:
+    """(median ms of ``fn``, peak GiB above the memory allocated before the timed calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())

@@ -12,26 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, rel_err, write_result
-
-
-def _time(fn, warmup: int, reps: int) -> tuple[float, float]:
-    """(median ms, peak GiB above the memory in use before the call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return sorted(times)[len(times) // 2], peak
+from benchmarks.common import environment, measure_cuda, rel_err, write_result
 
 
 def load_ours(folder: Path):
@@ -64,7 +45,7 @@ def attention_table(tokens: int, heads: int, dim: int) -> list[dict]:
     ):
         try:
             with sdpa_kernel([backend]):
-                ms, _ = _time(lambda: F.scaled_dot_product_attention(q, k, v), 2, 10)
+                ms, _ = measure_cuda(lambda: F.scaled_dot_product_attention(q, k, v), 2, 10)
                 out = F.scaled_dot_product_attention(q, k, v)
         except RuntimeError as e:
             rows.append({"backend": name, "error": str(e).splitlines()[0]})
@@ -101,7 +82,8 @@ def main() -> None:
 
     ours = load_ours(args.model)
     out_ours = ours(x, t, text)
-    result["ours_ms"], result["ours_peak_gib"] = _time(lambda m=ours: m(x, t, text), 2, args.reps)
+    fwd_ours = lambda m=ours: m(x, t, text)  # noqa: E731
+    result["ours_ms"], result["ours_peak_gib"] = measure_cuda(fwd_ours, 2, args.reps)
     print(f"ours      {result['ours_ms']:8.1f} ms  peak +{result['ours_peak_gib']:.2f} GiB")
     del ours
     torch.cuda.empty_cache()
@@ -117,7 +99,7 @@ def main() -> None:
         )
         fwd = lambda: ref(x, t, text, return_dict=False)[0]  # noqa: E731
         out_ref = fwd()
-        result["diffusers_ms"], result["diffusers_peak_gib"] = _time(fwd, 2, args.reps)
+        result["diffusers_ms"], result["diffusers_peak_gib"] = measure_cuda(fwd, 2, args.reps)
         result["output_rel_err"] = rel_err(out_ours.float(), out_ref.float())
         result["ratio_ours_over_diffusers"] = result["ours_ms"] / result["diffusers_ms"]
         print(

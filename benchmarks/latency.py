@@ -27,27 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import environment, rel_err, write_result
+from benchmarks.common import environment, measure_cuda, rel_err, write_result
 
 GIB = 2**30
-
-
-def _measure(fn, warmup: int, reps: int) -> tuple[float, float]:
-    """(median ms, peak GiB above the memory allocated before the call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated() - base) / GIB
 
 
 def _free() -> None:
@@ -134,7 +116,7 @@ def main() -> None:
         from fastvideo.models.text_encoders import encode_prompts
 
         fn = lambda: encode_prompts(tok, enc, ["a red fox"] * 2, 512, bf16)  # noqa: E731
-        res["ours_text_ms"], res["ours_text_peak_gib"] = _measure(fn, 1, args.reps)
+        res["ours_text_ms"], res["ours_text_peak_gib"] = measure_cuda(fn, 1, args.reps)
         res["text_note"] = "1-layer UMT5 of the real width: not UMT5-XXL's time"
         print(f"text encoding (1-layer UMT5): {res['ours_text_ms']:.1f} ms")
         del enc, tok
@@ -147,7 +129,7 @@ def main() -> None:
         out_ours = ours(x, t, text)
         torch.cuda.synchronize()
         res["ours_dit_first_call_s"] = time.perf_counter() - start
-        res["ours_dit_ms"], res["ours_dit_peak_gib"] = _measure(
+        res["ours_dit_ms"], res["ours_dit_peak_gib"] = measure_cuda(
             lambda: ours(x, t, text), 2, args.reps
         )
         ms, peak, first = res["ours_dit_ms"], res["ours_dit_peak_gib"], res["ours_dit_first_call_s"]
@@ -171,7 +153,7 @@ def main() -> None:
             torch.cuda.synchronize()
             res["diffusers_dit_first_call_s"] = time.perf_counter() - start
             fwd = lambda: ref(x, t, text, return_dict=False)[0]  # noqa: E731
-            res["diffusers_dit_ms"], res["diffusers_dit_peak_gib"] = _measure(fwd, 2, args.reps)
+            res["diffusers_dit_ms"], res["diffusers_dit_peak_gib"] = measure_cuda(fwd, 2, args.reps)
             res["dit_ratio_ours_over_diffusers"] = res["ours_dit_ms"] / res["diffusers_dit_ms"]
             res["dit_output_rel_err"] = rel_err(out_ours.float(), out_ref.float())
             ratio = res["dit_ratio_ours_over_diffusers"]
@@ -191,7 +173,7 @@ def main() -> None:
             dtype = DTYPES[prec]
             env = _env(args.model, {"vae": dtype})
             vae = components.load_vae(args.model / "vae", env)
-            ms, peak = _measure(lambda v=vae, d=dtype: v.decode(z.to(d)), 1, 2)
+            ms, peak = measure_cuda(lambda v=vae, d=dtype: v.decode(z.to(d)), 1, 2)
             res[f"ours_vae_{prec}_ms"], res[f"ours_vae_{prec}_peak_gib"] = ms, peak
             line = f"VAE decode {prec:<5} ours {ms:8.1f} ms  peak +{peak:.2f} GiB"
             del vae
@@ -204,7 +186,7 @@ def main() -> None:
                 )
                 ref_vae = ref_vae.to("cuda").eval()
                 fn = lambda v=ref_vae, d=dtype: v.decode(z.to(d), return_dict=False)[0]  # noqa: E731
-                ms_r, peak_r = _measure(fn, 1, 2)
+                ms_r, peak_r = measure_cuda(fn, 1, 2)
                 res[f"diffusers_vae_{prec}_ms"], res[f"diffusers_vae_{prec}_peak_gib"] = (
                     ms_r,
                     peak_r,

@@ -44,3 +44,13 @@ def tiny_b(tmp_path_factory: pytest.TempPathFactory):
     """(folder, diffusers WanPipeline) of tiny config B (Euler, 4 heads, no cross norm)."""
     folder = tmp_path_factory.mktemp("tiny-b")
     return folder, build_diffusers_pipeline(TINY_B, folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_a):
+    """One in-process generator on the tiny_a checkpoint, shared by the test module."""
+    from fastvideo import VideoGenerator
+
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
+        yield gen

@@ -88,14 +88,6 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_gen(tiny_a):
-    """One in-process generator on the tiny_a checkpoint, shared by the module."""
-    folder, _ = tiny_a
-    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
-        yield gen
-
-
-@pytest.fixture(scope="module")
 def demo_gen():
     """One in-process generator on the built-in demo model, shared by the module."""
     with VideoGenerator.from_pretrained(DEMO_MODEL_ID, executor="inproc") as gen:

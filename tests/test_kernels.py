@@ -297,13 +297,6 @@ TEA = dict(negative_prompt="blurry", seed=3, num_inference_steps=12, height=32, 
 
 
 @pytest.fixture(scope="module")
-def tiny_gen(tiny_a):
-    folder, _ = tiny_a
-    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
-        yield gen
-
-
-@pytest.fixture(scope="module")
 def teacache_runs(tiny_gen):
     runs = {}
     gen = tiny_gen

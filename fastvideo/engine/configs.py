@@ -161,7 +161,7 @@ class PipelineConfig:
             raise ValueError(
                 f"parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}"
             )
-        backend = self.attention_backend or "auto"
+        backend = self.resolved_attention_backend() or "auto"
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}"
