@@ -81,6 +81,13 @@ def test_unknown_backend_in_config_fails_before_workers_start(tiny_a):
         VideoGenerator.from_pretrained(str(folder), sta_window_size={"480p": (1, 1, 1)})
 
 
+def test_bad_backend_from_the_environment_fails_at_the_api_boundary(tiny_a, monkeypatch):
+    folder, _ = tiny_a
+    monkeypatch.setenv("FASTVIDEO_ATTENTION_BACKEND", "flashy")
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        VideoGenerator.from_pretrained(str(folder), executor="inproc")
+
+
 @pytest.mark.parametrize("name", ["sdpa", "sdpa_math"])
 def test_cpu_backends_match_a_float64_reference(name):
     torch.manual_seed(0)
