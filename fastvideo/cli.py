@@ -32,7 +32,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=int, help=helps["fps"])
     p.add_argument("--output", default="outputs/", help=helps["output_path"])
     p.add_argument("--teacache", action="store_true", help=helps["enable_teacache"])
-    p.add_argument("--teacache-thresh", type=float, help=helps["teacache_thresh"])
+    p.add_argument(
+        "--teacache-thresh", type=float, help=helps["teacache_thresh"] + " Implies --teacache."
+    )
     pipe = dataclass_help(PipelineConfig)
     p.add_argument("--num-gpus", type=int, default=1, help=pipe["num_gpus"])
     p.add_argument("--attention-backend", help=pipe["attention_backend"])
@@ -66,7 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[_SAMPLING_FLAGS.get(flag, flag)] = value
-    if args.teacache:
+    if args.teacache or args.teacache_thresh is not None:  # a threshold implies the cache
         overrides["enable_teacache"] = True
     # Validate the flags before starting workers and loading weights.
     info = resolve_model(args.model)

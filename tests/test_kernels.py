@@ -81,6 +81,67 @@ def test_unknown_backend_in_config_fails_before_workers_start(tiny_a):
         VideoGenerator.from_pretrained(str(folder), sta_window_size={"480p": (1, 1, 1)})
 
 
+@pytest.mark.parametrize(
+    "num_gpus, opts",
+    [
+        (4, dict(attention_backend="sta")),  # 6 heads, guidance off: Ulysses 2 x ring 2
+        (2, dict(attention_backend="sage", ulysses_degree=1, cfg_parallel=False)),  # ring 2
+    ],
+)
+def test_backend_without_ring_support_fails_before_workers_start(tiny_a, num_gpus, opts):
+    """An automatic plan that needs ring attention is refused at start-up when the chosen
+    backend cannot run it (instead of failing every request on the workers)."""
+    folder, _ = tiny_a
+    with pytest.raises(ValueError, match="cannot run ring attention.*ring 2"):
+        VideoGenerator.from_pretrained(str(folder), num_gpus=num_gpus, **opts)
+
+
+def test_teacache_without_calibration_fails_at_submission(tiny_a):
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(
+        str(folder), executor="inproc", teacache_coefficients=None
+    ) as gen:
+        with pytest.raises(ValueError, match="no TeaCache calibration"):
+            gen.generate_video("a fox", enable_teacache=True, **TEA)
+        assert gen.generate_video("a fox", **TEA).latents is not None  # still serving
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("torch_compile_mode", "bogus", "torch_compile_mode must be one of"),
+        ("teacache_warmup_steps", -3, "teacache_warmup_steps must be an int >= 0"),
+        ("teacache_coefficients", ("a",), "teacache_coefficients must be a non-empty"),
+    ],
+)
+def test_bad_speed_settings_fail_before_workers_start(tiny_a, field, value, message):
+    folder, _ = tiny_a
+    with pytest.raises(ValueError, match=message):
+        VideoGenerator.from_pretrained(str(folder), **{field: value})
+
+
+def test_unknown_compile_backend_fails_before_workers_start(tiny_a):
+    folder, _ = tiny_a
+    with pytest.raises(ValueError, match="torch_compile_backend must be one of"):
+        VideoGenerator.from_pretrained(
+            str(folder), enable_torch_compile=True, torch_compile_backend="nope"
+        )
+
+
+def test_two_engines_in_one_process_keep_their_own_backend(tiny_a, dense_and_sta):
+    """Each model carries its backend: starting an STA engine must not change the results
+    of a dense one alive in the same process."""
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as dense:
+        with VideoGenerator.from_pretrained(
+            str(folder), executor="inproc", sta_window_size=(1, 1, 1), **STA_OPTS
+        ) as sparse:
+            a = dense.generate_video("a fox", **STA_SIZE, **COMMON).latents
+            b = sparse.generate_video("a fox", **STA_SIZE, **COMMON).latents
+    assert torch.equal(a, dense_and_sta["dense"])
+    assert torch.equal(b, dense_and_sta["sta_1"])
+
+
 def test_bad_backend_from_the_environment_fails_at_the_api_boundary(tiny_a, monkeypatch):
     folder, _ = tiny_a
     monkeypatch.setenv("FASTVIDEO_ATTENTION_BACKEND", "flashy")

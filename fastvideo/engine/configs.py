@@ -19,12 +19,16 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 EXECUTORS = ("mp", "inproc")
 DEVICES = ("cuda", "cpu")
 PARALLEL_MODES = ("auto", "latency", "throughput")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Every name fastvideo.kernels_bridge.attention registers (kept here so validating a config
 # does not import torch); whether one can run on this machine is checked on the workers.
 ATTENTION_BACKENDS = (
     "auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn",
     "sage", "sta",
 )  # fmt: skip
+# Backends ring attention runs with: it merges partial results by log-sum-exp, which only
+# the SDPA kernels expose (cuDNN, flash, memory-efficient, CPU).
+RING_BACKENDS = ("auto", "sdpa")
 
 T = TypeVar("T")
 
@@ -166,10 +170,10 @@ class PipelineConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}"
             )
-        if backend == "sta" and (self.ring_degree or 1) > 1:
+        if backend not in RING_BACKENDS and (self.ring_degree or 1) > 1:
             raise ValueError(
-                "attention_backend='sta' needs the whole sequence on one rank: use Ulysses "
-                f"(ulysses_degree), not ring_degree={self.ring_degree}"
+                f"attention_backend={backend!r} cannot run ring attention: use Ulysses "
+                f"(ulysses_degree), not ring_degree={self.ring_degree}, or 'auto'/'sdpa'"
             )
         _check_triple("sta_tile_size", self.sta_tile_size)
         if math.prod(self.sta_tile_size) % 64:
@@ -186,6 +190,31 @@ class PipelineConfig:
             _check_triple("sta_window_size", windows)
         if not isinstance(self.enable_torch_compile, bool):
             raise TypeError("enable_torch_compile must be a bool")
+        mode = self.torch_compile_mode
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"torch_compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
+        if self.enable_torch_compile:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.torch_compile_backend not in known:
+                raise ValueError(
+                    f"torch_compile_backend must be one of {known}, got "
+                    f"{self.torch_compile_backend!r}"
+                )
+        warmup = self.teacache_warmup_steps
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(f"teacache_warmup_steps must be an int >= 0, got {warmup!r}")
+        coeffs = self.teacache_coefficients
+        if coeffs is not None and (
+            not isinstance(coeffs, (tuple, list))
+            or not coeffs
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coeffs)
+        ):
+            raise ValueError(
+                f"teacache_coefficients must be a non-empty sequence of numbers (highest "
+                f"power first) or None, got {coeffs!r}"
+            )
         replicas = self.replicas()
         if self.num_gpus % replicas:
             raise ValueError(f"throughput_replicas={replicas} must divide num_gpus={self.num_gpus}")

@@ -87,8 +87,11 @@ class _Item:
     submitted: float
 
 
-def check_sampling(info: ModelInfo, prompt: str, param: SamplingParam) -> None:
-    """Raise TypeError/ValueError naming the first invalid field of a request."""
+def check_sampling(
+    info: ModelInfo, prompt: str, param: SamplingParam, config: PipelineConfig | None = None
+) -> None:
+    """Raise TypeError/ValueError naming the first invalid field of a request (``config``:
+    the engine's, for options the request needs from it)."""
     validate_generation(
         info.spec,
         prompt=prompt,
@@ -103,6 +106,12 @@ def check_sampling(info: ModelInfo, prompt: str, param: SamplingParam) -> None:
         output_type=param.output_type,
     )
     check_teacache(param.enable_teacache, param.teacache_thresh)
+    if param.enable_teacache and config is not None and not config.teacache_coefficients:
+        raise ValueError(
+            "enable_teacache=True but this engine has no TeaCache calibration "
+            "(PipelineConfig.teacache_coefficients is None; the registered Wan2.1 models "
+            "set it, a custom PipelineConfig must too)"
+        )
 
 
 def batch_key(param: SamplingParam) -> tuple:
@@ -175,7 +184,7 @@ class EngineCore:
         request_id: str | None,
         priority: int,
     ) -> ScheduledRequest:
-        check_sampling(self.info, prompt, param)
+        check_sampling(self.info, prompt, param, self.config)
         item = _Item(prompt, param.copy(), sink, time.perf_counter())
         return ScheduledRequest(request_id or uuid.uuid4().hex, batch_key(param), priority, item)
 

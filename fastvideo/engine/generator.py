@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastvideo.distributed.plan import choose_plan
-from fastvideo.engine.configs import PipelineConfig, SamplingParam
+from fastvideo.engine.configs import RING_BACKENDS, PipelineConfig, SamplingParam
 from fastvideo.engine.core import (
     EngineCore,
     EventSink,
@@ -64,8 +64,17 @@ def start_engine(
         config.num_gpus = num_gpus
     config.validate()
     config.model_path = str(info.path)
+    backend = config.resolved_attention_backend() or "auto"
     for use_cfg in (True, False):  # an impossible forced plan fails here, not later
-        choose_plan(config.num_gpus, info.spec.num_heads, use_cfg, **config.plan_kwargs())
+        plan = choose_plan(config.num_gpus, info.spec.num_heads, use_cfg, **config.plan_kwargs())
+        if plan.ring_degree > 1 and backend not in RING_BACKENDS:
+            raise ValueError(
+                f"attention_backend={backend!r} cannot run ring attention, and with "
+                f"num_gpus={config.num_gpus} and {info.spec.num_heads} heads the plan with "
+                f"guidance {'on' if use_cfg else 'off'} is {plan.describe()}. Use a GPU count "
+                f"whose Ulysses degree divides the heads (ulysses_degree=, cfg_parallel=), or "
+                f"attention_backend 'auto' or 'sdpa'"
+            )
     device = pick_device(config)
     start = time.perf_counter()
     executor = create_executor(info.path, config, device)
@@ -132,7 +141,7 @@ class VideoGenerator:
         prompts = [prompt] if single else list(prompt)
         params = self._params(prompts, sampling_param, overrides)
         for p, param in zip(prompts, params, strict=True):
-            check_sampling(self.info, p, param)
+            check_sampling(self.info, p, param, self.core.config)
         events: queue.Queue = queue.Queue()
         sinks = [EventSink(lambda event, i=i: events.put((i, event))) for i in range(len(prompts))]
         pending = list(zip(prompts, params, sinks, strict=True))
@@ -177,7 +186,7 @@ class VideoGenerator:
     def build_request(self, prompt: str, param: SamplingParam) -> GenerateRequest:
         """The wire request the engine would send for one prompt (validated, latency-mode
         plan), for callers that drive the executor directly."""
-        check_sampling(self.info, prompt, param)
+        check_sampling(self.info, prompt, param, self.core.config)
         plan = self.core.plan_for(param.guidance_scale > 1.0, Mode.LATENCY)
         request_id = uuid.uuid4().hex
         return wire_request(request_id, [(prompt, param)], [request_id], plan)

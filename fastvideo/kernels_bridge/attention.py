@@ -78,11 +78,17 @@ def _cuda_half(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _needs_package(module: str, pip: str) -> Callable[[torch.device, torch.dtype], str | None]:
+def _needs_package(
+    module: str, pip: str, min_capability: tuple[int, int] = (8, 0)
+) -> Callable[[torch.device, torch.dtype], str | None]:
     def check(device: torch.device, dtype: torch.dtype) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"the {module!r} package is not installed (pip install {pip})"
-        return _cuda_half(device, dtype)
+        why = _cuda_half(device, dtype)
+        if why is None and torch.cuda.get_device_capability(device) < min_capability:
+            major, minor = min_capability
+            why = f"it needs compute capability >= {major}.{minor}"
+        return why
 
     return check
 
@@ -132,11 +138,15 @@ def _sage_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 def _sta_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: TokenGrid | None = None,
+    sta: STAConfig | None = None,
 ) -> torch.Tensor:
     if grid is None:
         return _sdpa_forward(q, k, v)
-    return sta_attention(q, k, v, grid, _sta_config)
+    return sta_attention(q, k, v, grid, sta or _sta_config)
 
 
 register_backend(AttentionBackend("sdpa", _always, _sdpa_forward))
@@ -195,6 +205,8 @@ def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) 
         chosen = "sdpa"
         for candidate in auto_preference(device):
             why = _BACKENDS[candidate].why_unavailable(device, dtype)
+            if why is None and candidate != "sdpa":  # SDPA falls back per kernel itself
+                why = _probe(candidate, device, dtype)
             if why is None:
                 chosen = candidate
                 break
@@ -218,25 +230,31 @@ def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) 
 
 
 def set_backend(name: str | None, sta: STAConfig | None = None) -> None:
-    """Set the process-wide backend (workers call this once after resolving it)."""
+    """Set the process default, used by calls that name no backend (models get theirs
+    from ``WanTransformer3D.set_attention``, so two engines in one process never mix)."""
     global _active, _sta_config
     _active = name
     if sta is not None:
         _sta_config = sta
 
 
-def active_backend() -> str:
-    return _active or "sdpa"
+def active_backend(name: str | None = None) -> str:
+    return name or _active or "sdpa"
 
 
-def needs_whole_sequence() -> bool:
-    """The active backend needs every key of the video locally (no ring attention)."""
-    return _BACKENDS[active_backend()].video_only
+def needs_whole_sequence(name: str | None = None) -> bool:
+    """The backend needs every key of the video locally (no ring attention)."""
+    return _BACKENDS[active_backend(name)].video_only
 
 
 @torch.compiler.disable
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: TokenGrid | None = None,
+    backend: str | None = None,
+    sta: STAConfig | None = None,
 ) -> torch.Tensor:
     """Softmax attention, no mask, default scale 1/sqrt(D).
 
@@ -244,12 +262,14 @@ def attention(
         q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
         grid: the video's token grid when this is the video's self-attention over its
             whole sequence (sparse video backends use it; others ignore it).
+        backend: a resolved backend name; None: the process default (``set_backend``).
+        sta: STA tiles and windows for the ``sta`` backend; None: the process default.
     Returns:
         [B, Lq, H, D] in q's dtype.
     """
-    backend = _BACKENDS[active_backend()]
+    impl = _BACKENDS[active_backend(backend)]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out = backend.forward(qt, kt, vt, grid) if backend.video_only else backend.forward(qt, kt, vt)
+    out = impl.forward(qt, kt, vt, grid, sta) if impl.video_only else impl.forward(qt, kt, vt)
     return out.transpose(1, 2)
 
 

@@ -21,6 +21,7 @@ from fastvideo.kernels_bridge.attention import (
     attention_with_lse,
     needs_whole_sequence,
 )
+from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.sequence import SequenceShard, TokenGrid
 
 # Heads are exchanged in up to this many groups so that the all-to-all of one group
@@ -37,6 +38,13 @@ class DistributedAttention:
 
     def __init__(self, runtime: ParallelRuntime | None = None):
         self.runtime = runtime
+        # The model's attention backend and STA settings (None: the process default).
+        self.backend: str | None = None
+        self.sta: STAConfig | None = None
+
+    def local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention without sequence parallelism (e.g. cross-attention to the text)."""
+        return attention(q, k, v, None, self.backend, self.sta)
 
     @torch.compiler.disable  # collectives and kernel dispatch stay eager under compile
     def __call__(
@@ -56,20 +64,21 @@ class DistributedAttention:
         if groups is None or groups.sp.size == 1:
             if shard is not None and shard.valid < q.shape[1]:
                 k, v = k[:, : shard.valid], v[:, : shard.valid]
-            return attention(q, k, v, grid)
+            return attention(q, k, v, grid, self.backend, self.sta)
         assert shard is not None, "a sharded sequence needs its SequenceShard"
         total = shard.total
-        if groups.ring.size > 1 and needs_whole_sequence():
+        if groups.ring.size > 1 and needs_whole_sequence(self.backend):
             raise ValueError(
-                f"attention_backend={active_backend()!r} needs the whole sequence on one "
-                f"rank: it works with Ulysses and CFG parallelism, not ring attention "
+                f"attention_backend={active_backend(self.backend)!r} needs the whole "
+                f"sequence on one rank: it works with Ulysses and CFG parallelism, not ring "
+                f"attention "
                 f"(ring degree {groups.ring.size})"
             )
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Attention over the Ulysses-gathered chunk [B, L/ring, h, D]."""
             if groups.ring.size == 1:
-                return attention(q, k[:, :total], v[:, :total], grid)
+                return attention(q, k[:, :total], v[:, :total], grid, self.backend, self.sta)
             return _ring_attention(groups.ring, q, k, v, q.shape[1], total)
 
         if groups.ulysses.size == 1:

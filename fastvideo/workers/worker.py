@@ -120,22 +120,23 @@ class Worker:
         start = time.perf_counter()
         family = family_for_dir(self.model_dir)
         spec = family.read_spec(self.model_dir)
+        dtypes = component_dtypes(self.config, self.device)
+        backend = attention_bridge.resolve_backend(
+            self.config.resolved_attention_backend(), self.device, dtypes["transformer"]
+        )
         env = PipelineRuntime(
             runtime=self.runtime,
             device=self.device,
             spec=spec,
-            dtypes=component_dtypes(self.config, self.device),
+            dtypes=dtypes,
             options={
                 "flow_shift": self.config.flow_shift,
                 "scheduler": self.config.scheduler,
                 "teacache": _teacache_calibration(self.config),
                 "compile": _compile_options(self.config),
+                "attention": (backend, sta_config(self.config, spec)),
             },
         )
-        backend = attention_bridge.resolve_backend(
-            self.config.resolved_attention_backend(), self.device, env.dtypes["transformer"]
-        )
-        attention_bridge.set_backend(backend, sta_config(self.config, spec))
         plans = candidate_plans(
             self.world_size,
             spec.num_heads,

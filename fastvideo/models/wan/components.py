@@ -33,6 +33,8 @@ def load_transformer(folder: Path, env: PipelineRuntime) -> WanTransformer3D:
     model = load_checkpoint(
         model, folder, env.device, dtype_for, ignore_unexpected=("norm_added_q",)
     )
+    if env.options.get("attention") is not None:
+        model.set_attention(*env.options["attention"])
     compile_options = env.options.get("compile")
     if compile_options:
         model.compile_blocks(**compile_options)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastvideo.distributed.runtime import ParallelRuntime
 from fastvideo.kernels_bridge.attention import attention
+from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
 from fastvideo.layers.sequence import SequenceShard, TokenGrid, patchify, unpatchify
@@ -158,6 +159,8 @@ class WanAttention(nn.Module):
             assert rope is not None and self.dist_attn is not None
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             out = self.dist_attn(q, k, v, shard, grid)
+        elif self.dist_attn is not None:
+            out = self.dist_attn.local(q, k, v)
         else:
             out = attention(q, k, v)
         return self.to_out[0](out.flatten(2).type_as(q))
@@ -203,7 +206,7 @@ class WanBlock(nn.Module):
         dim, heads = cfg.inner_dim, cfg.num_attention_heads
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim, heads, cfg.eps, dist_attn)
-        self.attn2 = WanAttention(dim, heads, cfg.eps, None)
+        self.attn2 = WanAttention(dim, heads, cfg.eps, dist_attn)
         self.norm2 = (
             FP32LayerNorm(dim, cfg.eps, elementwise_affine=True)
             if cfg.cross_attn_norm
@@ -225,18 +228,18 @@ class WanBlock(nn.Module):
         """x: [B, L, D]; context: [B, Lt, D]; modulation: [B, 6, D] -> [B, L, D]."""
         mod = (self.scale_shift_table + modulation.float()).chunk(6, dim=1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod  # each [B, 1, D] fp32
-        # addcmul: one fused multiply-add pass where `a * b + c` would take two.
-        h = torch.addcmul(shift, self.norm1(x.float()), 1 + scale).type_as(x)
-        # The sublayer runs before x.float() exists: no fp32 copy of x lives through it.
+        # The reference's arithmetic ((norm * (1 + scale) + shift), (x + out * gate), all in
+        # fp32), done in place on fresh tensors: fewer passes and no fp32 copy of x.
+        h = self.norm1(x.float()).mul_(1 + scale).add_(shift).type_as(x)
         out = self.attn1(h, rope=rope, shard=shard, grid=grid)
-        x = torch.addcmul(x.float(), out, gate).type_as(x)
+        x = (out * gate).add_(x).type_as(x)
         del out
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context=context)
-        h = torch.addcmul(c_shift, self.norm3(x.float()), 1 + c_scale).type_as(x)
+        h = self.norm3(x.float()).mul_(1 + c_scale).add_(c_shift).type_as(x)
         out = self.ffn(h)
         del h
-        return torch.addcmul(x.float(), out.float(), c_gate).type_as(x)
+        return (out * c_gate).add_(x).type_as(x)
 
 
 # --- model -------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ class WanTransformer3D(nn.Module):
             config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.condition_embedder = ConditionEmbedder(dim, config.freq_dim, config.text_dim)
-        dist_attn = DistributedAttention(runtime)
+        self.dist_attn = dist_attn = DistributedAttention(runtime)
         self.blocks = nn.ModuleList([WanBlock(config, dist_attn) for _ in range(config.num_layers)])
         self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, config.out_channels * math.prod(config.patch_size))
@@ -319,6 +322,10 @@ class WanTransformer3D(nn.Module):
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         return self.proj_out(x)
+
+    def set_attention(self, backend: str | None, sta: STAConfig | None = None) -> None:
+        """The attention backend (resolved name) and STA settings of this model only."""
+        self.dist_attn.backend, self.dist_attn.sta = backend, sta
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
         """Regional torch.compile: each block is compiled (one graph shared by all blocks,
