@@ -57,7 +57,8 @@ _COMMON = {
 
 # TeaCache (github.com/ali-vilab/TeaCache, TeaCache4Wan2.1, "ret steps" mode: the modulated
 # timestep input e0, first 5 steps always computed): the published rescaling polynomials.
-# 0.08 is the published 1.3B setting also used by FastVideo and SGLang; 0.2 the 14B one.
+# 0.08 is the 1.3B default FastVideo and SGLang ship; 0.2 for 14B is a setting seen in
+# public TeaCache examples, not calibrated here.
 TEACACHE_1_3B = (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02)
 TEACACHE_14B = (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01)
 
