@@ -35,7 +35,7 @@ def _time(fn, warmup: int = 3, reps: int = 10) -> float:
 @torch.no_grad()
 def main() -> None:
     from fastvideo.kernels_bridge import attention as bridge
-    from fastvideo.kernels_bridge.sta import STAConfig, sta_attention, sta_layout
+    from fastvideo.kernels_bridge.sta import STAConfig, dense_token_mask, sta_attention, sta_layout
     from fastvideo.layers.sequence import TokenGrid
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -96,12 +96,7 @@ def main() -> None:
         ms = _time(fn)
         out = fn()
         # fp32 reference with the same token mask (a dense [N, N] boolean, r heads).
-        from torch.nn.attention.flex_attention import create_mask
-
-        size = layout.order.numel()
-        slot = create_mask(layout.block_mask.mask_mod, None, None, size, size, device=dev)[0, 0]
-        mask = slot[layout.inverse][:, layout.inverse]
-        del slot
+        mask = dense_token_mask(layout)
         with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]):
             ref_sparse = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask)
         del mask

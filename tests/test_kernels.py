@@ -366,13 +366,12 @@ TEA = dict(negative_prompt="blurry", seed=3, num_inference_steps=12, height=32, 
 
 @pytest.fixture(scope="module")
 def teacache_runs(tiny_gen):
-    runs = {}
-    gen = tiny_gen
-    if True:
-        runs["off"] = gen.generate_video("a fox", **TEA)
-        runs["zero"] = gen.generate_video("a fox", enable_teacache=True, teacache_thresh=0.0, **TEA)
-        runs["high"] = gen.generate_video("a fox", enable_teacache=True, teacache_thresh=5.0, **TEA)
-    return runs
+    on = dict(enable_teacache=True, **TEA)
+    return {
+        "off": tiny_gen.generate_video("a fox", **TEA),
+        "zero": tiny_gen.generate_video("a fox", teacache_thresh=0.0, **on),
+        "high": tiny_gen.generate_video("a fox", teacache_thresh=5.0, **on),
+    }
 
 
 def test_teacache_threshold_zero_is_identical_to_no_cache(teacache_runs):

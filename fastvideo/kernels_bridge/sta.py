@@ -199,7 +199,8 @@ def reference_mask(grid: TokenGrid, tile: Triple, window: Triple) -> torch.Tenso
 
 
 def dense_token_mask(layout: STALayout) -> torch.Tensor:
-    """The layout's block mask expanded to a raster-order [N, N] token mask (for tests)."""
+    """The layout's block mask expanded to a raster-order [N, N] token mask (tests and the
+    kernel table's fp32 reference)."""
     from torch.nn.attention.flex_attention import create_mask
 
     size = layout.order.numel()

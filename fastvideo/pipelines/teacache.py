@@ -146,6 +146,10 @@ class TeaCache:
                 if tensor is not None:
                     setattr(branch, name, tensor.index_select(0, keep.to(tensor.device)))
 
+    def skipped(self) -> dict[str, int]:
+        """Branch -> steps whose blocks were skipped."""
+        return {name: branch.skipped for name, branch in self.branches.items()}
+
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, branch in self.branches.items():

@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvideo.distributed.runtime import ParallelRuntime
-from fastvideo.kernels_bridge.attention import attention
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
@@ -125,7 +124,7 @@ class WanAttention(nn.Module):
     attention (queries local, keys/values from the text) needs no communication.
     """
 
-    def __init__(self, dim: int, heads: int, eps: float, dist_attn: DistributedAttention | None):
+    def __init__(self, dim: int, heads: int, eps: float, dist_attn: DistributedAttention):
         super().__init__()
         self.heads = heads
         self.to_q = nn.Linear(dim, dim)
@@ -156,13 +155,11 @@ class WanAttention(nn.Module):
         """x: [B, L, D]; context: [B, Lt, D] for cross-attention -> [B, L, D]."""
         q, k, v = self._project(x, context)
         if context is None:
-            assert rope is not None and self.dist_attn is not None
+            assert rope is not None
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             out = self.dist_attn(q, k, v, shard, grid)
-        elif self.dist_attn is not None:
-            out = self.dist_attn.local(q, k, v)
         else:
-            out = attention(q, k, v)
+            out = self.dist_attn.local(q, k, v)
         return self.to_out[0](out.flatten(2).type_as(q))
 
 
@@ -201,7 +198,7 @@ class FeedForward(nn.Module):
 class WanBlock(nn.Module):
     """Self-attention, cross-attention and FFN, each modulated by the timestep (fp32)."""
 
-    def __init__(self, cfg: WanTransformerConfig, dist_attn: DistributedAttention | None):
+    def __init__(self, cfg: WanTransformerConfig, dist_attn: DistributedAttention):
         super().__init__()
         dim, heads = cfg.inner_dim, cfg.num_attention_heads
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
@@ -301,23 +298,23 @@ class WanTransformer3D(nn.Module):
         rope = self.rope(grid, shard, x.device)
         temb, modulation = self.condition_embedder.embed_time(timestep, text.dtype)
         context = self.condition_embedder.text_embedder(text)
-
-        def run_blocks(h: torch.Tensor, ctx: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-            for block in self.blocks:
-                h = block(h, ctx, mod, rope, shard, grid)
-            return h
-
         if cache is None:
             # Inline, so no outer reference keeps the embedded input alive through the blocks.
             for block in self.blocks:
                 x = block(x, context, modulation, rope, shard, grid)
         else:
-            # The modulated timestep input (Wan's e0) is what TeaCache compares.
-            def blocks(rows: torch.Tensor | None) -> torch.Tensor:
-                if rows is None:
-                    return run_blocks(x, context, modulation)
-                return run_blocks(x[rows], context[rows], modulation[rows])
 
+            def blocks(rows: torch.Tensor | None) -> torch.Tensor:
+                h, ctx, mod = (
+                    (x, context, modulation)
+                    if rows is None
+                    else (x[rows], context[rows], modulation[rows])
+                )
+                for block in self.blocks:
+                    h = block(h, ctx, mod, rope, shard, grid)
+                return h
+
+            # The modulated timestep input (Wan's e0) is what TeaCache compares.
             x = cache.cache.run(x, modulation, cache.branches, blocks)
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)

@@ -91,7 +91,7 @@ class DenoisingStage(PipelineStage):
                 "request %s: TeaCache (thresh %g) skipped %s of %d steps",
                 batch.request_id,
                 batch.teacache_thresh,
-                {k[17:]: int(v) for k, v in batch.stats.items() if "skipped" in k},
+                batch.teacache.skipped(),
                 total,
             )
             batch.teacache = None
