@@ -46,6 +46,15 @@ def torch_profile_dir() -> str | None:
     return os.environ.get("FASTVIDEO_TORCH_PROFILE_DIR") or None
 
 
-def test_fault() -> str | None:
-    """FASTVIDEO_TEST_FAULT: test-only fault injection in workers (e.g. "nan:<marker>")."""
-    return os.environ.get("FASTVIDEO_TEST_FAULT") or None
+def family_paths() -> list[str]:
+    """FASTVIDEO_FAMILY_PATH: folders (os.pathsep-separated) whose packages with a
+    ``registration.py`` are model families to register, beside the built-in ones."""
+    value = os.environ.get("FASTVIDEO_FAMILY_PATH", "")
+    return [p for p in value.split(os.pathsep) if p]
+
+
+def worker_plugins() -> list[str]:
+    """FASTVIDEO_WORKER_PLUGINS: modules (comma-separated) every worker imports once at
+    start-up, before loading; a module's ``register(worker)`` is called if it has one."""
+    value = os.environ.get("FASTVIDEO_WORKER_PLUGINS", "")
+    return [m.strip() for m in value.split(",") if m.strip()]

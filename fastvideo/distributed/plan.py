@@ -12,15 +12,16 @@ Ulysses all-to-all each ring rank holds one contiguous chunk of the sequence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+import msgspec
 
 
-@dataclass(frozen=True)
-class ParallelPlan:
+class ParallelPlan(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """Degrees of each kind of parallelism; their product is the world size.
 
     ``dp_degree`` replicas each run their own requests (throughput mode); inside a replica,
     one request is split by CFG, Ulysses and ring parallelism (latency mode is dp = 1).
+    A msgspec struct: it travels to the workers inside the batch message as it is.
     """
 
     cfg_degree: int = 1

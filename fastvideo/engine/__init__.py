@@ -1,0 +1,1 @@
+"""The engine: EngineCore (scheduler + executor on one thread), start-up, outputs."""

@@ -1,9 +1,11 @@
 """EngineCore: the one engine behind ``VideoGenerator`` and ``AsyncVideoEngine``.
 
-schedule -> execute -> update, on one background thread. Requests are validated when
-submitted (before they are queued), wait in the scheduler, run in batches on the
-executor's workers, and every request ends finished, failed or aborted: its sink gets
-progress events and then exactly one output or error.
+schedule -> execute -> update, on one background thread. A request is built once from a
+``SamplingParam`` into a ``RequestItem`` and validated when submitted (before it is
+queued); it waits in the scheduler, runs in a batch on the executor's workers, and ends
+finished, failed, aborted or timed out: its sink gets progress events and then exactly
+one output or error. Nothing one request does (a bad result, a raising sink) can stop the
+core thread or another request.
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+from fastvideo.config import PipelineConfig, SamplingParam
 from fastvideo.distributed.plan import ParallelPlan, choose_plan
-from fastvideo.engine.configs import PipelineConfig, SamplingParam
 from fastvideo.engine.model_info import ModelInfo
-from fastvideo.engine.output import VideoOutput
-from fastvideo.engine.protocol import GenerateRequest, GenerateResult, Progress
+from fastvideo.engine.output import VideoOutput, check_fps, plan_output_file, release_output_file
+from fastvideo.executor.base import Executor
 from fastvideo.logger import init_logger
-from fastvideo.pipelines.validation import check_teacache, validate_generation
 from fastvideo.scheduler import (
     Batch,
     Mode,
@@ -32,13 +34,16 @@ from fastvideo.scheduler import (
     Scheduler,
     SchedulerConfig,
 )
-from fastvideo.workers.executor import EngineDeadError, Executor, RequestFailedError
+from fastvideo.wire.errors import (
+    EngineDeadError,
+    RequestAbortedError,
+    RequestFailedError,
+    RequestTimeoutError,
+)
+from fastvideo.wire.messages import BatchResult, GenerateBatch, Progress, RequestItem
+from fastvideo.wire.validation import batch_key, validate_item
 
 logger = init_logger(__name__)
-
-
-class RequestAbortedError(RuntimeError):
-    """The request was aborted by its caller before it finished."""
 
 
 @dataclass(frozen=True)
@@ -78,47 +83,19 @@ class EventSink:
 
 
 @dataclass
-class _Item:
+class Request:
     """What the engine keeps of one request (the scheduler's opaque payload)."""
 
-    prompt: str
-    param: SamplingParam
+    item: RequestItem
+    fps: int
+    output_file: Path | None
     sink: RequestSink
-    submitted: float
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when its batch was launched (monotonic)
 
-
-def check_sampling(
-    info: ModelInfo, prompt: str, param: SamplingParam, config: PipelineConfig | None = None
-) -> None:
-    """Raise TypeError/ValueError naming the first invalid field of a request (``config``:
-    the engine's, for options the request needs from it)."""
-    validate_generation(
-        info.spec,
-        prompt=prompt,
-        negative_prompt=param.negative_prompt,
-        height=param.height,
-        width=param.width,
-        num_frames=param.num_frames,
-        num_inference_steps=param.num_inference_steps,
-        guidance_scale=param.guidance_scale,
-        seed=param.seed,
-        fps=param.fps,
-        output_type=param.output_type,
-    )
-    check_teacache(param.enable_teacache, param.teacache_thresh)
-    if param.enable_teacache and config is not None and not config.teacache_coefficients:
-        raise ValueError(
-            "enable_teacache=True but this engine has no TeaCache calibration "
-            "(PipelineConfig.teacache_coefficients is None; the registered Wan2.1 models "
-            "set it, a custom PipelineConfig must too)"
-        )
-
-
-def batch_key(param: SamplingParam) -> tuple:
-    """Requests with equal keys can share one batched forward."""
-    teacache = param.teacache_thresh if param.enable_teacache else None
-    return (param.height, param.width, param.num_frames, param.num_inference_steps,
-            param.guidance_scale > 1.0, param.output_type, teacache)  # fmt: skip
+    @property
+    def request_id(self) -> str:
+        return self.item.request_id
 
 
 class EngineCore:
@@ -129,12 +106,14 @@ class EngineCore:
         self.config = config
         self.executor = executor
         self.device = device
+        self.limits = config.engine_config.limits()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_size=config.max_batch_size,
                 max_waiting_requests=config.max_waiting_requests,
                 mode=config.parallel_mode,
                 throughput_replicas=config.replicas(),
+                max_finished_history=0,  # finished requests are the caller's, not ours
             )
         )
         self._cond = threading.Condition()
@@ -142,7 +121,8 @@ class EngineCore:
         self._stopped = False
         self._dead: BaseException | None = None
         self._last_plan: tuple[Mode, ParallelPlan] | None = None
-        self._batch_requests: dict[str, str] = {}  # batch id -> wire request id
+        self._running: dict[str, Batch] = {}  # batch id -> running batch
+        self._timed_out: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name="fastvideo-core", daemon=True)
         self._thread.start()
 
@@ -151,42 +131,77 @@ class EngineCore:
         """A fresh SamplingParam with the model's defaults."""
         return SamplingParam().update(**self.info.variant.sampling_defaults)
 
-    # --- requests ----------------------------------------------------------------------
-    def submit(
+    # --- building requests ---------------------------------------------------------------
+    def build_item(self, prompt: object, param: SamplingParam, request_id: str) -> RequestItem:
+        """The request's item, validated (TypeError/ValueError naming the first bad field)."""
+        if not isinstance(param, SamplingParam):
+            raise TypeError(f"sampling_param must be a SamplingParam, got {type(param).__name__}")
+        cache_config = self.config.cache_config
+        thresh = param.cache_thresh
+        if thresh is None and param.cache in cache_config.calibrated():
+            thresh = cache_config.default_thresh(param.cache)
+        negative = param.negative_prompt
+        item = RequestItem(
+            request_id=request_id,
+            prompt=prompt,  # type: ignore[arg-type] - validated below
+            negative_prompt="" if negative is None else negative,
+            seed=param.seed,
+            guidance_scale=param.guidance_scale,
+            height=param.height,
+            width=param.width,
+            num_frames=param.num_frames,
+            num_inference_steps=param.num_inference_steps,
+            output_type=param.output_type,
+            cache=param.cache,
+            cache_thresh=0.0 if thresh is None else thresh,
+        )
+        validate_item(self.info.spec, item, self.limits, cache_config.calibrated())
+        item.guidance_scale = float(item.guidance_scale)
+        item.cache_thresh = float(item.cache_thresh)
+        return item
+
+    def new_request(
         self,
-        prompt: str,
+        prompt: object,
         param: SamplingParam,
         sink: RequestSink,
         request_id: str | None = None,
-        priority: int = 0,
-    ) -> str:
-        """Validate and queue one request; raises at once if invalid or the queue is full."""
-        request = self._new_request(prompt, param, sink, request_id, priority)
-        self._enqueue([request], partial=False)
+        save: bool = True,
+    ) -> Request:
+        """Build and validate one request; with ``save``, its output file is planned (and
+        reserved) now, so a bad path fails before any work."""
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
+        item = self.build_item(prompt, param, request_id or uuid.uuid4().hex)
+        check_fps(param.fps)
+        output_file = None
+        if save and item.output_type != "latent":
+            output_file = plan_output_file(param.output_path, item.prompt, item.seed)
+        return Request(item, param.fps, output_file, sink)
+
+    # --- submitting ----------------------------------------------------------------------
+    def submit(self, request: Request, priority: int = 0) -> str:
+        """Queue one request; raises at once if the queue is full or the engine is dead."""
+        self._check_priority(priority)
+        self._enqueue([self._scheduled(request, priority)], partial=False)
         return request.request_id
 
-    def submit_many(
-        self, requests: list[tuple[str, SamplingParam, RequestSink]], partial: bool = True
-    ) -> int:
-        """Validate and queue several requests at once (so they can share batches).
+    def submit_many(self, requests: list[Request], partial: bool = True) -> int:
+        """Queue several requests at once (so they can share batches).
 
         With ``partial``, queues as many as fit (maybe none) and returns that count: the
         caller submits the rest later. Otherwise all or none (``QueueFullError``).
         """
-        new = [self._new_request(p, param, sink, None, 0) for p, param, sink in requests]
-        return self._enqueue(new, partial)
+        return self._enqueue([self._scheduled(r, 0) for r in requests], partial)
 
-    def _new_request(
-        self,
-        prompt: str,
-        param: SamplingParam,
-        sink: RequestSink,
-        request_id: str | None,
-        priority: int,
-    ) -> ScheduledRequest:
-        check_sampling(self.info, prompt, param, self.config)
-        item = _Item(prompt, param.copy(), sink, time.perf_counter())
-        return ScheduledRequest(request_id or uuid.uuid4().hex, batch_key(param), priority, item)
+    @staticmethod
+    def _check_priority(priority: object) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+
+    @staticmethod
+    def _scheduled(request: Request, priority: int) -> ScheduledRequest:
+        return ScheduledRequest(request.request_id, batch_key(request.item), priority, request)
 
     def _enqueue(self, requests: list[ScheduledRequest], partial: bool) -> int:
         limit = self.config.max_waiting_requests
@@ -204,8 +219,14 @@ class EngineCore:
                     f"raise PipelineConfig.max_waiting_requests (now {limit})"
                 )
             accepted = requests[:room]
-            for request in accepted:
-                self.scheduler.add(request)
+            for i, request in enumerate(accepted):
+                try:
+                    self.scheduler.add(request)
+                except ValueError:  # a duplicate id: the ones before it stay queued
+                    if i == 0 or not partial:
+                        raise
+                    accepted = accepted[:i]
+                    break
             self._dirty = True
             self._cond.notify()
         return len(accepted)
@@ -214,43 +235,52 @@ class EngineCore:
         """Abort a waiting request now, or a running one at its next step boundary.
         Returns False when the request is unknown or already over."""
         with self._cond:
-            request = self.scheduler.abort(request_id)
-            wire_id = self._batch_requests.get(request.batch_id or "") if request else None
-        if request is None:
+            scheduled = self.scheduler.abort(request_id)
+        if scheduled is None:
             return False
-        if request.state is RequestState.ABORTED:  # it was still waiting
-            request.payload.sink.fail(RequestAbortedError(f"request {request_id} was aborted"))
+        if scheduled.state is RequestState.ABORTED:  # it was still waiting
+            self._deliver(scheduled.payload, RequestAbortedError(f"request {request_id} was aborted"))
             with self._cond:
                 self._dirty = True
                 self._cond.notify()
-        elif wire_id is not None:
-            self.executor.abort(wire_id, [request_id])
+        elif scheduled.batch_id is not None:
+            self.executor.abort(scheduled.batch_id, [request_id])
         return True
 
     # --- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
+        tick = 0.2 if self.config.request_timeout_s is not None else None
         while True:
             with self._cond:
                 while not self._dirty and not self._stopped:
-                    self._cond.wait()
+                    if not self._cond.wait(timeout=tick) and tick is not None:
+                        break  # time to look for overdue requests
                 if self._stopped:
                     return
                 self._dirty = False
                 batches = self.scheduler.schedule() if self._dead is None else []
-                wires = [(b, self._wire_request(b)) for b in batches]
+                wires = []
+                for batch in batches:
+                    try:
+                        wires.append((batch, self._wire_batch(batch)))
+                    except Exception as e:  # noqa: BLE001 - that batch fails, not the loop
+                        logger.exception("could not build batch %s", batch.batch_id)
+                        self._finish(batch, failed={r.request_id: e for r in batch.requests})
             for batch, wire in wires:
                 self._launch(batch, wire)
+            if tick is not None:
+                self._abort_overdue()
 
     def plan_for(self, use_cfg: bool, mode: Mode) -> ParallelPlan:
         """The parallel plan a batch runs with (forced options apply to latency mode)."""
         world, heads = self.config.num_gpus, self.info.spec.num_heads
         if mode is Mode.THROUGHPUT:
             return choose_plan(world, heads, use_cfg, dp_degree=self.config.replicas())
-        return choose_plan(world, heads, use_cfg, **self.config.plan_kwargs())
+        return choose_plan(world, heads, use_cfg, **self.config.parallel_config.forced())
 
-    def _wire_request(self, batch: Batch) -> GenerateRequest:
-        items = [r.payload for r in batch.requests]
-        plan = self.plan_for(items[0].param.guidance_scale > 1.0, batch.mode)
+    def _wire_batch(self, batch: Batch) -> GenerateBatch:
+        items = [r.payload.item for r in batch.requests]
+        plan = self.plan_for(items[0].guidance_scale > 1.0, batch.mode)
         if self._last_plan != (batch.mode, plan):
             self._last_plan = (batch.mode, plan)
             logger.info(
@@ -260,83 +290,128 @@ class EngineCore:
                 self.device,
                 batch.mode.value,
             )
-        wire = wire_request(
-            f"{batch.batch_id}-{uuid.uuid4().hex[:8]}",
-            [(i.prompt, i.param) for i in items],
-            batch.request_ids,
-            plan,
-            batch.replica,
-        )
-        self._batch_requests[batch.batch_id] = wire.request_id
-        return wire
+        return GenerateBatch(batch.batch_id, items, plan, batch.replica)
 
-    def _launch(self, batch: Batch, wire: GenerateRequest) -> None:
+    def _launch(self, batch: Batch, wire: GenerateBatch) -> None:
         def on_progress(event: Progress) -> None:
             for r in batch.requests:
                 if not r.state.is_final:
-                    r.payload.sink.progress(
-                        ProgressEvent(
-                            r.request_id, event.stage, event.step, event.total_steps, event.elapsed
-                        )
-                    )
+                    rid = r.request_id
+                    self._safe(r.payload.sink.progress, ProgressEvent(
+                        rid, event.stage, event.step, event.total_steps, event.elapsed))  # fmt: skip
 
+        now = time.monotonic()
+        for r in batch.requests:
+            r.payload.started = now
+        self._running[batch.batch_id] = batch
         future = self.executor.submit(wire, on_progress)
-        future.add_done_callback(lambda f: self._on_done(batch, wire, f))
+        future.add_done_callback(lambda f: self._on_done(batch, f))
+
+    def _abort_overdue(self) -> None:
+        limit = self.config.request_timeout_s
+        now = time.monotonic()
+        for batch in list(self._running.values()):
+            overdue = [
+                r.request_id
+                for r in batch.requests
+                if not r.state.is_final
+                and r.request_id not in self._timed_out
+                and r.payload.started is not None
+                and now - r.payload.started > limit
+            ]
+            if overdue:
+                logger.warning("request(s) %s ran over request_timeout_s=%g", overdue, limit)
+                self._timed_out.update(overdue)
+                self.executor.abort(batch.batch_id, overdue)
 
     # --- completion --------------------------------------------------------------------
-    def _on_done(self, batch: Batch, wire: GenerateRequest, future: Future) -> None:
+    def _on_done(self, batch: Batch, future: Future) -> None:
         try:
-            result: GenerateResult = future.result()
+            result: BatchResult = future.result()
         except EngineDeadError as e:
             self._engine_died(e)
             return
         except BaseException as e:  # the whole batch failed on the workers
             self._finish(batch, failed={r.request_id: e for r in batch.requests})
             return
-        failed: dict[str, BaseException] = {
-            item: RequestFailedError(item, 0, "NonFiniteLatents", why)
-            for item, why in result.failures.items()
-        }
-        self._finish(batch, failed=failed, aborted=set(result.aborted_ids), result=result)
+        try:
+            failed: dict[str, BaseException] = {
+                item: RequestFailedError(item, 0, "NonFiniteLatents", why)
+                for item, why in result.failures.items()
+            }
+            aborted = set(result.aborted_ids)
+            self._finish(batch, failed=failed, aborted=aborted, result=result)
+        except Exception as e:  # noqa: BLE001 - a malformed result fails its batch alone
+            logger.exception("could not complete batch %s", batch.batch_id)
+            self._finish(batch, failed={r.request_id: e for r in batch.requests})
 
     def _finish(
         self,
         batch: Batch,
         failed: dict[str, BaseException],
         aborted: set[str] = frozenset(),  # type: ignore[assignment]
-        result: GenerateResult | None = None,
+        result: BatchResult | None = None,
     ) -> None:
         with self._cond:
-            self._batch_requests.pop(batch.batch_id, None)
+            self._running.pop(batch.batch_id, None)
             try:
-                requests = self.scheduler.finish(batch.batch_id, failed=failed, aborted=aborted)
+                done = self.scheduler.finish(batch.batch_id, failed=failed, aborted=aborted)
             except KeyError:  # already failed with the whole engine (it died meanwhile)
                 return
             self._dirty = True
             self._cond.notify()
         index = {item: i for i, item in enumerate(result.item_ids)} if result else {}
-        for r in requests:
-            item: _Item = r.payload
-            if r.request_id in aborted:
-                item.sink.fail(RequestAbortedError(f"request {r.request_id} was aborted"))
-            elif r.request_id in failed:
-                item.sink.fail(failed[r.request_id])
+        for r in done:
+            rid = r.request_id
+            timed_out = rid in self._timed_out
+            self._timed_out.discard(rid)
+            if rid in aborted and timed_out:
+                outcome: VideoOutput | BaseException = RequestTimeoutError(
+                    rid, self.config.request_timeout_s or 0.0
+                )
+            elif rid in aborted:
+                outcome = RequestAbortedError(f"request {rid} was aborted")
+            elif rid in failed:
+                outcome = failed[rid]
+            elif result is None or rid not in index:
+                outcome = RequestFailedError(rid, -1, "IncompleteResult",
+                                             "the workers' result did not include this request")  # fmt: skip
             else:
-                assert result is not None
-                output = to_video_output(result, index[r.request_id], item.prompt, item.param)
-                output.request_id = r.request_id
-                output.timings["end_to_end"] = time.perf_counter() - item.submitted
-                item.sink.finish(output)
+                outcome = self._output(result, index[rid], r.payload)
+            self._deliver(r.payload, outcome)
+
+    def _output(self, result: BatchResult, index: int, request: Request) -> VideoOutput | Exception:
+        try:
+            output = to_video_output(result, index, request)
+        except Exception as e:  # noqa: BLE001 - e.g. frames of the wrong shape
+            return RequestFailedError(request.request_id, -1, type(e).__name__, str(e))
+        output.timings["end_to_end"] = time.perf_counter() - request.submitted
+        return output
+
+    def _deliver(self, request: Request, outcome: VideoOutput | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            release_output_file(request.output_file)
+            self._safe(request.sink.fail, outcome)
+        else:
+            self._safe(request.sink.finish, outcome)
+
+    @staticmethod
+    def _safe(call: Callable[[object], None], value: object) -> None:
+        try:
+            call(value)
+        except Exception:  # a caller's sink must not stop the engine
+            logger.exception("a request's event handler raised")
 
     def _engine_died(self, error: BaseException) -> None:
         with self._cond:
             if self._dead is None:
                 self._dead = error
-            requests = self.scheduler.fail_all(error)
+            doomed = self.scheduler.fail_all(error)
+            self._running.clear()
             self._dirty = True
             self._cond.notify()
-        for r in requests:
-            r.payload.sink.fail(error)
+        for r in doomed:
+            self._deliver(r.payload, error)
 
     # --- lifecycle ---------------------------------------------------------------------
     @property
@@ -355,52 +430,25 @@ class EngineCore:
         self._thread.join(timeout=5)
 
 
-def wire_request(
-    request_id: str,
-    items: list[tuple[str, SamplingParam]],
-    item_ids: list[str],
-    plan: ParallelPlan,
-    replica: int = 0,
-) -> GenerateRequest:
-    """The message that runs ``items`` (prompt, param) as one batch under ``plan``; the
-    shared fields (size, frames, steps, output type) come from the first item."""
-    first = items[0][1]
-    return GenerateRequest(
-        request_id=request_id,
-        prompts=[prompt for prompt, _ in items],
-        negative_prompts=[param.negative_prompt or "" for _, param in items],
-        seeds=[param.seed for _, param in items],
-        guidance_scales=[float(param.guidance_scale) for _, param in items],
-        height=first.height,
-        width=first.width,
-        num_frames=first.num_frames,
-        num_inference_steps=first.num_inference_steps,
-        output_type=first.output_type,
-        cfg_degree=plan.cfg_degree,
-        ulysses_degree=plan.ulysses_degree,
-        ring_degree=plan.ring_degree,
-        item_ids=list(item_ids),
-        dp_degree=plan.dp_degree,
-        replica=replica,
-        teacache_thresh=first.teacache_thresh if first.enable_teacache else None,
-    )
-
-
-def to_video_output(
-    result: GenerateResult, index: int, prompt: str, param: SamplingParam
-) -> VideoOutput:
+def to_video_output(result: BatchResult, index: int, request: Request) -> VideoOutput:
     """Item ``index`` of a batch result as a VideoOutput."""
+    item = request.item
     frames = result.frames[index].numpy() if result.frames is not None else None
+    if frames is not None and frames.shape != (item.num_frames, item.height, item.width, 3):
+        raise ValueError(
+            f"the workers returned frames of shape {frames.shape}, expected "
+            f"{(item.num_frames, item.height, item.width, 3)}"
+        )
     latents = result.latents[index] if result.latents is not None else None
     return VideoOutput(
         frames=frames,
-        fps=param.fps,
-        seed=param.seed,
-        prompt=prompt,
-        negative_prompt=param.negative_prompt,
+        fps=request.fps,
+        seed=item.seed,
+        prompt=item.prompt,
+        negative_prompt=item.negative_prompt or None,
         timings=dict(result.timings),
         latents=latents,
-        request_id=result.request_id,
+        request_id=item.request_id,
         plan=result.plan,
         peak_memory_bytes=list(result.peak_memory_bytes),
         stats=dict(result.stats),

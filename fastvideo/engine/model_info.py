@@ -5,16 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastvideo.models.hub import resolve_model_path
-from fastvideo.models.registry import (
-    ModelFamily,
-    ModelSpec,
-    ModelVariant,
-    family_for_dir,
-    find_hf_id,
-)
+from fastvideo.models.registry import ModelFamily, ModelVariant, family_for_dir
+from fastvideo.wire.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -38,17 +32,3 @@ def resolve_model(model: str) -> ModelInfo:
         variant=family.variant_for(path),
         spec=family.read_spec(path),
     )
-
-
-def variant_defaults(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(sampling defaults, pipeline defaults) of ``model``.
-
-    A registered Hugging Face id answers without any download; any other name is resolved
-    to a folder and recognised from its files.
-    """
-    known = find_hf_id(model) if isinstance(model, str) else None
-    if known is not None:
-        variant = known[1]
-    else:
-        variant = resolve_model(model).variant
-    return dict(variant.sampling_defaults), dict(variant.pipeline_defaults)

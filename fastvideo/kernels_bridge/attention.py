@@ -14,7 +14,8 @@ Backends (``available_backends()`` lists what this install has):
   model and resolution, see ``fastvideo.kernels_bridge.sta``); other attention (text
   cross-attention) stays dense.
 
-Selected by ``PipelineConfig.attention_backend`` or ``FASTVIDEO_ATTENTION_BACKEND``.
+Selected per model by ``PipelineConfig.attention_backend`` or
+``FASTVIDEO_ATTENTION_BACKEND``.
 ``"auto"`` (the default) takes the first backend of the device's preference list that can
 run, and logs which one runs; a backend asked for by name that cannot run is an error
 naming why, never a silent fallback.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastvideo.kernels_bridge.sta import STAConfig, sta_attention
-from fastvideo.layers.sequence import TokenGrid
+from fastvideo.kernels_bridge.grid import TokenGrid
 from fastvideo.logger import init_logger
 
 logger = init_logger(__name__)
@@ -146,7 +147,7 @@ def _sta_forward(
 ) -> torch.Tensor:
     if grid is None:
         return _sdpa_forward(q, k, v)
-    return sta_attention(q, k, v, grid, sta or _sta_config)
+    return sta_attention(q, k, v, grid, sta or STAConfig())
 
 
 register_backend(AttentionBackend("sdpa", _always, _sdpa_forward))
@@ -178,8 +179,6 @@ def auto_preference(device: torch.device) -> list[str]:
 
 
 # --- backend selection -------------------------------------------------------------------
-_active: str | None = None
-_sta_config = STAConfig()
 _logged_choice: set[tuple[str, str]] = set()
 
 
@@ -229,17 +228,9 @@ def resolve_backend(name: str | None, device: torch.device, dtype: torch.dtype) 
     return name
 
 
-def set_backend(name: str | None, sta: STAConfig | None = None) -> None:
-    """Set the process default, used by calls that name no backend (models get theirs
-    from ``WanTransformer3D.set_attention``, so two engines in one process never mix)."""
-    global _active, _sta_config
-    _active = name
-    if sta is not None:
-        _sta_config = sta
-
-
 def active_backend(name: str | None = None) -> str:
-    return name or _active or "sdpa"
+    """The backend a call runs: the model's resolved one, or plain SDPA."""
+    return name or "sdpa"
 
 
 def needs_whole_sequence(name: str | None = None) -> bool:
@@ -262,8 +253,8 @@ def attention(
         q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
         grid: the video's token grid when this is the video's self-attention over its
             whole sequence (sparse video backends use it; others ignore it).
-        backend: a resolved backend name; None: the process default (``set_backend``).
-        sta: STA tiles and windows for the ``sta`` backend; None: the process default.
+        backend: a resolved backend name (the model's); None: plain SDPA.
+        sta: STA tiles and windows for the ``sta`` backend; None: its defaults.
     Returns:
         [B, Lq, H, D] in q's dtype.
     """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastvideo.layers.sequence import TokenGrid
+from fastvideo.kernels_bridge.grid import TokenGrid
 from fastvideo.logger import init_logger
 
 logger = init_logger(__name__)

@@ -13,18 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastvideo.kernels_bridge.grid import TokenGrid
 
-@dataclass(frozen=True)
-class TokenGrid:
-    """Post-patch grid sizes of one video: ``frames x height x width`` tokens."""
-
-    frames: int
-    height: int
-    width: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.frames * self.height * self.width
+__all__ = ["SequenceShard", "TokenGrid", "patchify", "take_shard", "unpatchify"]
 
 
 @dataclass(frozen=True)

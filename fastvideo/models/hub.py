@@ -6,10 +6,14 @@ Face id (the local hub cache first, then a download unless HF_HUB_OFFLINE is set
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from fastvideo import envs
 from fastvideo.logger import init_logger
+from fastvideo.models.registry import ModelVariant, find_hf_id
 
 logger = init_logger(__name__)
 
@@ -35,12 +39,11 @@ def _is_hub_id(model: str) -> bool:
 
 def resolve_model_path(model: str) -> Path:
     """Local folder holding ``model``'s model_index.json; downloads a hub id if needed."""
-    from fastvideo.models.demo import DEMO_MODEL_ID, ensure_demo_model
-
     if not isinstance(model, str) or not model.strip():
         raise ModelNotFoundError(f"model must be a non-empty string, got {model!r}")
-    if model == DEMO_MODEL_ID:
-        return ensure_demo_model()
+    known = find_hf_id(model)
+    if known is not None and known[1].build is not None:
+        return ensure_built(known[1])
     local = Path(model).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -80,3 +83,25 @@ def _download(repo_id: str) -> Path:
             f"and the download failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
             f"Check the id and your network, or pass a local folder."
         ) from None
+
+
+def ensure_built(variant: ModelVariant) -> Path:
+    """The folder of a locally generated model (a demo model) in the user's cache, written
+    on first use; written to a staging folder and renamed, so concurrent first uses never
+    see half a model."""
+    assert variant.build is not None
+    target = envs.cache_dir() / "demo" / f"{variant.name}-v{variant.build_version}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        variant.build(staging)
+        os.replace(staging, target)
+        logger.info("wrote the demo model %s (random weights) to %s", variant.name, target)
+    except OSError:
+        if not (target / "model_index.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

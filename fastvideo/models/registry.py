@@ -1,9 +1,12 @@
-"""Which pipeline runs a checkpoint, and its best defaults.
+"""Which pipeline runs a checkpoint, and its best defaults. Model families find themselves.
 
-A model family registers itself once (see ``fastvideo/models/wan/registration.py``):
-the diffusers ``_class_name`` values it serves, the pipeline class, how to read the
-architecture facts the driver needs (``ModelSpec``), and its variants — each with the
-Hugging Face ids it answers to and its default sampling and pipeline settings.
+A family is one folder: ``fastvideo/models/<family>/registration.py`` calls
+``register_family`` once with everything the engine needs to know about it (the diffusers
+``_class_name`` values it serves, its pipeline class, how to read its ``ModelSpec``, its
+variants with their Hugging Face ids and defaults, its demo models). Discovery imports the
+registration module of every package under ``fastvideo/models``, of every package in the
+folders listed in ``FASTVIDEO_FAMILY_PATH``, and of the ``fastvideo.families`` entry
+points of installed packages. Nothing outside a family's folder names its classes.
 
 This module never imports torch: the driver uses it to validate requests cheaply.
 """
@@ -12,38 +15,29 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# Modules whose import registers a built-in family.
-_BUILTIN_FAMILIES = ("fastvideo.models.wan.registration",)
+from fastvideo import envs
+from fastvideo.logger import init_logger
+from fastvideo.wire.spec import ModelSpec
 
+logger = init_logger(__name__)
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Architecture facts the driver needs before any weights are loaded."""
-
-    family: str
-    pipeline_class_name: str
-    num_heads: int
-    in_channels: int
-    patch_size: tuple[int, int, int]
-    vae_scale_spatial: int
-    vae_scale_temporal: int
-    max_positions: int
-    text_max_length: int = 512
-
-    @property
-    def pixel_multiple(self) -> int:
-        """Height and width must be multiples of this (VAE stride x patch size)."""
-        return self.vae_scale_spatial * max(self.patch_size[1], self.patch_size[2])
+ENTRY_POINT_GROUP = "fastvideo.families"
 
 
 @dataclass(frozen=True)
 class ModelVariant:
-    """One published model (e.g. Wan2.1-T2V-1.3B) and its defaults."""
+    """One published model (e.g. Wan2.1-T2V-1.3B) and its defaults.
+
+    ``build`` writes a checkpoint of this variant into a folder (the built-in demo models,
+    which are generated locally instead of downloaded).
+    """
 
     name: str
     hf_ids: tuple[str, ...]
@@ -51,6 +45,9 @@ class ModelVariant:
     pipeline_defaults: dict[str, Any] = field(default_factory=dict)
     # Recognises a local checkpoint of this variant from its transformer config.
     matches: Callable[[dict[str, Any]], bool] = lambda cfg: False
+    build: Callable[[Path], Path] | None = None
+    build_version: str = "1"  # bump when ``build`` writes a different checkpoint
+    default_demo: bool = False  # the demo model the README and CLI point to
 
 
 @dataclass(frozen=True)
@@ -73,13 +70,14 @@ class ModelFamily:
                 )
 
     def variant_for(self, model_dir: Path) -> ModelVariant:
-        """The variant of a local checkpoint: named in model_index.json (our own demo model
-        does this), else recognised from its transformer config."""
+        """The variant of a local checkpoint: named in model_index.json (our demo models do
+        this), else recognised from its transformer config."""
         named = read_json(model_dir / "model_index.json").get("_fastvideo_variant")
         for variant in self.variants:
             if variant.name == named:
                 return variant
-        cfg = read_json(model_dir / "transformer" / "config.json")
+        transformer = model_dir / "transformer" / "config.json"
+        cfg = read_json(transformer) if transformer.is_file() else {}
         return next((v for v in self.variants if v.matches(cfg)), self.fallback)
 
     def pipeline_class(self) -> type:
@@ -88,24 +86,46 @@ class ModelFamily:
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
-_loaded_builtins = False
+_discovered = False
 
 
 def register_family(family: ModelFamily) -> None:
+    """Serve ``family``'s ``_class_name`` values (a later registration replaces one)."""
     for class_name in family.class_names:
         _FAMILIES[class_name] = family
 
 
-def _ensure_builtins() -> None:
-    global _loaded_builtins
-    if not _loaded_builtins:
-        _loaded_builtins = True
-        for module in _BUILTIN_FAMILIES:
-            importlib.import_module(module)
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import fastvideo.models as builtin
+
+    for root in builtin.__path__:
+        for sub in sorted(Path(root).iterdir()):
+            if (sub / "__init__.py").is_file() and (sub / "registration.py").is_file():
+                importlib.import_module(f"fastvideo.models.{sub.name}.registration")
+    for folder in envs.family_paths():
+        _discover_folder(Path(folder))
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        importlib.import_module(entry.value)
+
+
+def _discover_folder(folder: Path) -> None:
+    """Import ``<pkg>.registration`` for every package in ``folder`` (put on sys.path)."""
+    if not folder.is_dir():
+        logger.warning("FASTVIDEO_FAMILY_PATH entry %s is not a folder; skipped", folder)
+        return
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    for sub in sorted(folder.iterdir()):
+        if (sub / "__init__.py").is_file() and (sub / "registration.py").is_file():
+            importlib.import_module(f"{sub.name}.registration")
 
 
 def families() -> list[ModelFamily]:
-    _ensure_builtins()
+    _discover()
     return list({id(f): f for f in _FAMILIES.values()}.values())
 
 
@@ -119,11 +139,24 @@ def find_hf_id(model_id: str) -> tuple[ModelFamily, ModelVariant] | None:
     return None
 
 
+def default_demo() -> ModelVariant:
+    """The built-in demo model that runs offline on a CPU (the README's and CLI's)."""
+    for family in families():
+        for variant in family.variants:
+            if variant.default_demo and variant.hf_ids and variant.build is not None:
+                return variant
+    raise LookupError("no registered family provides a default demo model")
+
+
+def default_demo_id() -> str:
+    return default_demo().hf_ids[0]
+
+
 def family_for_dir(model_dir: Path) -> ModelFamily:
     """The family serving a diffusers-layout folder, from its model_index.json."""
     index = read_json(model_dir / "model_index.json")
     class_name = index.get("_class_name")
-    _ensure_builtins()
+    _discover()
     if class_name not in _FAMILIES:
         supported = ", ".join(sorted(_FAMILIES))
         raise ValueError(
@@ -133,10 +166,47 @@ def family_for_dir(model_dir: Path) -> ModelFamily:
     return _FAMILIES[class_name]
 
 
+def model_defaults(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sampling defaults, pipeline defaults) of ``model``.
+
+    A registered Hugging Face id answers without any download; any other name is resolved
+    to a folder and recognised from its files.
+    """
+    known = find_hf_id(model) if isinstance(model, str) else None
+    if known is not None:
+        variant = known[1]
+    else:
+        from fastvideo.models.hub import resolve_model_path
+
+        path = resolve_model_path(model)
+        variant = family_for_dir(path).variant_for(path)
+    return dict(variant.sampling_defaults), dict(variant.pipeline_defaults)
+
+
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a clear error naming the file when it is missing, not
+    JSON, or not an object."""
     if not path.is_file():
         raise FileNotFoundError(f"missing {path.name} at {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def config_int(path: Path, cfg: dict[str, Any], name: str, default: int, minimum: int = 1) -> int:
+    """An integer config field, refusing floats like 6.5 and values below ``minimum``."""
+    value = cfg.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"{path}: {name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{path}: {name} must be >= {minimum}, got {value}")
+    return value

@@ -2,7 +2,9 @@
 
 A model family writes a short pipeline file that names its components, how to load each
 one, and which stages to run; the stages themselves live in ``pipelines/stages`` and are
-shared across families.
+shared across families. Pipelines know models only through ``ModelSpec`` and the small
+interfaces the stages declare (``stages/denoising.py``'s ``Denoiser``, the text encoder
+callable), never a family's classes.
 """
 
 from __future__ import annotations
@@ -12,41 +14,58 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from fastvideo.cache.base import StepCache
 from fastvideo.distributed.runtime import ParallelRuntime
+from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.sequence import SequenceShard, TokenGrid
 from fastvideo.logger import init_logger
-from fastvideo.models.registry import ModelSpec
+from fastvideo.wire.messages import RequestItem
+from fastvideo.wire.spec import ModelSpec
+from fastvideo.wire.validation import RequestLimits
 
 logger = init_logger(__name__)
 
-# progress(stage, step, total_steps)
-ProgressFn = Callable[[str, int, int], None]
-# Called by the denoising loop at every step boundary with (batch, step); returns the batch,
-# possibly without the items that were aborted or failed (the worker decides, collectively).
-StepHook = Callable[["ForwardBatch", int], "ForwardBatch"]
+
+class StepControl(Protocol):
+    """What the host (the worker) lets a running request see: where to report progress
+    and which of its items were asked to stop. Called only at stage and step boundaries."""
+
+    def progress(self, stage: str, step: int, total: int) -> None: ...
+
+    def abort_requested(self) -> set[str]:
+        """Item ids whose abort has arrived (read at every denoising step boundary)."""
+        ...
+
+    def at_step(self, batch: ForwardBatch, step: int) -> None:
+        """Called at every denoising step boundary before the collective check (a hook for
+        plugins, e.g. test fault injection; a no-op in production)."""
+        ...
+
+
+class NullControl:
+    """A StepControl that reports nothing and never aborts (direct pipeline use)."""
+
+    def progress(self, stage: str, step: int, total: int) -> None:
+        pass
+
+    def abort_requested(self) -> set[str]:
+        return set()
+
+    def at_step(self, batch: ForwardBatch, step: int) -> None:
+        pass
 
 
 @dataclass
 class ForwardBatch:
-    """One batch of requests moving through the stages (B = len(prompts))."""
+    """One batch of items moving through the stages (B = len(items)); the items share
+    height, width, frames, steps, output type and cache (``wire.validation.batch_key``)."""
 
-    request_id: str
-    prompts: list[str]
-    negative_prompts: list[str]
-    seeds: list[int]
-    guidance_scales: list[float]
-    height: int
-    width: int
-    num_frames: int
-    num_inference_steps: int
-    output_type: str = "np"
-    teacache_thresh: float | None = None  # None: TeaCache off
-    item_ids: list[str] = field(default_factory=list)  # one per prompt
-    step_hook: StepHook | None = None
+    batch_id: str
+    items: list[RequestItem]
     # Items that left the batch: aborted ids, and failed id -> reason.
     aborted: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
@@ -61,23 +80,30 @@ class ForwardBatch:
     output_latents: torch.Tensor | None = None  # [B, C, F, H, W] fp32 (output rank)
     frames: torch.Tensor | None = None  # uint8 [B, T, H, W, 3] (output rank)
     timings: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)  # counters (TeaCache skips, ...)
-    teacache: Any = None  # the request's TeaCache state while denoising
+    stats: dict[str, float] = field(default_factory=dict)  # counters (cache skips, ...)
+    step_cache: StepCache | None = None  # the request's step cache while denoising
 
     @property
     def batch_size(self) -> int:
-        return len(self.prompts)
+        return len(self.items)
+
+    @property
+    def first(self) -> RequestItem:
+        """The item whose shared fields (size, frames, steps, ...) the batch uses."""
+        return self.items[0]
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [item.request_id for item in self.items]
 
     @property
     def do_cfg(self) -> bool:
-        return any(g > 1.0 for g in self.guidance_scales)
+        return any(item.guidance_scale > 1.0 for item in self.items)
 
     def select(self, keep: list[int]) -> ForwardBatch:
-        """Keep only items ``keep`` (in order) in every per-item list, tensor and the
-        scheduler's state."""
-        for name in ("prompts", "negative_prompts", "seeds", "guidance_scales", "item_ids"):
-            values = getattr(self, name)
-            setattr(self, name, [values[i] for i in keep])
+        """Keep only items ``keep`` (in order) in the items, every per-item tensor and the
+        scheduler's and step cache's state."""
+        self.items = [self.items[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
         for name in ("prompt_embeds", "negative_prompt_embeds", "latents"):
             tensor = getattr(self, name)
@@ -85,9 +111,28 @@ class ForwardBatch:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
         if self.scheduler is not None:
             self.scheduler.select_batch(index)
-        if self.teacache is not None:
-            self.teacache.select(index)
+        if self.step_cache is not None:
+            self.step_cache.select(index)
         return self
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    backend: str = "inductor"
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The engine options the pipelines and loaders use (typed, from PipelineConfig)."""
+
+    flow_shift: float | None = None
+    sampler: str | None = None  # "unipc", "euler" or None (the checkpoint's)
+    attention_backend: str = "sdpa"  # resolved on this rank
+    sta: STAConfig | None = None
+    compile: CompileSettings | None = None
+    caches: dict[str, object] = field(default_factory=dict)  # cache name -> calibration
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 @dataclass(frozen=True)
@@ -98,7 +143,7 @@ class PipelineRuntime:
     device: torch.device
     spec: ModelSpec
     dtypes: dict[str, torch.dtype]  # component name -> dtype
-    options: dict[str, Any] = field(default_factory=dict)
+    settings: PipelineSettings = field(default_factory=PipelineSettings)
 
     @property
     def is_output_rank(self) -> bool:
@@ -117,7 +162,7 @@ class PipelineStage(ABC):
     collective: bool = True
 
     @abstractmethod
-    def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch: ...
+    def __call__(self, batch: ForwardBatch, control: StepControl) -> ForwardBatch: ...
 
 
 class RanksOutOfStepError(RuntimeError):
@@ -161,13 +206,13 @@ class ComposedPipelineBase(ABC):
     def create_stages(self) -> list[PipelineStage]: ...
 
     @torch.no_grad()
-    def forward(self, batch: ForwardBatch, progress: ProgressFn | None = None) -> ForwardBatch:
-        progress = progress or (lambda stage, step, total: None)
+    def forward(self, batch: ForwardBatch, control: StepControl | None = None) -> ForwardBatch:
+        control = control or NullControl()
         for stage in self.stages:
             start = time.perf_counter()
-            progress(stage.name, 0, 0)
+            control.progress(stage.name, 0, 0)
             try:
-                batch = stage(batch, progress)
+                batch = stage(batch, control)
             except Exception as e:
                 if stage.collective and self.env.runtime.groups.replica.size > 1:
                     raise RanksOutOfStepError(

@@ -10,8 +10,13 @@ import torch
 
 from fastvideo.models.loader import load_checkpoint, meta_module
 from fastvideo.models.registry import read_json
-from fastvideo.models.schedulers import build_scheduler
-from fastvideo.models.text_encoders import load_text_encoder, load_tokenizer, text_encoder_class
+from fastvideo.models.samplers import build_scheduler
+from fastvideo.models.text_encoders import (
+    encode_prompts,
+    load_text_encoder,
+    load_tokenizer,
+    text_encoder_class,
+)
 from fastvideo.models.wan.transformer import (
     FP32_PARAM_PATTERNS,
     WanTransformer3D,
@@ -19,6 +24,9 @@ from fastvideo.models.wan.transformer import (
 )
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.base import PipelineRuntime
+
+# Text tokens the Wan DiT attends to (the UMT5 states are padded/cut to this length).
+TEXT_MAX_LENGTH = 512
 
 
 def load_transformer(folder: Path, env: PipelineRuntime) -> WanTransformer3D:
@@ -33,11 +41,10 @@ def load_transformer(folder: Path, env: PipelineRuntime) -> WanTransformer3D:
     model = load_checkpoint(
         model, folder, env.device, dtype_for, ignore_unexpected=("norm_added_q",)
     )
-    if env.options.get("attention") is not None:
-        model.set_attention(*env.options["attention"])
-    compile_options = env.options.get("compile")
-    if compile_options:
-        model.compile_blocks(**compile_options)
+    settings = env.settings
+    model.set_attention(settings.attention_backend, settings.sta)
+    if settings.compile is not None:
+        model.compile_blocks(settings.compile.backend, settings.compile.mode)
     return model
 
 
@@ -48,19 +55,29 @@ def load_vae(folder: Path, env: PipelineRuntime) -> WanVAE:
     return load_checkpoint(model, folder, env.device, lambda name: dtype)
 
 
-def load_scheduler(folder: Path, env: PipelineRuntime) -> Callable[[], object]:
-    """A factory: every request gets a fresh scheduler (they hold per-request state)."""
+def load_sampler(folder: Path, env: PipelineRuntime) -> Callable[[], object]:
+    """A factory: every request gets a fresh sampler (they hold per-request state)."""
     config = read_json(folder / "scheduler_config.json")
-    name = env.options.get("scheduler") or config.get("_class_name", "")
-    factory = functools.partial(build_scheduler, name, config, env.options.get("flow_shift"))
+    name = env.settings.sampler or config.get("_class_name", "")
+    factory = functools.partial(build_scheduler, name, config, env.settings.flow_shift)
     factory()  # fail at load time, not on the first request, if the config is unsupported
     return factory
 
 
-def load_wan_text_encoder(folder: Path, env: PipelineRuntime):
+class WanTextEncoder:
+    """prompts -> [B, 512, D] UMT5 states, zero past each prompt's end (as Wan does)."""
+
+    def __init__(self, tokenizer, encoder: torch.nn.Module, dtype: torch.dtype):
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.dtype = dtype
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.encoder, prompts, TEXT_MAX_LENGTH, self.dtype)
+
+
+def load_wan_text_encoder(folder: Path, env: PipelineRuntime) -> WanTextEncoder:
     class_name = text_encoder_class(folder.parent)
-    return load_text_encoder(folder, class_name, env.dtypes["text_encoder"], env.device)
-
-
-def load_wan_tokenizer(folder: Path, env: PipelineRuntime):
-    return load_tokenizer(folder)
+    encoder = load_text_encoder(folder, class_name, env.dtypes["text_encoder"], env.device)
+    tokenizer = load_tokenizer(folder.parent / "tokenizer")
+    return WanTextEncoder(tokenizer, encoder, env.dtypes["transformer"])

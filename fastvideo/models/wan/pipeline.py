@@ -17,20 +17,21 @@ class WanT2VPipeline(ComposedPipelineBase):
 
     component_loaders = {
         "transformer": components.load_transformer,
-        "scheduler": components.load_scheduler,
-        "text_encoder": components.load_wan_text_encoder,
-        "tokenizer": components.load_wan_tokenizer,
+        "scheduler": components.load_sampler,
+        "text_encoder": components.load_wan_text_encoder,  # with its tokenizer
         "vae": components.load_vae,
     }
     # Text is encoded once and video decoded once, on the output rank.
-    output_rank_components = ("text_encoder", "tokenizer", "vae")
+    output_rank_components = ("text_encoder", "vae")
 
     def create_stages(self) -> list[PipelineStage]:
         c, env = self.components, self.env
         dit = c["transformer"]
         return [
-            InputValidationStage(env.spec),
-            TextEncodingStage(c.get("tokenizer"), c.get("text_encoder"), env, dit.config.text_dim),
+            InputValidationStage(env),
+            TextEncodingStage(
+                c.get("text_encoder"), env, dit.config.text_dim, components.TEXT_MAX_LENGTH
+            ),
             TimestepPreparationStage(c["scheduler"]),
             LatentPreparationStage(env, dit.config.in_channels),
             DenoisingStage(dit, env),

@@ -1,4 +1,5 @@
-"""Registers the Wan2.1 text-to-video family: ids, detection and per-model defaults.
+"""Registers the Wan family: the checkpoints it serves, how to recognise them, and the
+published defaults, STA windows and step-cache calibrations of each variant.
 
 Importing this module must stay cheap (no torch): the driver reads it to validate requests.
 """
@@ -7,13 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastvideo.cache.calibration import MagCacheCalibration, TeaCacheCalibration
 from fastvideo.models.registry import (
     ModelFamily,
-    ModelSpec,
     ModelVariant,
+    config_int,
     read_json,
     register_family,
 )
+from fastvideo.wire.spec import ModelSpec
 
 # The negative prompt Wan2.1 was published with (its own default, in Chinese).
 WAN_NEGATIVE_PROMPT = (
@@ -30,17 +33,27 @@ def read_wan_spec(model_dir: Path) -> ModelSpec:
             f"{model_dir}: a Wan2.2 checkpoint (boundary_ratio/expand_timesteps set); only "
             f"Wan2.1 text-to-video is supported yet"
         )
-    dit = read_json(model_dir / "transformer" / "config.json")
-    vae = read_json(model_dir / "vae" / "config.json")
+    dit_path = model_dir / "transformer" / "config.json"
+    vae_path = model_dir / "vae" / "config.json"
+    dit, vae = read_json(dit_path), read_json(vae_path)
+    heads = config_int(dit_path, dit, "num_attention_heads", 40)
+    patch = dit.get("patch_size", (1, 2, 2))
+    if not (isinstance(patch, (list, tuple)) and len(patch) == 3):
+        raise ValueError(f"{dit_path}: patch_size must be three integers, got {patch!r}")
+    patch_size = tuple(config_int(dit_path, {"p": p}, "p", 1) for p in patch)
+    z_dim = config_int(vae_path, vae, "z_dim", 16)
     return ModelSpec(
-        family="wan2.1-t2v",
+        family="wan",
         pipeline_class_name="WanPipeline",
-        num_heads=int(dit.get("num_attention_heads", 40)),
-        in_channels=int(dit.get("in_channels", 16)),
-        patch_size=tuple(dit.get("patch_size", (1, 2, 2))),  # type: ignore[arg-type]
-        vae_scale_spatial=int(vae.get("scale_factor_spatial") or 8),
-        vae_scale_temporal=int(vae.get("scale_factor_temporal") or 4),
-        max_positions=int(dit.get("rope_max_seq_len", 1024)),
+        num_heads=heads,
+        in_channels=config_int(dit_path, dit, "in_channels", 16),
+        patch_size=patch_size,  # type: ignore[arg-type]
+        vae_scale_spatial=config_int(vae_path, vae, "scale_factor_spatial", 8),
+        vae_scale_temporal=config_int(vae_path, vae, "scale_factor_temporal", 4),
+        max_positions=config_int(dit_path, dit, "rope_max_seq_len", 1024),
+        hidden_size=heads * config_int(dit_path, dit, "attention_head_dim", 128),
+        num_layers=config_int(dit_path, dit, "num_layers", 40),
+        latent_channels=z_dim,
     )
 
 
@@ -59,39 +72,90 @@ _COMMON = {
 # timestep input e0, first 5 steps always computed): the published rescaling polynomials.
 # 0.08 is the 1.3B default FastVideo and SGLang ship; 0.2 for 14B is a setting seen in
 # public TeaCache examples, not calibrated here.
-TEACACHE_1_3B = (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02)
-TEACACHE_14B = (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01)
+TEACACHE_1_3B = TeaCacheCalibration(
+    (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+    warmup_steps=5,
+    default_thresh=0.08,
+)
+TEACACHE_14B = TeaCacheCalibration(
+    (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+    warmup_steps=5,
+    default_thresh=0.2,
+)
+# MagCache (github.com/Zehong-Ma/MagCache, MagCache4Wan2.1): the published magnitude ratios
+# of the blocks' residual for 50 UniPC steps, (cond, uncond) per step, the first step padded
+# with 1.0; threshold 0.12, K = 2 and retention 0.2 are its script's defaults.
+MAGCACHE_1_3B = MagCacheCalibration(
+    (1.0, 1.0, 1.0124, 1.02213, 1.00166, 1.0041, 0.99791, 1.00061, 0.99682, 0.99762, 0.99634,
+     0.99685, 0.99567, 0.99586, 0.99416, 0.99422, 0.99578, 0.99575, 0.9957, 0.99563, 0.99511,
+     0.99506, 0.99535, 0.99531, 0.99552, 0.99549, 0.99541, 0.99539, 0.9954, 0.99536, 0.99489,
+     0.99485, 0.99518, 0.99514, 0.99484, 0.99478, 0.99481, 0.99479, 0.99415, 0.99413, 0.99419,
+     0.99416, 0.99396, 0.99393, 0.99388, 0.99386, 0.99349, 0.99349, 0.99309, 0.99304, 0.9927,
+     0.9927, 0.99228, 0.99226, 0.99171, 0.9917, 0.99137, 0.99135, 0.99068, 0.99063, 0.99005,
+     0.99003, 0.98944, 0.98942, 0.98849, 0.98849, 0.98758, 0.98757, 0.98644, 0.98643, 0.98504,
+     0.98503, 0.9836, 0.98359, 0.98202, 0.98201, 0.97977, 0.97978, 0.97717, 0.97718, 0.9741,
+     0.97411, 0.97003, 0.97002, 0.96538, 0.96541, 0.9593, 0.95933, 0.95086, 0.95089, 0.94013,
+     0.94019, 0.92402, 0.92414, 0.90241, 0.9026, 0.86821, 0.86868, 0.81838, 0.81939),
+    default_thresh=0.12,
+    max_skip_steps=2,
+    retention_ratio=0.2,
+)  # fmt: skip
+MAGCACHE_14B = MagCacheCalibration(
+    (1.0, 1.0, 1.02504, 1.03017, 1.00025, 1.00251, 0.9985, 0.99962, 0.99779, 0.99771, 0.9966,
+     0.99658, 0.99482, 0.99476, 0.99467, 0.99451, 0.99664, 0.99656, 0.99434, 0.99431, 0.99533,
+     0.99545, 0.99468, 0.99465, 0.99438, 0.99434, 0.99516, 0.99517, 0.99384, 0.9938, 0.99404,
+     0.99401, 0.99517, 0.99516, 0.99409, 0.99408, 0.99428, 0.99426, 0.99347, 0.99343, 0.99418,
+     0.99416, 0.99271, 0.99269, 0.99313, 0.99311, 0.99215, 0.99215, 0.99218, 0.99215, 0.99216,
+     0.99217, 0.99163, 0.99161, 0.99138, 0.99135, 0.98982, 0.9898, 0.98996, 0.98995, 0.9887,
+     0.98866, 0.98772, 0.9877, 0.98767, 0.98765, 0.98573, 0.9857, 0.98501, 0.98498, 0.9838,
+     0.98376, 0.98177, 0.98173, 0.98037, 0.98035, 0.97678, 0.97677, 0.97546, 0.97543, 0.97184,
+     0.97183, 0.96711, 0.96708, 0.96349, 0.96345, 0.95629, 0.95625, 0.94926, 0.94929, 0.93964,
+     0.93961, 0.92511, 0.92504, 0.90693, 0.90678, 0.8796, 0.87945, 0.86111, 0.86189),
+    default_thresh=0.12,
+    max_skip_steps=2,
+    retention_ratio=0.2,
+)  # fmt: skip
 
 # Sliding-tile attention: tiles of 3x8x8 tokens (192 = 3 FlexAttention blocks of 64). At
 # 480x832x81 the token grid 21x30x52 is 7x4x7 tiles: a 5x2x5 window keeps ~25% of the key
 # blocks; on an H200 that ran in 6.2 ms against cuDNN's 11.2 ms dense, while ~52% kept
-# (7x3x5) was no faster than cuDNN (benchmarks/results/*attention_kernels_sweep.json).
-# At 720x1280x81 (21x45x80 tokens, 7x6x10 tiles) 5x4x5 keeps ~24% (not timed).
+# (7x3x5) was no faster than cuDNN. At 720x1280x81 (21x45x80 tokens, 7x6x10 tiles) 5x4x5
+# keeps ~24% (not timed).
 STA_WINDOWS = {"480x832x81": (5, 2, 5), "720x1280x81": (5, 4, 5)}
 _PIPELINE_COMMON = {
-    "teacache_coefficients": TEACACHE_1_3B,
+    "teacache": TEACACHE_1_3B,
+    "magcache": MAGCACHE_1_3B,
     "sta_tile_size": (3, 8, 8),
     "sta_window_size": STA_WINDOWS,
 }
 
+
+def _build_demo(folder: Path) -> Path:
+    from fastvideo.models.wan.demo import write_demo_model
+
+    return write_demo_model(folder)
+
+
 WAN_1_3B = ModelVariant(
     name="Wan2.1-T2V-1.3B",
     hf_ids=("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",),
-    sampling_defaults={**_COMMON, "height": 480, "width": 832, "num_frames": 81,
-                       "teacache_thresh": 0.08},
+    sampling_defaults={**_COMMON, "height": 480, "width": 832, "num_frames": 81},
     pipeline_defaults={**_PIPELINE_COMMON, "flow_shift": 3.0},
     matches=_arch(30, 12),
 )
 WAN_14B = ModelVariant(
     name="Wan2.1-T2V-14B",
     hf_ids=("Wan-AI/Wan2.1-T2V-14B-Diffusers",),
-    sampling_defaults={**_COMMON, "height": 720, "width": 1280, "num_frames": 81,
-                       "teacache_thresh": 0.2},
-    pipeline_defaults={**_PIPELINE_COMMON, "teacache_coefficients": TEACACHE_14B,
-                       "flow_shift": 5.0},
+    sampling_defaults={**_COMMON, "height": 720, "width": 1280, "num_frames": 81},
+    pipeline_defaults={
+        **_PIPELINE_COMMON,
+        "teacache": TEACACHE_14B,
+        "magcache": MAGCACHE_14B,
+        "flow_shift": 5.0,
+    },
     matches=_arch(40, 40),
 )
-# The built-in tiny random model (fastvideo.models.demo): small sizes so it runs on a CPU.
+# The built-in tiny random model (demo.py): small sizes so it runs on a CPU.
 WAN_TINY_DEMO = ModelVariant(
     name="wan2.1-t2v-tiny-random",
     hf_ids=("fastvideo/wan2.1-t2v-tiny-random",),
@@ -103,6 +167,9 @@ WAN_TINY_DEMO = ModelVariant(
         "num_inference_steps": 8,
     },
     pipeline_defaults=dict(_PIPELINE_COMMON),
+    build=_build_demo,
+    build_version="2",
+    default_demo=True,
 )
 # Other Wan2.1 T2V checkpoints (fine-tunes, test models): the 1.3B sampling defaults, and
 # the flow shift stored in the checkpoint's scheduler config.
@@ -115,7 +182,7 @@ WAN_OTHER = ModelVariant(
 
 register_family(
     ModelFamily(
-        name="wan2.1-t2v",
+        name="wan",
         class_names=("WanPipeline",),
         pipeline="fastvideo.models.wan.pipeline:WanT2VPipeline",
         read_spec=read_wan_spec,

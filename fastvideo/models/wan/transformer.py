@@ -24,7 +24,7 @@ from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
 from fastvideo.layers.sequence import SequenceShard, TokenGrid, patchify, unpatchify
-from fastvideo.pipelines.teacache import TeaCacheCall
+from fastvideo.cache.base import StepCacheCall
 
 # Parameters kept in fp32 when the model runs in half precision (as diffusers does).
 FP32_PARAM_PATTERNS = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
@@ -281,7 +281,7 @@ class WanTransformer3D(nn.Module):
         text: torch.Tensor,
         grid: TokenGrid,
         shard: SequenceShard | None = None,
-        cache: TeaCacheCall | None = None,
+        cache: StepCacheCall | None = None,
     ) -> torch.Tensor:
         """Denoiser output for a (shard of a) token sequence.
 
@@ -290,35 +290,44 @@ class WanTransformer3D(nn.Module):
             timestep: [B] diffusion timesteps.
             text: [B, L_text, text_dim] text-encoder states.
             grid: the whole video's token grid; shard: this rank's slice (None = all).
-            cache: TeaCache state and which rows are which CFG branch; None runs every block.
+            cache: the request's step cache and which rows are which CFG branch; None runs
+                every block.
         Returns:
             [B, L_shard, pt*ph*pw*C_out] in the model dtype.
         """
-        x = self.embed_patches(tokens)
-        rope = self.rope(grid, shard, x.device)
+        rope = self.rope(grid, shard, tokens.device)
         temb, modulation = self.condition_embedder.embed_time(timestep, text.dtype)
         context = self.condition_embedder.text_embedder(text)
+        # The embedded input is handed straight to the block loop (no local name keeps it
+        # alive through the blocks); a step cache keeps it for the residual itself.
         if cache is None:
-            # Inline, so no outer reference keeps the embedded input alive through the blocks.
-            for block in self.blocks:
-                x = block(x, context, modulation, rope, shard, grid)
+            x = self.run_blocks(self.embed_patches(tokens), context, modulation, rope, shard, grid)
         else:
 
-            def blocks(rows: torch.Tensor | None) -> torch.Tensor:
-                h, ctx, mod = (
-                    (x, context, modulation)
-                    if rows is None
-                    else (x[rows], context[rows], modulation[rows])
-                )
-                for block in self.blocks:
-                    h = block(h, ctx, mod, rope, shard, grid)
-                return h
+            def blocks(h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+                ctx, mod = (context, modulation) if rows is None else (context[rows], modulation[rows])
+                return self.run_blocks(h, ctx, mod, rope, shard, grid)
 
-            # The modulated timestep input (Wan's e0) is what TeaCache compares.
-            x = cache.cache.run(x, modulation, cache.branches, blocks)
+            # The modulated timestep input (Wan's e0) is the signal the caches compare.
+            x = cache.cache.run(self.embed_patches(tokens), modulation, cache.branches, blocks)
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         return self.proj_out(x)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        modulation: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        shard: SequenceShard | None,
+        grid: TokenGrid,
+    ) -> torch.Tensor:
+        """The block loop: x [B, L_shard, D] -> [B, L_shard, D] (the only one, cached or
+        not)."""
+        for block in self.blocks:
+            x = block(x, context, modulation, rope, shard, grid)
+        return x
 
     def set_attention(self, backend: str | None, sta: STAConfig | None = None) -> None:
         """The attention backend (resolved name) and STA settings of this model only."""

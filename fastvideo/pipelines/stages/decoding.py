@@ -3,10 +3,24 @@ into uint8 frames."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from fastvideo.layers.sequence import unpatchify
-from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, ProgressFn
+from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, StepControl
+
+
+class VideoDecoder(Protocol):
+    """What the stage needs of a family's VAE."""
+
+    dtype: torch.dtype
+
+    def unnormalize_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] latents -> [B, 3, T, H', W'] video in [-1, 1]."""
+        ...
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
@@ -18,11 +32,11 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
 class DecodingStage(PipelineStage):
     name = "decoding"
 
-    def __init__(self, vae, env: PipelineRuntime):
-        self.vae = vae
+    def __init__(self, vae: VideoDecoder | None, env: PipelineRuntime):
+        self.vae = vae  # None on ranks that never lead a replica
         self.env = env
 
-    def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch:
+    def __call__(self, batch: ForwardBatch, control: StepControl) -> ForwardBatch:
         assert batch.latents is not None and batch.grid is not None
         if batch.batch_size == 0:  # all items left during denoising (a collective decision)
             return batch
@@ -33,8 +47,9 @@ class DecodingStage(PipelineStage):
             return batch
         latents = unpatchify(tokens, batch.grid, self.env.spec.patch_size)
         batch.output_latents = latents
-        if batch.output_type == "latent":
+        if batch.first.output_type == "latent":
             return batch
+        assert self.vae is not None, "the output rank loads the VAE"
         z = self.vae.unnormalize_latents(latents.to(self.vae.dtype))
         batch.frames = to_uint8_frames(self.vae.decode(z))
         return batch

@@ -1,5 +1,5 @@
-"""Draw the initial noise for the whole video from each request's seed, exactly as
-diffusers draws it (fp32 on a CPU generator), then keep this rank's token shard.
+"""Draw the initial noise for the whole video from each item's seed, exactly as diffusers
+draws it (fp32 on a CPU generator), then keep this rank's token shard.
 
 Every rank draws the same full noise, so the result never depends on the rank count.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastvideo.layers.sequence import SequenceShard, TokenGrid, patchify, take_shard
-from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, ProgressFn
+from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, StepControl
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -27,11 +27,12 @@ class LatentPreparationStage(PipelineStage):
         self.env = env
         self.latent_channels = latent_channels
 
-    def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch:
-        spec = self.env.spec
-        frames = (batch.num_frames - 1) // spec.vae_scale_temporal + 1
-        h, w = batch.height // spec.vae_scale_spatial, batch.width // spec.vae_scale_spatial
-        noise = initial_noise(batch.seeds, (self.latent_channels, frames, h, w))
+    def __call__(self, batch: ForwardBatch, control: StepControl) -> ForwardBatch:
+        spec, first = self.env.spec, batch.first
+        frames = spec.latent_frames(first.num_frames)
+        h, w = first.height // spec.vae_scale_spatial, first.width // spec.vae_scale_spatial
+        seeds = [item.seed for item in batch.items]
+        noise = initial_noise(seeds, (self.latent_channels, frames, h, w))
         pt, ph, pw = spec.patch_size
         batch.grid = TokenGrid(frames // pt, h // ph, w // pw)
         sp = self.env.runtime.groups.sp

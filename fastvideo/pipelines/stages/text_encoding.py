@@ -3,31 +3,36 @@ the states to every rank: the text encoder is loaded on one rank only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from fastvideo.models.text_encoders import encode_prompts
-from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, ProgressFn
+from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, StepControl
+
+# prompts -> [len(prompts), max_length, text_dim] states (the family's text encoder).
+TextEncoder = Callable[[list[str]], torch.Tensor]
 
 
 class TextEncodingStage(PipelineStage):
     name = "text_encoding"
 
-    def __init__(self, tokenizer, text_encoder, env: PipelineRuntime, text_dim: int):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(
+        self, encode: TextEncoder | None, env: PipelineRuntime, text_dim: int, max_length: int
+    ):
+        self.encode = encode  # None on ranks that never lead a replica
         self.env = env
         self.text_dim = text_dim
+        self.max_length = max_length
 
-    def __call__(self, batch: ForwardBatch, progress: ProgressFn) -> ForwardBatch:
-        prompts = list(batch.prompts)
+    def __call__(self, batch: ForwardBatch, control: StepControl) -> ForwardBatch:
+        prompts = [item.prompt for item in batch.items]
         if batch.do_cfg:
-            prompts += batch.negative_prompts
-        shape = (len(prompts), self.env.spec.text_max_length, self.text_dim)
+            prompts += [item.negative_prompt for item in batch.items]
+        shape = (len(prompts), self.max_length, self.text_dim)
         dtype = self.env.dtypes["transformer"]
         if self.env.is_output_rank:
-            states = encode_prompts(self.tokenizer, self.text_encoder, prompts, shape[1], dtype).to(
-                self.env.device
-            )
+            assert self.encode is not None, "the output rank loads the text encoder"
+            states = self.encode(prompts).to(device=self.env.device, dtype=dtype)
         else:
             states = torch.empty(shape, dtype=dtype, device=self.env.device)
         self.env.runtime.broadcast_(self.env.runtime.groups.replica, states)

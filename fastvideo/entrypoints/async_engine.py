@@ -15,10 +15,10 @@ import asyncio
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
-from fastvideo.engine.configs import PipelineConfig, SamplingParam
+from fastvideo.config import PipelineConfig, SamplingParam
 from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent
-from fastvideo.engine.generator import start_engine
-from fastvideo.engine.output import VideoOutput
+from fastvideo.engine.output import VideoOutput, release_output_file, write_mp4
+from fastvideo.engine.startup import start_engine
 
 T = TypeVar("T")
 
@@ -77,9 +77,18 @@ class AsyncVideoEngine:
         The request is validated and queued when iteration starts (invalid fields or a
         full queue raise at once). Leaving the loop early aborts the request.
         """
+        if sampling_param is not None and not isinstance(sampling_param, SamplingParam):
+            raise TypeError(
+                f"sampling_param must be a SamplingParam, got {type(sampling_param).__name__}"
+            )
         param = (sampling_param or self.default_sampling_param).copy().update(**overrides)
         events: asyncio.Queue = asyncio.Queue()
-        request_id = self.core.submit(prompt, param, _sink_for(events), request_id, priority)
+        request = self.core.new_request(prompt, param, _sink_for(events), request_id)
+        try:
+            self.core.submit(request, priority)
+        except BaseException:
+            release_output_file(request.output_file)
+            raise
         finished = False
         try:
             while True:
@@ -89,15 +98,23 @@ class AsyncVideoEngine:
                     raise event
                 if isinstance(event, VideoOutput):
                     finished = True
-                    path = param.resolve_output_file(prompt) if event.frames is not None else None
-                    if path is not None:
-                        await asyncio.to_thread(event.save, path)
+                    await self._save(event, request.output_file)
                     yield event
                     return
                 yield event
         finally:
             if not finished:
-                self.core.abort(request_id)
+                self.core.abort(request.request_id)
+
+    @staticmethod
+    async def _save(output: VideoOutput, path) -> None:
+        if path is None or output.frames is None:
+            release_output_file(path)
+            return
+        try:
+            output.output_path = await asyncio.to_thread(write_mp4, output.frames, path, output.fps)
+        finally:
+            release_output_file(path)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a waiting request now, a running one at its next step boundary."""

@@ -2,28 +2,21 @@
 the real diffusers layout by our own classes (no download, no diffusers needed).
 
 It exists so the README's commands work offline on a CPU in seconds. Its video is noise:
-the weights are random, only the shapes and the code path are real.
+the weights are random, only the shapes and the code path are real. The registry builds
+it on first use (``fastvideo.models.hub.ensure_built``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from fastvideo import envs
-from fastvideo.logger import init_logger
-
-logger = init_logger(__name__)
-
 DEMO_MODEL_ID = "fastvideo/wan2.1-t2v-tiny-random"
-_DEMO_VERSION = "v2"
+DEMO_VERSION = "2"
 _SEED = 2024
 
 TINY_TRANSFORMER = {
@@ -42,24 +35,6 @@ WAN_SCHEDULER = {
     "solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
     "final_sigmas_type": "zero", "disable_corrector": [],
 }  # fmt: skip
-
-
-def ensure_demo_model() -> Path:
-    """The demo model's folder in the user's cache, created on first use."""
-    target = envs.cache_dir() / "demo" / f"wan2.1-t2v-tiny-random-{_DEMO_VERSION}"
-    if not (target / "model_index.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        try:
-            write_demo_model(staging)
-            os.replace(staging, target)  # atomic: concurrent first uses never see half a model
-            logger.info("wrote the demo model (random weights) to %s", target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def write_demo_model(folder: Path) -> Path:

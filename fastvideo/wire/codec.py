@@ -14,15 +14,16 @@ from typing import Any
 import msgspec
 import torch
 
+from fastvideo.wire.errors import MalformedMessage
+
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8,
               torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 }  # fmt: skip
-
-
-class MalformedMessage(ValueError):
-    """Bytes that are not a valid message of the expected type."""
+# Bounds on a received tensor's shape: anything beyond is malformed, whatever its bytes.
+_MAX_DIMS = 8
+_MAX_DIM = 2**40
 
 
 class Encoder:
@@ -68,8 +69,8 @@ class Decoder:
             self._frames = frames
             try:
                 return self._decoder.decode(_as_buffer(frames[0]))
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
-                raise MalformedMessage(str(e)) from None
+            except Exception as e:  # noqa: BLE001 - whatever the bytes do, they are malformed
+                raise MalformedMessage(f"{type(e).__name__}: {e}") from None
             finally:
                 self._frames = ()
 
@@ -85,9 +86,11 @@ class Decoder:
             raise ValueError(f"tensor frame {index} missing")
         dtype = _DTYPES[dtype_name]
         buf = _as_buffer(self._frames[index])
+        if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+            raise ValueError(f"bad tensor shape {shape!r}")
         numel = 1
         for s in shape:
-            if not isinstance(s, int) or s < 0:
+            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= _MAX_DIM:
                 raise ValueError(f"bad tensor shape {shape!r}")
             numel *= s
         if len(buf) != numel * torch.empty((), dtype=dtype).element_size():

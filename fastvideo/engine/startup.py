@@ -1,0 +1,100 @@
+"""Starting an engine: resolve the model, check the configuration against the machine and
+the model, start the workers and the core."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from fastvideo.config import RING_BACKENDS, PipelineConfig
+from fastvideo.distributed.plan import choose_plan
+from fastvideo.engine.core import EngineCore
+from fastvideo.engine.model_info import ModelInfo, resolve_model
+from fastvideo.executor.base import create_executor
+from fastvideo.logger import init_logger
+
+logger = init_logger(__name__)
+
+# CPU workers when the user forces device='cpu': more than the cores is allowed (tests run
+# 3 ranks on 2 cores), but not without bound.
+MAX_FORCED_CPU_WORKERS = 64
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pick_device(config: PipelineConfig) -> str:
+    """'cuda' or 'cpu' for the workers; checks num_gpus against the devices (CPU workers:
+    at most the cores, unless device='cpu' is given, then at most 64)."""
+    import torch
+
+    count = torch.cuda.device_count()  # does not create a CUDA context
+    device = config.device or ("cuda" if count > 0 else "cpu")
+    if device == "cuda" and config.num_gpus > count:
+        visible = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(count))
+        raise ValueError(
+            f"num_gpus={config.num_gpus} but {count} CUDA device(s) are visible"
+            + (f": {visible}" if visible else "")
+            + " (set num_gpus accordingly, or CUDA_VISIBLE_DEVICES)"
+        )
+    if device == "cpu":
+        limit = MAX_FORCED_CPU_WORKERS if config.device == "cpu" else cpu_cores()
+        if config.num_gpus > limit:
+            raise ValueError(
+                f"num_gpus={config.num_gpus} CPU workers but this machine has {cpu_cores()} "
+                f"cores and no GPU: at most {limit}"
+                + ("" if config.device == "cpu" else " (device='cpu' allows up to 64)")
+            )
+    return device
+
+
+def check_plans(config: PipelineConfig, info: ModelInfo) -> None:
+    """An impossible forced plan, or a backend that cannot run the plan, fails here."""
+    backend = config.attention_config.resolved_backend()
+    heads = info.spec.num_heads
+    for use_cfg in (True, False):
+        plan = choose_plan(config.num_gpus, heads, use_cfg, **config.parallel_config.forced())
+        if plan.ring_degree > 1 and backend not in RING_BACKENDS:
+            raise ValueError(
+                f"attention_backend={backend!r} cannot run ring attention, and with "
+                f"num_gpus={config.num_gpus} and {heads} heads the plan with guidance "
+                f"{'on' if use_cfg else 'off'} is {plan.describe()}. Use a GPU count whose "
+                f"Ulysses degree divides the heads (ulysses_degree=, cfg_parallel=), or "
+                f"attention_backend 'auto' or 'sdpa'"
+            )
+
+
+def start_engine(
+    model: str,
+    num_gpus: int | None,
+    pipeline_config: PipelineConfig | None,
+    overrides: dict[str, Any],
+) -> EngineCore:
+    """Resolve the model, check the configuration, start the workers and the core."""
+    if pipeline_config is not None and not isinstance(pipeline_config, PipelineConfig):
+        raise TypeError(
+            f"pipeline_config must be a PipelineConfig, got {type(pipeline_config).__name__}"
+        )
+    info = resolve_model(model)  # once: the defaults below come from it too
+    if pipeline_config is None:
+        pipeline_config = PipelineConfig(model_path=model).update(**info.variant.pipeline_defaults)
+    config = pipeline_config.copy().update(**overrides)
+    if num_gpus is not None:
+        config.num_gpus = num_gpus
+    config.validate()
+    config.model_path = str(info.path)
+    check_plans(config, info)
+    device = pick_device(config)
+    start = time.perf_counter()
+    executor = create_executor(info.path, config, device)
+    logger.info(
+        "loaded %s (%s) on %d %s worker(s) in %.1fs",
+        model,
+        info.variant.name,
+        config.num_gpus,
+        device,
+        time.perf_counter() - start,
+    )
+    return EngineCore(info, config, executor, device)

@@ -1,0 +1,235 @@
+"""``VideoGenerator``: the blocking user API, a thin layer over ``EngineCore``.
+
+The driver process validates requests, schedules them and talks to the workers; it never
+loads weights and never initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from typing import Any, overload
+
+from fastvideo.config import PipelineConfig, SamplingParam
+from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent, Request
+from fastvideo.engine.model_info import ModelInfo
+from fastvideo.engine.output import VideoOutput, release_output_file, write_mp4
+from fastvideo.engine.startup import start_engine
+from fastvideo.executor.base import Executor
+from fastvideo.logger import init_logger
+from fastvideo.wire.errors import OutputSaveError
+
+logger = init_logger(__name__)
+
+__all__ = ["VideoGenerator"]
+
+
+class VideoGenerator:
+    """Generates videos with a model running on ``num_gpus`` worker processes."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        num_gpus: int | None = None,
+        pipeline_config: PipelineConfig | None = None,
+        **overrides: Any,
+    ) -> VideoGenerator:
+        """Start workers for ``model`` (a Hugging Face id, a local diffusers folder, or
+        a built-in demo id) and load it. ``overrides`` set ``PipelineConfig`` fields."""
+        return cls(start_engine(model, num_gpus, pipeline_config, overrides))
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.core.info
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.core.config
+
+    @property
+    def executor(self) -> Executor:
+        return self.core.executor
+
+    @property
+    def default_sampling_param(self) -> SamplingParam:
+        return self.core.default_sampling_param
+
+    @overload
+    def generate_video(
+        self, prompt: str, sampling_param: SamplingParam | None = None, **overrides: Any
+    ) -> VideoOutput: ...
+
+    @overload
+    def generate_video(
+        self,
+        prompt: list[str],
+        sampling_param: SamplingParam | list[SamplingParam] | None = None,
+        **overrides: Any,
+    ) -> list[VideoOutput]: ...
+
+    def generate_video(
+        self,
+        prompt: str | list[str],
+        sampling_param: SamplingParam | list[SamplingParam] | None = None,
+        **overrides: Any,
+    ) -> VideoOutput | list[VideoOutput]:
+        """Generate one video, or a list of videos for a list of prompts (in input order).
+
+        ``overrides`` set ``SamplingParam`` fields for this call. With a list of prompts and
+        one param, video i gets seed ``param.seed + i`` (logged); with a list of params,
+        each keeps its own. Every request is validated, and every output file planned,
+        before any is queued. Ctrl-C (KeyboardInterrupt) aborts this call's requests and
+        re-raises.
+        """
+        single = isinstance(prompt, str)
+        if not single and not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        prompts = [prompt] if single else list(prompt)
+        params = self._params(prompts, sampling_param, overrides)
+        events: queue.Queue = queue.Queue()
+        requests: list[Request] = []
+        try:
+            for i, (p, param) in enumerate(zip(prompts, params, strict=True)):
+                sink = EventSink(lambda event, i=i: events.put((i, event)))
+                requests.append(self.core.new_request(p, param, sink))
+        except BaseException:
+            for r in requests:
+                release_output_file(r.output_file)
+            raise
+        pending = list(requests)
+
+        def feed() -> None:  # the queue is bounded: top it up as requests finish
+            if pending:
+                del pending[: self.core.submit_many(pending)]
+
+        def interrupted() -> None:
+            pending.clear()
+            for r in requests:
+                self.core.abort(r.request_id)
+
+        steps = requests[0].item.num_inference_steps
+        outputs, errors = _collect(events, len(requests), steps, feed, interrupted)
+        _save(outputs, requests)  # the videos that were made are saved even if one failed
+        first_error = next((e for e in errors if e is not None), None)
+        if first_error is not None:
+            raise first_error
+        return outputs[0] if single else outputs  # type: ignore[return-value]
+
+    def _params(
+        self,
+        prompts: list[str],
+        sampling_param: SamplingParam | list[SamplingParam] | None,
+        overrides: dict[str, Any],
+    ) -> list[SamplingParam]:
+        if not prompts:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of them")
+        if isinstance(sampling_param, list):
+            if len(sampling_param) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(sampling_param)} params")
+            for p in sampling_param:
+                _check_param(p)
+            return [p.copy().update(**overrides) for p in sampling_param]
+        if sampling_param is not None:
+            _check_param(sampling_param)
+        base = (sampling_param or self.default_sampling_param).copy().update(**overrides)
+        if len(prompts) == 1:
+            return [base]
+        if not isinstance(base.seed, int) or isinstance(base.seed, bool):
+            raise TypeError(f"seed must be an int, got {type(base.seed).__name__} {base.seed!r}")
+        params = [base.copy().update(seed=base.seed + i) for i in range(len(prompts))]
+        logger.info(
+            "seeds %d..%d for %d prompts (base seed %d + index)",
+            base.seed,
+            base.seed + len(prompts) - 1,
+            len(prompts),
+            base.seed,
+        )
+        return params
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+    def __enter__(self) -> VideoGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _check_param(param: object) -> None:
+    if not isinstance(param, SamplingParam):
+        raise TypeError(f"sampling_param must be a SamplingParam, got {type(param).__name__}")
+
+
+def _save(outputs: list[VideoOutput | None], requests: list[Request]) -> None:
+    """Write every output that has a planned file; a failure loses no other output (all
+    are returned through OutputSaveError)."""
+    errors = []
+    for out, request in zip(outputs, requests, strict=True):
+        path = request.output_file
+        if path is None or out is None or out.frames is None:
+            release_output_file(path)
+            continue
+        try:
+            out.output_path = write_mp4(out.frames, path, out.fps)
+            logger.info("saved %s", path)
+        except Exception as e:  # noqa: BLE001 - reported below, with every output
+            errors.append(f"{path}: {type(e).__name__}: {e}")
+        finally:
+            release_output_file(path)
+    if errors:
+        raise OutputSaveError(
+            f"{len(errors)} of {len(outputs)} video(s) could not be saved: " + "; ".join(errors),
+            outputs,
+        )
+
+
+def _collect(
+    events: queue.Queue,
+    count: int,
+    steps: int,
+    feed: Callable[[], None],
+    interrupted: Callable[[], None],
+) -> tuple[list[VideoOutput | None], list[BaseException | None]]:
+    """Wait for ``count`` requests' outputs (in index order), calling ``feed`` to queue
+    more whenever one finishes (the queue is bounded); a tqdm bar counts denoising steps
+    of all of them and finished videos. Returns (outputs, errors) by index; on
+    KeyboardInterrupt calls ``interrupted`` and re-raises."""
+    from tqdm.auto import tqdm
+
+    outputs: list[VideoOutput | None] = [None] * count
+    errors: list[BaseException | None] = [None] * count
+    done_steps = [0] * count
+    bar = tqdm(total=count * steps, desc="denoising", unit="step", disable=None)
+    finished = 0
+    try:
+        feed()
+        while finished < count:
+            try:
+                index, event = events.get(timeout=0.5)
+            except queue.Empty:
+                feed()  # room may have opened up through other clients' requests
+                continue
+            if isinstance(event, ProgressEvent):
+                if event.stage == "denoising" and event.total_steps:
+                    done_steps[index] = event.step
+                    bar.update(sum(done_steps) - bar.n)
+                continue
+            finished += 1
+            feed()
+            if isinstance(event, BaseException):
+                errors[index] = event
+            else:
+                outputs[index] = event
+            if count > 1:
+                bar.set_postfix(videos=f"{finished}/{count}")
+    except KeyboardInterrupt:
+        interrupted()
+        raise
+    finally:
+        bar.close()
+    return outputs, errors

@@ -1,0 +1,1 @@
+"""Driver-side executors: run batches on the workers and hand back futures."""

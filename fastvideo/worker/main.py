@@ -1,0 +1,345 @@
+"""The worker process: a ``Worker`` behind ZeroMQ sockets.
+
+Started as ``python -m fastvideo.worker.main`` in its own session (a terminal's Ctrl-C
+reaches the driver only; the driver decides what to stop), not through multiprocessing, so
+the user's script is never re-imported in the child. Its arguments arrive on stdin as one
+length-prefixed msgspec message; stdin then stays open as the death pipe: EOF means the
+driver is gone, and the worker exits at once.
+
+Start-up: decode the arguments, start the death watch and the heartbeat thread, load the
+plugins, join the process group, load, then send ``WorkerReady`` (or ``WorkerFailure``).
+Then serve batches until ``Shutdown``. A message that does not decode, or does not carry
+the engine's token, is dropped and counted; an exception in a batch is reported for that
+batch and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from fastvideo.logger import init_logger
+from fastvideo.pipelines.base import ForwardBatch, RanksOutOfStepError
+from fastvideo.wire.codec import Decoder, Encoder
+from fastvideo.wire.errors import MalformedMessage
+from fastvideo.wire.messages import (
+    AbortItems,
+    GenerateBatch,
+    Heartbeat,
+    Progress,
+    Shutdown,
+    ToWorker,
+    WorkerArgs,
+    WorkerFailure,
+    WorkerReady,
+)
+
+logger = init_logger(__name__)
+
+POLL_MS = 500
+
+
+def _watch_parent(stdin_fd: int, socket_dir: str | None) -> None:
+    """Exit as soon as the driver is gone (stdin reaches EOF), even mid-batch.
+
+    Rank 0 also removes the driver's socket directory, which a killed driver leaves behind.
+    """
+    try:
+        while os.read(stdin_fd, 4096):
+            pass
+    except OSError:
+        pass
+    if socket_dir is not None:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    os._exit(1)
+
+
+def encode_args(args: WorkerArgs) -> bytes:
+    payload = msgspec.msgpack.encode(args)
+    return struct.pack("<I", len(payload)) + payload
+
+
+def _read_args(stdin_fd: int) -> WorkerArgs:
+    def read_exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = os.read(stdin_fd, n - len(data))
+            if not chunk:
+                raise SystemExit("driver closed stdin before sending the worker arguments")
+            data += chunk
+        return data
+
+    (size,) = struct.unpack("<I", read_exact(4))
+    return msgspec.msgpack.decode(read_exact(size), type=WorkerArgs)
+
+
+class _BatchControl:
+    """The StepControl of one batch: progress to the driver (leader only), aborts from the
+    socket, plugin hooks; every boundary counts as progress for the heartbeat."""
+
+    def __init__(self, loop: _WorkerLoop, batch_id: str, leader: bool):
+        self.loop = loop
+        self.batch_id = batch_id
+        self.leader = leader
+        self.start = time.perf_counter()
+
+    def progress(self, stage: str, step: int, total: int) -> None:
+        self.loop.progress_count += 1
+        if self.leader:
+            elapsed = time.perf_counter() - self.start
+            self.loop.send(Progress(self.batch_id, stage, step, total, elapsed))
+
+    def abort_requested(self) -> set[str]:
+        return self.loop.poll_aborts()
+
+    def at_step(self, batch: ForwardBatch, step: int) -> None:
+        self.loop.progress_count += 1
+        self.loop.worker.run_step_hooks(batch, step)
+
+
+class _WorkerLoop:
+    def __init__(self, args: WorkerArgs):
+        self.args = args
+        self.ctx = zmq.Context()
+        self.requests = self.ctx.socket(zmq.PULL)
+        self.requests.connect(args.request_addr)
+        self.output = self.ctx.socket(zmq.PUSH)
+        self.output.setsockopt(zmq.LINGER, 2000)
+        self.output.connect(args.output_addr)
+        self.encoder = Encoder()
+        self.decoder = Decoder(ToWorker)
+        self.worker = None
+        self.store = None
+        self.handlers = {
+            GenerateBatch: self._generate,
+            AbortItems: self._abort,
+            Shutdown: self._shutdown,
+        }
+        self.running = True
+        self.exit_code = 0
+        # Messages that arrived while a batch ran (read at step boundaries for aborts).
+        self.backlog: deque[msgspec.Struct] = deque()
+        self.aborts: set[str] = set()
+        self.dropped = 0
+        self.busy = False
+        self.progress_count = 0
+        self._stop_beats = threading.Event()
+        self._beats: threading.Thread | None = None
+
+    def send(self, msg: msgspec.Struct) -> None:
+        msg.token = self.args.token  # type: ignore[attr-defined]
+        self.output.send_multipart(self.encoder.encode(msg), copy=False)
+
+    # --- start-up ----------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        """Heartbeats from their own thread and socket, so they go on while the main thread
+        computes; they stop when the process is stopped or wedged."""
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.args.output_addr)
+        encoder = Encoder()
+
+        def beat() -> None:
+            while self.running:
+                msg = Heartbeat(self.args.rank, self.busy, self.progress_count, self.args.token)
+                try:
+                    sock.send_multipart(encoder.encode(msg), flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                self._stop_beats.wait(self.args.heartbeat_s)
+            sock.close(linger=0)
+
+        self._beats = threading.Thread(target=beat, name="fastvideo-heartbeat", daemon=True)
+        self._beats.start()
+
+    def start(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        from fastvideo.config import PipelineConfig
+        from fastvideo.worker.worker import Worker, set_cpu_threads
+
+        a = self.args
+        try:
+            config = msgspec.convert(a.config, PipelineConfig)
+            device = torch.device(a.device)
+            if device.type == "cpu":
+                set_cpu_threads(a.world_size)
+            self.worker = Worker(a.rank, a.world_size, device, Path(a.model_dir), config)
+            self.worker.load_plugins(a.plugins)
+            if a.world_size > 1:
+                self.store = dist.FileStore(a.store_path, a.world_size)
+                self.store.set_timeout(timedelta(seconds=max(60.0, a.arrival_timeout_s)))
+            self.worker.init_distributed(self.store)
+            seconds = self.worker.load()
+        except BaseException as e:  # report anything, including import errors
+            self.send(WorkerFailure(None, a.rank, type(e).__name__, str(e), traceback.format_exc()))
+            return False
+        self.send(WorkerReady(a.rank, os.getpid(), a.device, seconds, self.worker.memory_bytes()))
+        return True
+
+    # --- serving -----------------------------------------------------------------------
+    def serve(self) -> None:
+        while self.running:
+            msg = self.backlog.popleft() if self.backlog else self._receive(POLL_MS)
+            if msg is not None:
+                self.handlers[type(msg)](msg)
+
+    def _receive(self, timeout_ms: int) -> msgspec.Struct | None:
+        """The next well-formed message carrying the engine's token, or None."""
+        if not self.requests.poll(timeout_ms):
+            return None
+        frames = self.requests.recv_multipart(copy=False)
+        try:
+            msg = self.decoder.decode(frames)
+        except MalformedMessage as e:
+            self.dropped += 1
+            logger.warning("rank %d dropped a malformed message: %s", self.args.rank, e)
+            return None
+        if msg.token != self.args.token:
+            self.dropped += 1
+            logger.warning("rank %d dropped a %s without the engine's token", self.args.rank,
+                           type(msg).__name__)  # fmt: skip
+            return None
+        return msg
+
+    def poll_aborts(self) -> set[str]:
+        """Called at step boundaries: take in what arrived, keep all but aborts for later."""
+        while self.requests.poll(0):
+            msg = self._receive(0)
+            if isinstance(msg, AbortItems):
+                self.aborts.update(msg.item_ids)
+            elif msg is not None:
+                self.backlog.append(msg)
+        return self.aborts
+
+    def _abort(self, msg: AbortItems) -> None:
+        # Arrived between batches: the items may still be in the backlog.
+        self.aborts.update(msg.item_ids)
+
+    def _generate(self, msg: GenerateBatch) -> None:
+        item_ids = [item.request_id for item in msg.items]
+        try:
+            ranks = msg.plan.replica_ranks(msg.replica)
+            if not self._arrived(msg, ranks):
+                return
+            control = _BatchControl(self, msg.batch_id, ranks[0] == self.args.rank)
+            self.busy = True
+            result = self.worker.execute(msg, control)
+        except RanksOutOfStepError as e:
+            # Peers may wait in a collective this rank will never join: report, then exit,
+            # so the driver fails everything with EngineDeadError instead of hanging.
+            cause = e.__cause__ or e
+            logger.error("rank %d: %s; exiting (ranks out of step)", self.args.rank, e)
+            message = f"{e} (fatal on a multi-rank engine: it shuts down)"
+            self._fail(msg, type(cause).__name__, message)
+            self.running, self.exit_code = False, 1
+            return
+        except Exception as e:
+            logger.exception("rank %d: batch %s failed", self.args.rank, msg.batch_id)
+            self._fail(msg, type(e).__name__, str(e))
+            return
+        finally:
+            self.busy = False
+            self.aborts.difference_update(item_ids)
+        if result is not None:
+            self.send(result)
+
+    def _arrived(self, msg: GenerateBatch, ranks: list[int]) -> bool:
+        """Every rank of the replica has this batch (else it is dropped, never half-run:
+        ranks that run it alone would wait in its first collective forever).
+
+        Each rank marks its arrival in the rendezvous store; the leader waits for all of
+        them (``arrival_timeout_s``), then rules go or drop; the others wait for the ruling,
+        or drop the batch once their leader has moved past it (it never got it).
+        """
+        if len(ranks) == 1 or self.store is None:
+            return True
+        key, rank = f"batch/{msg.batch_id}", self.args.rank
+        self.store.set(f"{key}/{rank}", "1")
+        lead_key = "lead/" + "-".join(map(str, ranks))
+        if rank == ranks[0]:
+            self.store.set(lead_key, str(msg.seq))
+            arrived = self._wait(lambda: self.store.check([f"{key}/{r}" for r in ranks]),
+                                 self.args.arrival_timeout_s)  # fmt: skip
+            self.store.set(f"{key}/verdict", "go" if arrived else "drop")
+            if not arrived:
+                missing = [r for r in ranks if not self.store.check([f"{key}/{r}"])]
+                message = (f"batch {msg.batch_id} did not reach ranks {missing} of its replica "
+                           f"{ranks} within {self.args.arrival_timeout_s:g}s; dropped")  # fmt: skip
+                self.send(WorkerFailure(msg.batch_id, rank, "IncompleteBatch", message))
+            return arrived
+
+        def ruled_or_passed() -> bool:
+            if self.store.check([f"{key}/verdict"]):
+                return True
+            return self.store.check([lead_key]) and int(self.store.get(lead_key)) > msg.seq
+
+        self._wait(ruled_or_passed, None)
+        return self.store.check([f"{key}/verdict"]) and self.store.get(f"{key}/verdict") == b"go"
+
+    def _wait(self, done, timeout_s: float | None) -> bool:
+        """Poll ``done()`` (backing off to 20 ms) until true or ``timeout_s``; a Shutdown
+        arriving meanwhile ends the wait (False)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pause = 0.001
+        while not done():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self.poll_aborts()
+            if any(isinstance(m, Shutdown) for m in self.backlog):
+                self.running = False
+                return False
+            time.sleep(pause)
+            pause = min(0.02, pause * 2)
+        return True
+
+    def _fail(self, msg: GenerateBatch, error_type: str, message: str) -> None:
+        tb = traceback.format_exc()
+        self.send(WorkerFailure(msg.batch_id, self.args.rank, error_type, message, tb))
+
+    def _shutdown(self, _: Shutdown) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        self.running = False
+        self._stop_beats.set()
+        if self._beats is not None:
+            self._beats.join(timeout=5)
+        if self.worker is not None:
+            self.worker.close()
+        self.requests.close(linger=0)
+        self.output.close()
+        self.ctx.term()
+
+
+def main() -> None:
+    stdin_fd = sys.stdin.fileno()
+    args = _read_args(stdin_fd)
+    socket_dir = None
+    if args.rank == 0 and args.output_addr.startswith("ipc://"):
+        socket_dir = os.path.dirname(args.output_addr.removeprefix("ipc://"))
+    threading.Thread(target=_watch_parent, args=(stdin_fd, socket_dir), daemon=True).start()
+    loop = _WorkerLoop(args)
+    loop.start_heartbeat()
+    try:
+        if loop.start():
+            loop.serve()
+    finally:
+        loop.close()
+    sys.exit(loop.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""One rank's work, independent of transport: join the process group, load the pipeline
+components this rank needs, run batches under their parallel plan.
+
+The in-process executor calls it directly; the worker process (``main.py``) wraps it
+behind ZeroMQ sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastvideo import envs
+from fastvideo.config import PipelineConfig
+from fastvideo.distributed.plan import candidate_plans
+from fastvideo.distributed.runtime import GroupView, ParallelRuntime
+from fastvideo.kernels_bridge import attention as attention_bridge
+from fastvideo.kernels_bridge.sta import STAConfig
+from fastvideo.logger import init_logger
+from fastvideo.models.loader import DTYPES
+from fastvideo.models.registry import family_for_dir
+from fastvideo.pipelines.base import (
+    CompileSettings,
+    ForwardBatch,
+    PipelineRuntime,
+    PipelineSettings,
+    StepControl,
+)
+from fastvideo.wire.messages import BatchResult, GenerateBatch
+from fastvideo.wire.spec import ModelSpec
+
+logger = init_logger(__name__)
+
+# A hook run at every denoising step boundary (plugins: e.g. test fault injection).
+StepHook = Callable[[ForwardBatch, int], None]
+
+
+def sta_config(config: PipelineConfig, spec: ModelSpec) -> STAConfig:
+    """The STA tile and windows with resolutions turned into this model's token grids."""
+    attention = config.attention_config
+    windows = attention.sta_windows()
+    tile = tuple(attention.sta_tile_size)
+    if not isinstance(windows, dict):
+        return STAConfig(tile=tile, default_window=windows)  # type: ignore[arg-type]
+    pt, ph, pw = spec.patch_size
+    by_grid = []
+    for (height, width, frames), window in windows.items():
+        grid = (
+            spec.latent_frames(frames) // pt,
+            height // spec.vae_scale_spatial // ph,
+            width // spec.vae_scale_spatial // pw,
+        )
+        by_grid.append((grid, tuple(window)))
+    return STAConfig(tile=tile, windows=tuple(by_grid))  # type: ignore[arg-type]
+
+
+def component_dtypes(config: PipelineConfig, device: torch.device) -> dict[str, torch.dtype]:
+    """Precision per component: as configured, else bf16 on GPU and fp32 on CPU (VAE fp32)."""
+    default = "bf16" if device.type == "cuda" else "fp32"
+    return {
+        "transformer": DTYPES[config.dit_precision or default],
+        "text_encoder": DTYPES[config.text_encoder_precision or default],
+        "vae": DTYPES[config.vae_config.vae_precision or "fp32"],
+    }
+
+
+def pipeline_settings(
+    config: PipelineConfig, spec: ModelSpec, backend: str
+) -> PipelineSettings:
+    """The typed settings the pipelines read, from the engine's config."""
+    compile_cfg = config.compile_config
+    caches = {n: getattr(config.cache_config, n) for n in config.cache_config.calibrated()}
+    return PipelineSettings(
+        flow_shift=config.flow_shift,
+        sampler=config.scheduler,
+        attention_backend=backend,
+        sta=sta_config(config, spec),
+        compile=CompileSettings(compile_cfg.torch_compile_backend, compile_cfg.torch_compile_mode)
+        if compile_cfg.enable_torch_compile
+        else None,
+        caches=caches,
+        limits=config.engine_config.limits(),
+    )
+
+
+class Worker:
+    """Runs the pipeline on one rank."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        model_dir: Path,
+        config: PipelineConfig,
+    ):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.pipeline = None
+        self.runtime = ParallelRuntime(rank, world_size, device)
+        self.step_hooks: list[StepHook] = []
+        self.store: dist.Store | None = None
+
+    def load_plugins(self, modules: list[str]) -> None:
+        """Import each plugin module; call its ``register(worker)`` when it has one."""
+        for name in modules:
+            module = importlib.import_module(name)
+            register = getattr(module, "register", None)
+            if register is not None:
+                register(self)
+            logger.info("rank %d: loaded plugin %s", self.rank, name)
+
+    def init_distributed(self, store: dist.Store | None, timeout_s: float = 1800) -> None:
+        """Join the process group through ``store`` (NCCL on GPU, gloo on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size == 1:
+            return
+        assert store is not None, "several ranks need a rendezvous store"
+        self.store = store
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+
+    def load(self) -> float:
+        """Load this rank's components and create every plan's process groups; returns the
+        seconds it took."""
+        start = time.perf_counter()
+        family = family_for_dir(self.model_dir)
+        spec = family.read_spec(self.model_dir)
+        dtypes = component_dtypes(self.config, self.device)
+        backend = attention_bridge.resolve_backend(
+            self.config.attention_config.resolved_backend(), self.device, dtypes["transformer"]
+        )
+        env = PipelineRuntime(
+            runtime=self.runtime,
+            device=self.device,
+            spec=spec,
+            dtypes=dtypes,
+            settings=pipeline_settings(self.config, spec, backend),
+        )
+        plans = candidate_plans(
+            self.world_size,
+            spec.num_heads,
+            throughput_replicas=self.config.replicas(),
+            forced=self.config.parallel_config.forced(),
+        )
+        self.runtime.prepare(plans)
+        # Text encoder and VAE only where this rank can lead a replica (rank 0 always).
+        leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
+        pipeline_cls = family.pipeline_class()
+        self.pipeline = pipeline_cls.from_pretrained(self.model_dir, env, output_rank=leads)
+        return time.perf_counter() - start
+
+    def execute(self, msg: GenerateBatch, control: StepControl) -> BatchResult | None:
+        """Run one batch on this rank; its replica's leader returns the result."""
+        assert self.pipeline is not None, "load() first"
+        plan = msg.plan
+        if plan.world_size != self.world_size or self.rank not in plan.replica_ranks(msg.replica):
+            raise ValueError(
+                f"plan {plan.describe()} (replica {msg.replica}) does not fit rank {self.rank} "
+                f"of {self.world_size}"
+            )
+        batch = ForwardBatch(batch_id=msg.batch_id, items=list(msg.items))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        with self.runtime.activate(plan) as groups, _maybe_profile(self.rank, msg.batch_id):
+            leader = groups.leader == self.rank
+            batch = self.pipeline.forward(batch, control)
+            batch.timings["total"] = time.perf_counter() - start
+            peaks = self._peak_memory_per_rank(groups.replica)
+        if not leader:
+            return None
+        return BatchResult(
+            batch_id=msg.batch_id,
+            plan=plan.describe(),
+            timings=batch.timings,
+            frames=batch.frames,
+            latents=batch.output_latents if batch.items and batch.first.output_type == "latent"
+            else None,
+            peak_memory_bytes=peaks,
+            item_ids=batch.item_ids,
+            aborted_ids=batch.aborted,
+            failures=batch.failures,
+            stats=batch.stats,
+        )
+
+    def run_step_hooks(self, batch: ForwardBatch, step: int) -> None:
+        for hook in self.step_hooks:
+            hook(batch, step)
+
+    def _peak_memory_per_rank(self, replica: GroupView) -> list[int]:
+        """Peak GPU memory of this batch on every rank of the replica (empty on CPU)."""
+        if self.device.type != "cuda":
+            return []
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.device)], device=self.device)
+        gathered = self.runtime.all_gather(replica, peak, dim=0)
+        return [int(p) for p in gathered.tolist()]
+
+    def memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return 0
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _maybe_profile(rank: int, batch_id: str) -> Iterator[None]:
+    """Profile the batch on rank 0 when FASTVIDEO_TORCH_PROFILE_DIR is set."""
+    out_dir = envs.torch_profile_dir()
+    if out_dir is None or rank != 0:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        yield
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    path = Path(out_dir) / f"profile-rank{rank}-{batch_id[:16]}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    logger.info("wrote %s", path)
+
+
+def set_cpu_threads(world_size: int) -> None:
+    """Share the machine's cores between CPU workers instead of oversubscribing them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // world_size))
