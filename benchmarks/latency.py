@@ -48,10 +48,10 @@ def _env(model: Path, dtypes: dict, compile_blocks: bool = False):
 
 
 def _set_attention(model: Path, name: str) -> str:
-    from fastvideo.engine.configs import PipelineConfig
+    from fastvideo.config import PipelineConfig
     from fastvideo.kernels_bridge import attention as bridge
     from fastvideo.models.wan.registration import read_wan_spec
-    from fastvideo.workers.worker import sta_config
+    from fastvideo.worker.worker import sta_config
 
     config = PipelineConfig.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     chosen = bridge.resolve_backend(name, torch.device("cuda"), torch.bfloat16)

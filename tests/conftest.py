@@ -46,6 +46,11 @@ def tiny_b(tmp_path_factory: pytest.TempPathFactory):
     return folder, build_diffusers_pipeline(TINY_B, folder)
 
 
+def submit(core, prompt, param, sink, request_id=None, priority=0) -> str:
+    """Build, validate and queue one request on an EngineCore (what the APIs do)."""
+    return core.submit(core.new_request(prompt, param, sink, request_id), priority)
+
+
 @pytest.fixture(scope="module")
 def tiny_gen(tiny_a):
     """One in-process generator on the tiny_a checkpoint, shared by the test module."""

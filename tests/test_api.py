@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+
+import msgspec
 import re
 import shutil
 import socket
@@ -20,9 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-import fastvideo.engine.generator as generator_module
+import fastvideo.engine.startup as startup_module
 from fastvideo import DEMO_MODEL_ID, PipelineConfig, SamplingParam, VideoGenerator, VideoOutput
-from fastvideo.engine.configs import VAEConfig
+from fastvideo.cache.calibration import MagCacheCalibration, TeaCacheCalibration
+from fastvideo.config import _ROUTES, _SUBCONFIGS, VAEConfig
 
 STAGES = (
     "input_validation",
@@ -62,7 +65,7 @@ def no_workers(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("workers were started (model work began)")
 
-    monkeypatch.setattr(generator_module, "create_executor", refuse)
+    monkeypatch.setattr(startup_module, "create_executor", refuse)
 
 
 @pytest.fixture
@@ -135,9 +138,10 @@ def test_seed_example_two_cpu_workers_cfg_parallel():
         assert video.timings[stage] > 0, stage
     assert video.plan == "CFG 2"
     # The keyword override reached the workers, and did not touch the caller's param.
-    (request,) = spy.requests
-    assert request.num_inference_steps == 35
-    assert (request.height, request.width, request.guidance_scales) == (576, 1024, [7.5])
+    (batch,) = spy.requests
+    (item,) = batch.items
+    assert item.num_inference_steps == 35
+    assert (item.height, item.width, item.guidance_scale) == (576, 1024, 7.5)
     assert param.num_inference_steps == 30
     # The workers ran 35 steps: the denoising stage took 35 mean step times.
     steps = video.timings["denoising"] / video.timings["denoising_step_mean"]
@@ -156,11 +160,14 @@ def test_registered_hub_ids_give_their_defaults_without_network(no_network):
     assert (p14.height, p14.width, p14.num_frames) == (720, 1280, 81)
     assert p14.negative_prompt == WAN_NEGATIVE_PROMPT
     assert PipelineConfig.from_pretrained(WAN_14B).flow_shift == 5.0
-    # TeaCache: the published calibration per model, off by default.
-    assert not p.enable_teacache and (p.teacache_thresh, p14.teacache_thresh) == (0.08, 0.2)
+    # Step caches: the published calibrations per model, off by default.
+    assert p.cache is None and p.cache_thresh is None
     c13, c14 = PipelineConfig.from_pretrained(WAN_13B), PipelineConfig.from_pretrained(WAN_14B)
-    assert c13.teacache_coefficients[0] == -5.21862437e04
-    assert c14.teacache_coefficients[0] == -3.03318725e05
+    assert (c13.teacache.default_thresh, c14.teacache.default_thresh) == (0.08, 0.2)
+    assert c13.teacache.coefficients[0] == -5.21862437e04
+    assert c14.teacache.coefficients[0] == -3.03318725e05
+    assert (c13.magcache.ratios[2], c14.magcache.ratios[2]) == (1.0124, 1.02504)
+    assert len(c13.magcache.ratios) == len(c14.magcache.ratios) == 100
     assert c13.sta_window_size["480x832x81"] == (5, 2, 5)
 
 
@@ -198,8 +205,8 @@ SAMPLING_VALUES = dict(
     seed=7,
     output_path="/somewhere/v.mp4",
     output_type="latent",
-    enable_teacache=True,
-    teacache_thresh=0.3,
+    cache="teacache",
+    cache_thresh=0.3,
 )
 PIPELINE_VALUES = dict(
     model_path="elsewhere",
@@ -217,8 +224,14 @@ PIPELINE_VALUES = dict(
     ulysses_degree=2,
     ring_degree=1,
     ready_timeout_s=30.0,
+    worker_timeout_s=7.0,
+    stall_timeout_s=70.0,
+    request_timeout_s=9.0,
     max_batch_size=4,
     max_waiting_requests=8,
+    max_inference_steps=99,
+    max_tokens=1234,
+    max_token_steps=5678,
     parallel_mode="latency",
     throughput_replicas=2,
     sta_tile_size=(1, 8, 16),
@@ -226,36 +239,55 @@ PIPELINE_VALUES = dict(
     enable_torch_compile=True,
     torch_compile_mode="max-autotune-no-cudagraphs",
     torch_compile_backend="aot_eager",
-    teacache_coefficients=(1.0, 0.0),
-    teacache_warmup_steps=2,
+    teacache=TeaCacheCalibration((1.0, 0.0), warmup_steps=2, default_thresh=0.5),
+    magcache=MagCacheCalibration((1.0, 1.0, 0.9, 0.8), default_thresh=0.3, max_skip_steps=1),
 )
+# Every name a PipelineConfig keyword may use: top-level fields and each sub-config's own.
+PIPELINE_NAMES = {
+    f.name for f in dataclasses.fields(PipelineConfig) if f.name not in _SUBCONFIGS
+} | {n for n in _ROUTES if n != "vae_precision"} | {"vae_config"}
 
 
 def test_override_tables_cover_every_field():
     assert set(SAMPLING_VALUES) == {f.name for f in dataclasses.fields(SamplingParam)}
-    assert set(PIPELINE_VALUES) == {f.name for f in dataclasses.fields(PipelineConfig)}
+    assert set(PIPELINE_VALUES) == PIPELINE_NAMES
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLING_VALUES))
-def test_every_sampling_field_overridable(name):
-    value = SAMPLING_VALUES[name]
-    by_kw = SamplingParam.from_pretrained(DEMO_MODEL_ID, **{name: value})
-    assert getattr(by_kw, name) == value
-    by_update = SamplingParam.from_pretrained(DEMO_MODEL_ID).update(**{name: value})
-    assert getattr(by_update, name) == value
-    by_attr = SamplingParam.from_pretrained(DEMO_MODEL_ID)
-    setattr(by_attr, name, value)
-    assert getattr(by_attr, name) == value
+def test_every_sampling_field_reaches_the_request(tiny_gen, spy, tmp_path):
+    """Each SamplingParam field set by keyword arrives in the RequestItem the workers get
+    (or, for the driver-only fps and output_path, in the output)."""
+    values = {**SAMPLING_VALUES, "output_type": "np", "output_path": str(tmp_path / "v.mp4")}
+    out = tiny_gen.generate_video("a fox", **values)
+    (batch,) = spy.requests
+    (item,) = batch.items
+    for name, value in values.items():
+        if name in ("fps", "output_path"):
+            continue
+        assert getattr(item, name) == value, name
+    assert out.fps == 8 and out.output_path == tmp_path / "v.mp4"
+    assert _read_mp4(out.output_path)[1].shape == (9, 32, 48, 3)
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINE_VALUES))
-def test_every_pipeline_field_overridable(name):
-    value = PIPELINE_VALUES[name]
-    by_kw = PipelineConfig.from_pretrained(WAN_13B, **{name: value})
-    assert getattr(by_kw, name) == value
-    by_attr = PipelineConfig.from_pretrained(WAN_13B)
-    setattr(by_attr, name, value)
-    assert getattr(by_attr, name) == value
+def test_every_pipeline_field_reaches_the_workers():
+    """A config with every field changed survives the trip to a worker (the worker decodes
+    the driver's config exactly this way) unchanged, and each keyword lands in its field."""
+    config = PipelineConfig.from_pretrained(WAN_13B, **PIPELINE_VALUES)
+    default = PipelineConfig()
+    for name, value in PIPELINE_VALUES.items():
+        assert getattr(config, name) == value, name
+        assert getattr(default, name) != value, f"{name}: pick a non-default test value"
+    on_worker = msgspec.convert(msgspec.to_builtins(config), PipelineConfig)
+    assert on_worker == config
+
+
+def test_sub_config_fields_are_reachable_by_their_own_name():
+    config = PipelineConfig()
+    config.attention_backend = "sta"
+    config.max_batch_size = 3
+    assert config.attention_config.attention_backend == "sta"
+    assert config.engine_config.max_batch_size == 3
+    with pytest.raises(TypeError, match="did you mean 'max_batch_size'"):
+        config.update(max_batch_sise=2)
 
 
 def test_vae_precision_keyword_sets_the_nested_field():
@@ -279,9 +311,9 @@ def test_generate_video_keywords_reach_the_workers_and_leave_the_param_alone(tin
         seed=7,
         fps=8,
     )
-    (req,) = spy.requests
+    ((req,),) = [b.items for b in spy.requests]
     assert (req.height, req.width, req.num_frames, req.num_inference_steps) == (32, 48, 9, 2)
-    assert (req.negative_prompts, req.guidance_scales, req.seeds) == (["blurry"], [2.5], [7])
+    assert (req.negative_prompt, req.guidance_scale, req.seed) == ("blurry", 2.5, 7)
     assert out.frames.shape == (9, 32, 48, 3)
     assert (out.fps, out.seed, out.negative_prompt) == (8, 7, "blurry")
     assert param == before
@@ -434,8 +466,8 @@ def test_output_path_folder_saves_a_file_named_after_the_prompt(demo_gen, tmp_pa
     out = demo_gen.generate_video(
         "a cat in the snow", num_inference_steps=2, output_path=str(folder)
     )
-    assert out.output_path == folder / "a cat in the snow.mp4"
-    assert [p.name for p in folder.iterdir()] == ["a cat in the snow.mp4"]
+    assert out.output_path == folder / "a cat in the snow-1024.mp4"
+    assert [p.name for p in folder.iterdir()] == ["a cat in the snow-1024.mp4"]
     assert _read_mp4(out.output_path)[1].shape == out.frames.shape
 
 

@@ -12,9 +12,9 @@ import av
 import numpy as np
 import pytest
 
-import fastvideo.engine.generator as generator_module
+import fastvideo.engine.startup as startup_module
 from fastvideo import DEMO_MODEL_ID, VideoGenerator
-from fastvideo.cli import main
+from fastvideo.entrypoints.cli import main
 
 try:
     import tomllib
@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args, timeout=300):
-    """Run ``python -m fastvideo.cli ARGS`` with this session's private cache (env)."""
+    """Run ``python -m fastvideo.entrypoints.cli ARGS`` with this session's private cache."""
     assert os.environ.get("FASTVIDEO_CACHE_DIR"), "conftest's private cache is not set"
     return subprocess.run(
-        [sys.executable, "-m", "fastvideo.cli", *args],
+        [sys.executable, "-m", "fastvideo.entrypoints.cli", *args],
         cwd=REPO,
         env=dict(os.environ),
         capture_output=True,
@@ -81,7 +81,7 @@ def test_bad_flag_value_fails_before_loading_the_model(monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("workers were started before the flags were validated")
 
-    monkeypatch.setattr(generator_module, "create_executor", refuse)
+    monkeypatch.setattr(startup_module, "create_executor", refuse)
     code = main(["generate", "--model", DEMO_MODEL_ID, "--prompt", "a cat", "--height", "500"])
     assert code == 2
     assert "height" in capsys.readouterr().err
@@ -93,18 +93,41 @@ def test_console_script_is_declared():
     assert getattr(importlib.import_module(module), func) is main
 
 
-def test_generate_with_speed_flags_reports_teacache_skips(tmp_path, _private_cache):
-    """--teacache / --teacache-thresh / --attention-backend reach the engine; the summary
-    line says how many steps TeaCache skipped (warm-up steps always run)."""
+def _api_skips(cache: str, thresh: float) -> int:
+    with VideoGenerator.from_pretrained(
+        DEMO_MODEL_ID, executor="inproc", attention_backend="sdpa_math"
+    ) as gen:
+        ref = gen.generate_video("a fox", num_inference_steps=8, cache=cache,
+                                 cache_thresh=thresh, output_type="latent")  # fmt: skip
+    return int(ref.stats[f"{cache}_skipped_cond"])
+
+
+def test_generate_with_speed_flags_reports_cache_skips(tmp_path, _private_cache):
+    """--teacache-thresh implies --teacache; --attention-backend reaches the engine; the
+    summary line gives the skip count the Python API gives for the same request."""
     target = tmp_path / "fox.mp4"
     proc = _cli(
         "generate", "--model", DEMO_MODEL_ID, "--prompt", "a fox", "--steps", "8",
-        "--teacache", "--teacache-thresh", "5.0", "--attention-backend", "sdpa_math",
+        "--teacache-thresh", "5.0", "--attention-backend", "sdpa_math",
         "--output", str(target),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert target.is_file()
-    assert "TeaCache skipped 3 of 8 steps" in proc.stdout, proc.stdout
+    skipped = _api_skips("teacache", 5.0)
+    assert skipped > 0
+    assert f"teacache skipped {skipped} of 8 steps" in proc.stdout, proc.stdout
+
+
+def test_cache_flags_choose_magcache(tmp_path, capsys, _private_cache):
+    skipped = _api_skips("magcache", 0.03)
+    assert 0 < skipped < 5, "a threshold that skips some but not all possible steps"
+    code = main([
+        "generate", "--model", DEMO_MODEL_ID, "--prompt", "a fox", "--num-inference-steps", "8",
+        "--cache", "magcache", "--cache-thresh", "0.03", "--attention-backend", "sdpa_math",
+        "--executor", "inproc", "--output", str(tmp_path / "m.mp4"),
+    ])  # fmt: skip
+    assert code == 0
+    assert f"magcache skipped {skipped} of 8 steps" in capsys.readouterr().out
 
 
 def test_unrunnable_attention_backend_is_a_clean_cli_error(tmp_path, _private_cache):

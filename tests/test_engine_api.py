@@ -8,7 +8,6 @@ round differently in fp32); in practice most match exactly.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
@@ -26,6 +25,7 @@ from fastvideo import (
     VideoGenerator,
     VideoOutput,
 )
+from tests.conftest import submit
 
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=3)
 PROMPTS = [f"a fox, take {i}" for i in range(6)]
@@ -43,9 +43,9 @@ class _CountingSubmit:
         self._submit = executor.submit
         executor.submit = self
 
-    def __call__(self, request, on_progress=None):
-        self.sizes.append(len(request.prompts))
-        return self._submit(request, on_progress)
+    def __call__(self, batch, on_progress=None):
+        self.sizes.append(len(batch.items))
+        return self._submit(batch, on_progress)
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +87,11 @@ def test_batch_with_a_list_of_params_keeps_each_seed_and_guidance(batched):
     assert diff > 1e-3  # the guidance scales really differ inside the batch
 
 
-def test_nan_latents_fail_alone_and_the_engine_keeps_serving():
-    os.environ["FASTVIDEO_TEST_FAULT"] = "nan:POISON"
-    try:
-        gen = VideoGenerator.from_pretrained(
-            DEMO_MODEL_ID, num_gpus=2, max_batch_size=2, parallel_mode="latency"
-        )
-    finally:
-        del os.environ["FASTVIDEO_TEST_FAULT"]  # the workers have inherited it
+def test_nan_latents_fail_alone_and_the_engine_keeps_serving(monkeypatch):
+    monkeypatch.setenv("FASTVIDEO_WORKER_PLUGINS", "tests.plugins.nan_fault")
+    gen = VideoGenerator.from_pretrained(
+        DEMO_MODEL_ID, num_gpus=2, max_batch_size=2, parallel_mode="latency"
+    )
     with gen:
         good = gen.generate_video("a calm lake", seed=3, **SMALL)
         with pytest.raises(RequestFailedError, match="non-finite"):
@@ -103,8 +100,8 @@ def test_nan_latents_fail_alone_and_the_engine_keeps_serving():
         events: list = []
         core = gen.core
         sinks = [_ListSink(events) for _ in range(2)]
-        core.submit("a calm lake", gen.default_sampling_param.update(seed=3, **SMALL), sinks[0])
-        core.submit("POISON lake", gen.default_sampling_param.update(seed=4, **SMALL), sinks[1])
+        submit(core, "a calm lake", gen.default_sampling_param.update(seed=3, **SMALL), sinks[0])
+        submit(core, "POISON lake", gen.default_sampling_param.update(seed=4, **SMALL), sinks[1])
         assert _wait(lambda: sinks[0].done and sinks[1].done, 60)
         assert isinstance(sinks[0].result, VideoOutput)
         assert _max_diff(sinks[0].result.frames, good.frames) <= 1
@@ -149,9 +146,10 @@ def engine():
 def test_async_concurrent_requests_each_get_their_own_result(engine):
     async def one(i: int):
         steps, output = [], None
-        async for event in engine.generate(f"a bird {i}", seed=50 + i, **SMALL):
+        events = engine.generate(f"a bird {i}", seed=50 + i, request_id=f"req-{i}", **SMALL)
+        async for event in events:
             if isinstance(event, ProgressEvent):
-                assert event.request_id == f"req-{i}" or event.request_id
+                assert event.request_id == f"req-{i}"  # each request's events are its own
                 if event.stage == "denoising":
                     steps.append(event.step)
             else:
@@ -180,9 +178,13 @@ async def _final(engine, prompt, **kw):
 
 
 def test_abort_running_request_within_one_step(engine):
+    """After abort() returns, at most one more denoising step is reported (bounded in
+    steps, whatever the machine's speed)."""
+
     async def main():
         step_times: list[float] = []
         aborted_at: list[float] = []
+        steps_after: list[int] = []
 
         async def long_one():
             async for event in engine.generate(
@@ -195,6 +197,8 @@ def test_abort_running_request_within_one_step(engine):
             ):
                 if isinstance(event, ProgressEvent) and event.stage == "denoising":
                     step_times.append(time.monotonic())
+                    if aborted_at:
+                        steps_after.append(event.step)
                     if event.step == 3:
                         aborted_at.append(time.monotonic())
                         assert await engine.abort("long-1")
@@ -202,9 +206,8 @@ def test_abort_running_request_within_one_step(engine):
         with pytest.raises(RequestAbortedError):
             await long_one()
         ended = time.monotonic()
-        step = (step_times[2] - step_times[0]) / 2
-        print(f"\nabort took {ended - aborted_at[0]:.3f}s; one step {step:.3f}s")
-        assert ended - aborted_at[0] < 2 * step + 0.5
+        print(f"\nabort took {ended - aborted_at[0]:.3f}s; steps reported after: {steps_after}")
+        assert len(steps_after) <= 1, steps_after
         return await _final(engine, "after the abort", seed=1)
 
     after = asyncio.run(main())
@@ -218,14 +221,14 @@ def test_abort_waiting_request_and_queue_bound():
             height=64, width=64, num_frames=5, num_inference_steps=200
         )
         running = _ListSink([])
-        core.submit("busy", param, running, request_id="busy")
+        submit(core, "busy", param, running, request_id="busy")
         assert _wait(lambda: running.steps, 60)  # the worker is busy now
         waiting = [_ListSink([]) for _ in range(2)]
         for i, sink in enumerate(waiting):
-            core.submit(f"queued {i}", param, sink, request_id=f"queued-{i}")
+            submit(core, f"queued {i}", param, sink, request_id=f"queued-{i}")
         start = time.monotonic()
         with pytest.raises(QueueFullError, match="max_waiting_requests"):
-            core.submit("one too many", param, _ListSink([]))
+            submit(core, "one too many", param, _ListSink([]))
         assert time.monotonic() - start < 0.1  # refused at once
         assert core.abort("queued-0")
         assert _wait(lambda: waiting[0].done, 5)
@@ -246,7 +249,7 @@ def test_engine_death_fails_running_and_waiting_requests():
         )
         sinks = [_ListSink([]) for _ in range(3)]
         for i, sink in enumerate(sinks):
-            core.submit(f"doomed {i}", param, sink)
+            submit(core, f"doomed {i}", param, sink)
         assert _wait(lambda: sinks[0].steps, 60)
         threading.Thread(target=gen.executor._procs[1].kill).start()
         assert _wait(lambda: all(s.done for s in sinks), 10)

@@ -24,7 +24,7 @@ import pytest
 
 from fastvideo import EngineDeadError, RequestFailedError, VideoGenerator
 from fastvideo.engine.protocol import GenerateRequest
-from fastvideo.engine.serial import Encoder
+from fastvideo.wire.codec import Encoder
 
 PROMPT = "a red fox walking through a snowy forest at dawn"
 SMALL = dict(

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from fastvideo import VideoGenerator
 from fastvideo.models.loader import CheckpointError
-from fastvideo.workers.mp_executor import WorkerStartupError
+from fastvideo.executor.multiproc import WorkerStartupError
 
 DIT_FILE = "transformer/diffusion_pytorch_model.safetensors"
 MISSING_WORDS = re.compile(r"missing|no such|not found|does not exist|no \S+ file", re.I)
@@ -128,13 +128,16 @@ def test_key_mismatch_names_both_keys_and_the_file(ckpt):
 
 def test_key_mismatch_in_a_worker_process_carries_its_traceback(ckpt):
     _rewrite_dit(ckpt, _swap_one_key)
-    message = str(_load_error(ckpt, WorkerStartupError))  # default: multi-process executor
+    error = _load_error(ckpt, WorkerStartupError)  # default: multi-process executor
+    message = str(error)
     assert "CheckpointError" in message
     assert "blocks.0.attn1.to_k.weight" in message
     assert "blocks.0.extra_layer.weight" in message
     assert "diffusion_pytorch_model.safetensors" in message
-    assert "Traceback (most recent call last)" in message  # the worker's own traceback
-    assert "load_checkpoint" in message
+    # One line for the user; the worker's own traceback rides along (and is logged).
+    assert "\n" not in message and "Traceback" not in message
+    assert "Traceback (most recent call last)" in error.worker_traceback
+    assert "load_checkpoint" in error.worker_traceback
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(ckpt):

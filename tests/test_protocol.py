@@ -1,4 +1,4 @@
-"""The wire codec (``engine/serial.py``) and the messages (``engine/protocol.py``).
+"""The wire codec (``wire/codec.py``) and the messages (``wire/messages.py``).
 
 Every message type must survive encode -> (ZeroMQ) -> decode unchanged, tensors included;
 anything that is not a valid message must raise ``MalformedMessage`` (never execute
@@ -16,17 +16,21 @@ import pytest
 import torch
 import zmq
 
-from fastvideo.engine.protocol import (
+from fastvideo.distributed.plan import ParallelPlan
+from fastvideo.wire.codec import Decoder, Encoder, MalformedMessage
+from fastvideo.wire.messages import (
+    AbortItems,
+    BatchResult,
     FromWorker,
-    GenerateRequest,
-    GenerateResult,
+    GenerateBatch,
+    Heartbeat,
     Progress,
+    RequestItem,
     Shutdown,
     ToWorker,
     WorkerFailure,
     WorkerReady,
 )
-from fastvideo.engine.serial import Decoder, Encoder, MalformedMessage
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fastvideo"
 
@@ -60,11 +64,19 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.
 
 
 TO_WORKER = [
-    GenerateRequest(
-        "req-1", ["a fox", "ünïcødé 🦊"], ["blurry", ""], [0, 2**63 - 1], [5.0, 1.0],
-        480, 832, 81, 50, "latent", 2, 2, 2,
+    GenerateBatch(
+        "batch-1",
+        [
+            RequestItem("a", "a fox", "blurry", 0, 5.0, 480, 832, 81, 50, "latent", "teacache", 0.2),
+            RequestItem("b", "ünïcødé 🦊", "", 2**63 - 1, 1.0, 480, 832, 81, 50, "latent"),
+        ],
+        ParallelPlan(2, 2, 2),
+        replica=0,
+        seq=3,
+        token="t0k",
     ),
-    GenerateRequest("req-2", ["p"], [""], [7], [1.0], 16, 16, 1, 1),  # defaults omitted
+    GenerateBatch("batch-2", [RequestItem("c", "p")], ParallelPlan()),  # defaults omitted
+    AbortItems("batch-1", ["a"], "t0k"),
     Shutdown(),
 ]  # fmt: skip
 
@@ -75,8 +87,9 @@ FROM_WORKER = [
     Progress("req-1", "decoding", 0, 0, 0.0),
     WorkerFailure(None, 1, "CheckpointError", "truncated", "Traceback (most recent call last):"),
     WorkerFailure("req-1", 0, "ValueError", "bad height"),
-    GenerateResult("req-1", "CFG 2 x Ulysses 2", {"total": 1.5, "denoising": 1.0}),
-    GenerateResult(
+    Heartbeat(2, True, 17, "t0k"),
+    BatchResult("req-1", "CFG 2 x Ulysses 2", {"total": 1.5, "denoising": 1.0}),
+    BatchResult(
         "req-2",
         "ring 3",
         {},
@@ -121,7 +134,7 @@ TENSOR_CASES = [
 @pytest.mark.parametrize("dtype, shape", TENSOR_CASES, ids=lambda x: str(x))
 def test_tensor_round_trip(dtype, shape):
     t = _tensor(dtype, shape, seed=len(shape))
-    msg = GenerateResult("r", "single rank", {}, frames=t, latents=t.flip(0) if t.ndim else t)
+    msg = BatchResult("r", "single rank", {}, frames=t, latents=t.flip(0) if t.ndim else t)
     out = Decoder(FromWorker).decode(_as_bytes(Encoder().encode(msg)))
     _assert_same(out, msg)
     if out.frames.numel():
@@ -132,7 +145,7 @@ def test_tensor_round_trip_non_contiguous_and_independent_of_the_buffer():
     base = _tensor(torch.float32, (4, 6))
     strided = base.t()[::2]  # neither contiguous nor starting at offset 0 in memory order
     assert not strided.is_contiguous()
-    frames = _as_bytes(Encoder().encode(GenerateResult("r", "p", {}, latents=strided)))
+    frames = _as_bytes(Encoder().encode(BatchResult("r", "p", {}, latents=strided)))
     buffer = bytearray(frames[1])
     out = Decoder(FromWorker).decode([frames[0], buffer])
     assert torch.equal(out.latents, strided)
@@ -160,9 +173,9 @@ def test_round_trip_over_zeromq():
 
 def test_encoder_refuses_what_it_cannot_send():
     with pytest.raises(TypeError):
-        Encoder().encode(GenerateResult("r", "p", {}, latents=torch.zeros(2, dtype=torch.cfloat)))
+        Encoder().encode(BatchResult("r", "p", {}, latents=torch.zeros(2, dtype=torch.cfloat)))
     with pytest.raises(TypeError):
-        Encoder().encode(GenerateResult("r", "p", {"t": object()}))  # no pickling fallback
+        Encoder().encode(BatchResult("r", "p", {"t": object()}))  # no pickling fallback
 
 
 # --- malformed input -------------------------------------------------------------------------
@@ -199,6 +212,8 @@ MALFORMED = {
     "float-dim": [_result_header(["uint8", [2.0], 1]), b"\x00" * 2],
     "shape-not-a-list": [_result_header(["uint8", {"n": 2}, 1]), b"\x00" * 2],
     "huge-dim": [_result_header(["uint8", [2**64 - 1, 0], 1]), b""],
+    "huge-dim-of-empty-tensor": [_result_header(["uint8", [0, 2**62, 4], 1]), b""],
+    "too-many-dims": [_result_header(["uint8", [1] * 9, 1]), b"\x00"],
     "reference-too-short": [_result_header(["float32", [2]]), b"\x00" * 8],
     "reference-not-a-list": [_result_header("float32"), b"\x00" * 8],
     "float-frame-index": [_result_header(["float32", [2], 1.0]), b"\x00" * 8],

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from fastvideo.models.schedulers import (
+from fastvideo.models.samplers import (
     FlowMatchEulerScheduler,
     FlowScheduler,
     FlowUniPCMultistepScheduler,

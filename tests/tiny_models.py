@@ -17,7 +17,7 @@ from diffusers import (
 )
 from transformers import UMT5Config, UMT5EncoderModel
 
-from fastvideo.models.demo import _write_tokenizer
+from fastvideo.models.wan.demo import _write_tokenizer
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from fastvideo.wire.errors import (
     RequestTimeoutError,
 )
 from fastvideo.wire.messages import BatchResult, GenerateBatch, Progress, RequestItem
+from fastvideo.wire.spec import ModelSpec
 from fastvideo.wire.validation import batch_key, validate_item
 
 logger = init_logger(__name__)
@@ -134,31 +135,7 @@ class EngineCore:
     # --- building requests ---------------------------------------------------------------
     def build_item(self, prompt: object, param: SamplingParam, request_id: str) -> RequestItem:
         """The request's item, validated (TypeError/ValueError naming the first bad field)."""
-        if not isinstance(param, SamplingParam):
-            raise TypeError(f"sampling_param must be a SamplingParam, got {type(param).__name__}")
-        cache_config = self.config.cache_config
-        thresh = param.cache_thresh
-        if thresh is None and param.cache in cache_config.calibrated():
-            thresh = cache_config.default_thresh(param.cache)
-        negative = param.negative_prompt
-        item = RequestItem(
-            request_id=request_id,
-            prompt=prompt,  # type: ignore[arg-type] - validated below
-            negative_prompt="" if negative is None else negative,
-            seed=param.seed,
-            guidance_scale=param.guidance_scale,
-            height=param.height,
-            width=param.width,
-            num_frames=param.num_frames,
-            num_inference_steps=param.num_inference_steps,
-            output_type=param.output_type,
-            cache=param.cache,
-            cache_thresh=0.0 if thresh is None else thresh,
-        )
-        validate_item(self.info.spec, item, self.limits, cache_config.calibrated())
-        item.guidance_scale = float(item.guidance_scale)
-        item.cache_thresh = float(item.cache_thresh)
-        return item
+        return build_item(self.info.spec, self.config, prompt, param, request_id)
 
     def new_request(
         self,
@@ -173,7 +150,6 @@ class EngineCore:
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
         item = self.build_item(prompt, param, request_id or uuid.uuid4().hex)
-        check_fps(param.fps)
         output_file = None
         if save and item.output_type != "latent":
             output_file = plan_output_file(param.output_path, item.prompt, item.seed)
@@ -428,6 +404,39 @@ class EngineCore:
         self.executor.shutdown()
         self._engine_died(EngineDeadError("the engine was shut down"))
         self._thread.join(timeout=5)
+
+
+def build_item(
+    spec: ModelSpec, config: PipelineConfig, prompt: object, param: SamplingParam, request_id: str
+) -> RequestItem:
+    """One request's item from its SamplingParam, validated against the model and the
+    engine's limits (TypeError/ValueError naming the first bad field)."""
+    if not isinstance(param, SamplingParam):
+        raise TypeError(f"sampling_param must be a SamplingParam, got {type(param).__name__}")
+    cache_config = config.cache_config
+    thresh = param.cache_thresh
+    if thresh is None and param.cache in cache_config.calibrated():
+        thresh = cache_config.default_thresh(param.cache)
+    negative = param.negative_prompt
+    item = RequestItem(
+        request_id=request_id,
+        prompt=prompt,  # type: ignore[arg-type] - validated below
+        negative_prompt="" if negative is None else negative,
+        seed=param.seed,
+        guidance_scale=param.guidance_scale,
+        height=param.height,
+        width=param.width,
+        num_frames=param.num_frames,
+        num_inference_steps=param.num_inference_steps,
+        output_type=param.output_type,
+        cache=param.cache,
+        cache_thresh=0.0 if thresh is None else thresh,
+    )
+    validate_item(spec, item, config.engine_config.limits(), cache_config.calibrated())
+    check_fps(param.fps)
+    item.guidance_scale = float(item.guidance_scale)
+    item.cache_thresh = float(item.cache_thresh)
+    return item
 
 
 def to_video_output(result: BatchResult, index: int, request: Request) -> VideoOutput:

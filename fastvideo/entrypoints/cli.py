@@ -115,6 +115,22 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _check_first(model: str, prompts: list[str], sampling: dict, pipeline: dict) -> None:
+    """Validate every request and the engine options before any worker starts."""
+    from fastvideo.engine.core import build_item
+    from fastvideo.engine.model_info import resolve_model
+    from fastvideo.engine.output import plan_output_file, release_output_file
+
+    info = resolve_model(model)
+    config = PipelineConfig(model_path=model).update(**info.variant.pipeline_defaults)
+    config.update(**pipeline).validate()
+    param = SamplingParam().update(**info.variant.sampling_defaults).update(**sampling)
+    for i, prompt in enumerate(prompts):
+        seed = param.seed + i if isinstance(param.seed, int) else param.seed
+        item = build_item(info.spec, config, prompt, param.copy().update(seed=seed), f"cli-{i}")
+        release_output_file(plan_output_file(param.output_path, item.prompt, item.seed))
+
+
 def _generate(args: argparse.Namespace) -> int:
     from fastvideo.entrypoints.generator import VideoGenerator
 
@@ -127,6 +143,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.vae_precision:
         pipeline["vae_precision"] = args.vae_precision
     prompts = _prompts(args)
+    _check_first(args.model, prompts, sampling, pipeline)
     with VideoGenerator.from_pretrained(args.model, **pipeline) as gen:
         outputs = gen.generate_video(prompts, **sampling)
     for output in outputs:
