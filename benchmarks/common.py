@@ -36,7 +36,12 @@ def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: st
     from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from fastvideo.models.wan.demo import WAN_SCHEDULER, _write_json, _write_tokenizer, wan_model_index
+    from fastvideo.models.wan.demo import (
+        WAN_SCHEDULER,
+        _write_json,
+        _write_tokenizer,
+        wan_model_index,
+    )
     from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
     from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 

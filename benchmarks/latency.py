@@ -81,9 +81,7 @@ def main() -> None:
         "--compile-diffusers", action="store_true", help="torch.compile diffusers' transformer"
     )
     p.add_argument("--compare-diffusers", action="store_true")
-    p.add_argument(
-        "--diffusers-attention", help="diffusers attention backend, e.g. _native_cudnn"
-    )
+    p.add_argument("--diffusers-attention", help="diffusers attention backend, e.g. _native_cudnn")
     p.add_argument("--skip", default="", help="comma list of parts to skip: text,dit,vae")
     p.add_argument("--vae-precisions", default="fp32,bf16")
     p.add_argument("--e2e", action="store_true", help="also the whole video through the engine")

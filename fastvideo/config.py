@@ -245,8 +245,7 @@ class EngineConfig:
         900.0,
     )
     request_timeout_s: float | None = _help(
-        "Abort a request that has not finished this many seconds after it started; None: "
-        "no limit.",
+        "Abort a request that has not finished this many seconds after it started; None: no limit.",
         None,
     )
     max_inference_steps: int = _help("Most denoising steps one request may ask for.", 1000)

@@ -46,6 +46,25 @@ def tiny_b(tmp_path_factory: pytest.TempPathFactory):
     return folder, build_diffusers_pipeline(TINY_B, folder)
 
 
+def wire_batch(gen, prompt, param, batch_id=None):
+    """The GenerateBatch the engine would send for one prompt (validated, latency-mode
+    plan), for tests that drive the executor directly."""
+    import uuid
+
+    from fastvideo.scheduler import Mode
+    from fastvideo.wire.messages import GenerateBatch
+
+    item = gen.core.build_item(prompt, param, uuid.uuid4().hex)
+    plan = gen.core.plan_for(item.guidance_scale > 1.0, Mode.LATENCY)
+    return GenerateBatch(batch_id or f"test-{uuid.uuid4().hex[:8]}", [item], plan)
+
+
+def send_raw(executor, rank: int, frames: list) -> None:
+    """Put raw frames on one worker's request socket (hostile-input tests)."""
+    with executor._lock:
+        executor._inputs[rank].send_multipart(frames)
+
+
 def submit(core, prompt, param, sink, request_id=None, priority=0) -> str:
     """Build, validate and queue one request on an EngineCore (what the APIs do)."""
     return core.submit(core.new_request(prompt, param, sink, request_id), priority)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-
-import msgspec
 import re
 import shutil
 import socket
 import time
 
 import av
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -243,9 +242,11 @@ PIPELINE_VALUES = dict(
     magcache=MagCacheCalibration((1.0, 1.0, 0.9, 0.8), default_thresh=0.3, max_skip_steps=1),
 )
 # Every name a PipelineConfig keyword may use: top-level fields and each sub-config's own.
-PIPELINE_NAMES = {
-    f.name for f in dataclasses.fields(PipelineConfig) if f.name not in _SUBCONFIGS
-} | {n for n in _ROUTES if n != "vae_precision"} | {"vae_config"}
+PIPELINE_NAMES = (
+    {f.name for f in dataclasses.fields(PipelineConfig) if f.name not in _SUBCONFIGS}
+    | {n for n in _ROUTES if n != "vae_precision"}
+    | {"vae_config"}
+)
 
 
 def test_override_tables_cover_every_field():

@@ -23,8 +23,10 @@ import psutil
 import pytest
 
 from fastvideo import EngineDeadError, RequestFailedError, VideoGenerator
-from fastvideo.engine.protocol import GenerateRequest
+from fastvideo.distributed.plan import ParallelPlan
 from fastvideo.wire.codec import Encoder
+from fastvideo.wire.messages import GenerateBatch, RequestItem
+from tests.conftest import send_raw, wire_batch
 
 PROMPT = "a red fox walking through a snowy forest at dawn"
 SMALL = dict(
@@ -162,7 +164,7 @@ def engine2(tiny_a):
 
 
 def _valid_request_header() -> bytes:
-    req = GenerateRequest("x", ["p"], [""], [1], [5.0], 32, 48, 5, 3, "np", 2, 1, 1)
+    req = GenerateBatch("x", [RequestItem("i", "p", "", 1, 5.0, 32, 48, 5, 3)], ParallelPlan(2))
     frames = Encoder().encode(req)
     assert len(frames) == 1
     return bytes(frames[0])
@@ -175,19 +177,18 @@ GARBAGE = {
     "msgpack-prefix-only": [b"\xdc\xff\xff"],  # array16 announcing 65535 items, then nothing
     "random-bytes-multiframe": [os.urandom(4096), os.urandom(17), b"\xff" * 9],
     "wrong-tag": [msgspec.msgpack.encode(["no-such-message", "x"])],
-    "map-not-array": [msgspec.msgpack.encode({"request_id": "x"})],
+    "map-not-array": [msgspec.msgpack.encode({"batch_id": "x"})],
     "wrong-field-types": [
-        msgspec.msgpack.encode(["generate", "x", ["p"], [""], ["seed"], [5.0], 32, 48, 5, 3])
+        msgspec.msgpack.encode(["generate", "x", [["i", "p", "", "seed"]], [2, 1, 1, 1]])
     ],
     "tensor-reference-in-request": [
-        msgspec.msgpack.encode(
-            ["generate", "x", ["float32", [2], 1], [""], [1], [5.0], 32, 48, 5, 3]
-        ),
+        msgspec.msgpack.encode(["generate", "x", ["float32", [2], 1], [2, 1, 1, 1]]),
         b"\x00" * 8,
     ],
     "bad-tensor-reference": [
-        msgspec.msgpack.encode(["generate", "x", ["p"], [""], [1], ["float32", [2], 9], 32]),
+        msgspec.msgpack.encode(["generate", "x", [["i", ["float32", [2], 9]]], [2, 1, 1, 1]]),
     ],
+    "valid-batch-without-the-token": [_valid_request_header()],
 }
 
 
@@ -196,7 +197,7 @@ def test_worker_survives_garbage(engine2, kind):
     gen, reference = engine2
     executor = gen.executor
     for rank in range(executor.world_size):
-        executor.send_raw(rank, GARBAGE[kind])
+        send_raw(executor, rank, GARBAGE[kind])
     # Sockets are FIFO: the garbage is handled before this request reaches the workers.
     out = gen.generate_video(PROMPT, guidance_scale=5.0, **SMALL)
     assert all(p.poll() is None for p in executor._procs), "a worker died"
@@ -209,8 +210,9 @@ def test_request_that_skips_driver_validation_fails_alone(engine2):
     workers as a RequestFailedError for that request; the engine keeps serving."""
     gen, reference = engine2
     param = gen.default_sampling_param.update(guidance_scale=5.0, **SMALL)
-    bad = msgspec.structs.replace(gen.build_request(PROMPT, param), height=33)
-    future = gen.executor.submit(bad)
+    batch = wire_batch(gen, PROMPT, param)
+    batch.items[0].height = 33
+    future = gen.executor.submit(batch)
     with pytest.raises(RequestFailedError) as info:
         future.result(timeout=60)
     assert info.value.error_type == "ValueError" and "height" in str(info.value)
@@ -302,7 +304,8 @@ def test_worker_startup_failure_carries_traceback(tiny_a, tmp_path, private_tmpd
     message = str(info.value)
     print(f"\nstart-up failure surfaced after {elapsed:.1f}s: {type(info.value).__name__}")
     assert type(info.value).__name__ == "WorkerStartupError"
-    assert "worker traceback" in message and "Traceback (most recent call last)" in message
+    assert "Traceback" not in message and "\n" not in message  # one line for the user
+    assert "Traceback (most recent call last)" in info.value.worker_traceback
     assert "CheckpointError" in message and "truncated" in message
     assert str(weights) in message
     assert not (_children() - baseline), "a worker outlived the failed start"
@@ -386,9 +389,9 @@ def test_raising_progress_callback_does_not_wedge_the_engine(engine1):
     def callback(event):
         raise RuntimeError("a user's progress callback failed")
 
-    first = engine1.executor.submit(engine1.build_request(PROMPT, param), callback)
+    first = engine1.executor.submit(wire_batch(engine1, PROMPT, param), callback)
     assert _settled(engine1, first), "the request with the failing callback never finished"
-    second = engine1.executor.submit(engine1.build_request(PROMPT, param))
+    second = engine1.executor.submit(wire_batch(engine1, PROMPT, param))
     assert _settled(engine1, second), "the engine stopped serving"
     assert second.result().frames is not None
     assert engine1.executor._io_thread.is_alive()
@@ -397,9 +400,9 @@ def test_raising_progress_callback_does_not_wedge_the_engine(engine1):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_cancelled_future_does_not_wedge_the_engine(engine1):
     param = engine1.default_sampling_param.update(guidance_scale=5.0, **SMALL)
-    first = engine1.executor.submit(engine1.build_request(PROMPT, param))
+    first = engine1.executor.submit(wire_batch(engine1, PROMPT, param))
     first.cancel()  # allowed or refused: either way the engine must keep serving
-    second = engine1.executor.submit(engine1.build_request(PROMPT, param))
+    second = engine1.executor.submit(wire_batch(engine1, PROMPT, param))
     assert _settled(engine1, second), "the engine stopped serving after a cancelled request"
     assert second.result().frames is not None
     assert engine1.executor._io_thread.is_alive()

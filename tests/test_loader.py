@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastvideo import VideoGenerator
-from fastvideo.models.loader import CheckpointError
 from fastvideo.executor.multiproc import WorkerStartupError
+from fastvideo.models.loader import CheckpointError
 
 DIT_FILE = "transformer/diffusion_pytorch_model.safetensors"
 MISSING_WORDS = re.compile(r"missing|no such|not found|does not exist|no \S+ file", re.I)

@@ -67,7 +67,8 @@ TO_WORKER = [
     GenerateBatch(
         "batch-1",
         [
-            RequestItem("a", "a fox", "blurry", 0, 5.0, 480, 832, 81, 50, "latent", "teacache", 0.2),
+            RequestItem("a", "a fox", "blurry", 0, 5.0, 480, 832, 81, 50, "latent", "teacache",
+                        0.2),
             RequestItem("b", "ünïcødé 🦊", "", 2**63 - 1, 1.0, 480, 832, 81, 50, "latent"),
         ],
         ParallelPlan(2, 2, 2),

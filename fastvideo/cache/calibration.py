@@ -54,7 +54,9 @@ class MagCacheCalibration:
         _check_count("magcache max_skip_steps", self.max_skip_steps)
         _check_thresh("magcache default_thresh", self.default_thresh)
         if not _is_number(self.retention_ratio) or not 0 <= self.retention_ratio <= 1:
-            raise ValueError(f"magcache retention_ratio must be in [0, 1], got {self.retention_ratio!r}")
+            raise ValueError(
+                f"magcache retention_ratio must be in [0, 1], got {self.retention_ratio!r}"
+            )
 
     def ratios_for(self, steps: int) -> list[tuple[float, float]]:
         """(cond, uncond) ratio of each of ``steps`` steps: the calibrated curve, taken at the

@@ -215,7 +215,9 @@ class EngineCore:
         if scheduled is None:
             return False
         if scheduled.state is RequestState.ABORTED:  # it was still waiting
-            self._deliver(scheduled.payload, RequestAbortedError(f"request {request_id} was aborted"))
+            self._deliver(
+                scheduled.payload, RequestAbortedError(f"request {request_id} was aborted")
+            )
             with self._cond:
                 self._dirty = True
                 self._cond.notify()
@@ -272,9 +274,10 @@ class EngineCore:
         def on_progress(event: Progress) -> None:
             for r in batch.requests:
                 if not r.state.is_final:
-                    rid = r.request_id
-                    self._safe(r.payload.sink.progress, ProgressEvent(
-                        rid, event.stage, event.step, event.total_steps, event.elapsed))  # fmt: skip
+                    update = ProgressEvent(
+                        r.request_id, event.stage, event.step, event.total_steps, event.elapsed
+                    )
+                    self._safe(r.payload.sink.progress, update)
 
         now = time.monotonic()
         for r in batch.requests:
@@ -350,8 +353,8 @@ class EngineCore:
             elif rid in failed:
                 outcome = failed[rid]
             elif result is None or rid not in index:
-                outcome = RequestFailedError(rid, -1, "IncompleteResult",
-                                             "the workers' result did not include this request")  # fmt: skip
+                why = "the workers' result did not include this request"
+                outcome = RequestFailedError(rid, -1, "IncompleteResult", why)
             else:
                 outcome = self._output(result, index[rid], r.payload)
             self._deliver(r.payload, outcome)

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fastvideo.config import PipelineConfig, SamplingParam, field_help
 from fastvideo.config import _SUBCONFIGS as PIPELINE_SUBCONFIGS
+from fastvideo.config import PipelineConfig, SamplingParam, field_help
 
 # Short spellings kept next to the field names.
 ALIASES = {

@@ -360,8 +360,9 @@ class MultiprocExecutor(Executor):
         if pending is not None:
             logger.error("rank %d: batch %s failed:\n%s", msg.rank, msg.batch_id, msg.traceback)
             pending.future.set_exception(
-                RequestFailedError(msg.batch_id, msg.rank, msg.error_type, msg.message,
-                                   msg.traceback)  # fmt: skip
+                RequestFailedError(
+                    msg.batch_id, msg.rank, msg.error_type, msg.message, msg.traceback
+                )  # fmt: skip
             )
 
     def _pop(self, batch_id: str) -> _Pending | None:
@@ -462,8 +463,7 @@ def _wait_for_trouble(
             for rank, proc in enumerate(procs):
                 if proc.poll() is not None:
                     return (
-                        f"worker rank {rank} (pid {proc.pid}) died with exit code "
-                        f"{proc.returncode}"
+                        f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.returncode}"
                     )
             reason = check()
             if reason is not None:

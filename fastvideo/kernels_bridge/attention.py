@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastvideo.kernels_bridge.sta import STAConfig, sta_attention
 from fastvideo.kernels_bridge.grid import TokenGrid
+from fastvideo.kernels_bridge.sta import STAConfig, sta_attention
 from fastvideo.logger import init_logger
 
 logger = init_logger(__name__)

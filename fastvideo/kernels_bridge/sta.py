@@ -177,27 +177,6 @@ def sta_layout(
     return layout
 
 
-def reference_mask(grid: TokenGrid, tile: Triple, window: Triple) -> torch.Tensor:
-    """Brute-force [N, N] token mask in raster order (for tests): query token i attends key
-    token j iff j's tile lies in the window of i's tile."""
-    tiles = tile_grid(grid, tile)
-    n = grid.num_tokens
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    pos = [
-        (f, h, w) for f in range(grid.frames) for h in range(grid.height) for w in range(grid.width)
-    ]
-    for i, qp in enumerate(pos):
-        qt = [c // s for c, s in zip(qp, tile, strict=True)]
-        starts = [
-            min(max(c - (win - 1) // 2, 0), nt - win)
-            for c, win, nt in zip(qt, window, tiles, strict=True)
-        ]
-        for j, kp in enumerate(pos):
-            kt = [c // s for c, s in zip(kp, tile, strict=True)]
-            mask[i, j] = all(s <= c < s + win for c, s, win in zip(kt, starts, window, strict=True))
-    return mask
-
-
 def dense_token_mask(layout: STALayout) -> torch.Tensor:
     """The layout's block mask expanded to a raster-order [N, N] token mask (tests and the
     kernel table's fp32 reference)."""

@@ -72,9 +72,7 @@ def component_dtypes(config: PipelineConfig, device: torch.device) -> dict[str, 
     }
 
 
-def pipeline_settings(
-    config: PipelineConfig, spec: ModelSpec, backend: str
-) -> PipelineSettings:
+def pipeline_settings(config: PipelineConfig, spec: ModelSpec, backend: str) -> PipelineSettings:
     """The typed settings the pipelines read, from the engine's config."""
     compile_cfg = config.compile_config
     caches = {n: getattr(config.cache_config, n) for n in config.cache_config.calibrated()}
@@ -193,7 +191,8 @@ class Worker:
             plan=plan.describe(),
             timings=batch.timings,
             frames=batch.frames,
-            latents=batch.output_latents if batch.items and batch.first.output_type == "latent"
+            latents=batch.output_latents
+            if batch.items and batch.first.output_type == "latent"
             else None,
             peak_memory_bytes=peaks,
             item_ids=batch.item_ids,

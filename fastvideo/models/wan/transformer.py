@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastvideo.cache.base import StepCacheCall
 from fastvideo.distributed.runtime import ParallelRuntime
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
 from fastvideo.layers.sequence import SequenceShard, TokenGrid, patchify, unpatchify
-from fastvideo.cache.base import StepCacheCall
 
 # Parameters kept in fp32 when the model runs in half precision (as diffusers does).
 FP32_PARAM_PATTERNS = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
@@ -305,7 +305,9 @@ class WanTransformer3D(nn.Module):
         else:
 
             def blocks(h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-                ctx, mod = (context, modulation) if rows is None else (context[rows], modulation[rows])
+                ctx, mod = (
+                    (context, modulation) if rows is None else (context[rows], modulation[rows])
+                )
                 return self.run_blocks(h, ctx, mod, rope, shard, grid)
 
             # The modulated timestep input (Wan's e0) is the signal the caches compare.

@@ -58,7 +58,9 @@ class DenoisingStage(PipelineStage):
         b = batch.batch_size
         x = latents.to(model.dtype)
 
-        def run(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: dict) -> torch.Tensor:
+        def run(
+            x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: dict
+        ) -> torch.Tensor:
             cache = None if batch.step_cache is None else StepCacheCall(batch.step_cache, branches)
             return model.forward_tokens(x, t, text, batch.grid, batch.shard, cache)
 
