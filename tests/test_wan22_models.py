@@ -8,11 +8,20 @@ Run with ``-s`` to see the measured errors.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from fastvideo.layers.sequence import SequenceShard, TokenGrid, patchify
 from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
+from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
+from fastvideo.models.wan.vae22 import (
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
+    patchify_space,
+    unpatchify_space,
+)
 
 diffusers = pytest.importorskip("diffusers")
 WanTransformer3DModel = diffusers.WanTransformer3DModel
@@ -147,3 +156,121 @@ def test_real_wan22_configs_build_diffusers_state_dict_keys(name):
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == ref_shapes
     assert ours.config.inner_dim == cfg["num_attention_heads"] * 128
+
+
+# --- VAE ---------------------------------------------------------------------------------
+# TI2V-5B's VAE in miniature: residual levels, 2x2 patchify (12 channels in and out), a
+# decoder wider than the encoder, and a channel change inside the DupUp3D shortcut of the
+# third up level (as 1024 -> 512 in the real model).
+TINY_VAE22 = dict(
+    base_dim=4,
+    decoder_base_dim=6,
+    z_dim=8,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+    is_residual=True,
+    in_channels=12,
+    out_channels=12,
+    patch_size=2,
+    scale_factor_spatial=16,
+    latents_mean=[0.0] * 8,
+    latents_std=[1.0] * 8,
+)
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json.
+REAL_VAE22_CONFIG = {
+    "_class_name": "AutoencoderKLWan", "_diffusers_version": "0.35.0.dev0", "attn_scales": [],
+    "base_dim": 160, "clip_output": False, "decoder_base_dim": 256, "dim_mult": [1, 2, 4, 4],
+    "dropout": 0.0, "in_channels": 12, "is_residual": True,
+    "latents_mean": list(WAN22_LATENTS_MEAN), "latents_std": list(WAN22_LATENTS_STD),
+    "num_res_blocks": 2, "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4, "temperal_downsample": [False, True, True], "z_dim": 48,
+}  # fmt: skip
+# (batch, frames, height, width): non-square 9 frames (3 latent frames, two 4-frame encoder
+# chunks after the first frame), and a batch of two non-square images.
+VAE_CASES = [(1, 9, 64, 96), (2, 1, 48, 32)]
+
+
+@pytest.fixture(scope="module")
+def vae22_pair():
+    AutoencoderKLWan = diffusers.AutoencoderKLWan
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(**TINY_VAE22).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith("gamma"):  # ones at init: randomise so a swapped norm shows
+                param.add_(0.2 * torch.randn_like(param))
+    with torch.device("meta"):
+        ours = WanVAE(WanVAEConfig.from_dict(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ref, ours.eval()
+
+
+@pytest.mark.parametrize("batch, frames, height, width", VAE_CASES)
+def test_vae22_encode_matches_diffusers(vae22_pair, batch, frames, height, width):
+    ref, ours = vae22_pair
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 3, frames, height, width, generator=g) * 2 - 1
+    with torch.no_grad():
+        expected = ref._encode(x)
+        posterior_mean = ref.encode(x).latent_dist.mean
+        moments = ours.encode(x)
+    latent_frames = 1 + (frames - 1) // 4
+    assert moments.shape == (batch, 16, latent_frames, height // 16, width // 16)
+    err = _rel(moments, expected)
+    print(f"\nWan2.2 VAE encode {tuple(x.shape)}: relative error {err:.2e}")
+    assert err < REL_TOL
+    assert _rel(moments[:, :8], posterior_mean) < REL_TOL
+
+
+@pytest.mark.parametrize("batch, frames, height, width", VAE_CASES)
+def test_vae22_decode_matches_diffusers(vae22_pair, batch, frames, height, width):
+    ref, ours = vae22_pair
+    latent_frames = 1 + (frames - 1) // 4
+    shape = (batch, 8, latent_frames, height // 16, width // 16)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+        video = ours.decode(z)
+    assert video.shape == expected.shape == (batch, 3, frames, height, width)
+    assert (video.abs() < 1).float().mean() > 0.9  # not saturated: the comparison means something
+    err = _rel(video, expected)
+    print(f"\nWan2.2 VAE decode {tuple(z.shape)}: relative error {err:.2e}")
+    assert err < REL_TOL
+
+
+def test_vae22_bf16_matches_diffusers(vae22_pair):
+    ref, ours = (copy.deepcopy(m).to(torch.bfloat16) for m in vae22_pair)
+    x = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    z = torch.randn(1, 8, 2, 2, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert _rel(ours.encode(x), ref._encode(x.bfloat16())) < 1e-2
+        assert _rel(ours.decode(z), ref.decode(z.bfloat16()).sample) < 1e-2
+
+
+def test_patchify_round_trip_and_reference_channel_order():
+    x = torch.randn(2, 3, 2, 4, 6)
+    patched = patchify_space(x, 2)
+    assert patched.shape == (2, 12, 2, 2, 3)
+    assert torch.equal(unpatchify_space(patched, 2), x)
+    # Channel c*4 + j*2 + i holds row offset i, column offset j (width offset first).
+    assert torch.equal(patched[:, 1 * 4 + 1 * 2 + 0], x[:, 1, :, 0::2, 1::2])
+
+
+def test_real_ti2v_vae_config_parses_and_matches_diffusers_keys():
+    """The published config (with clip_output, which diffusers ignores) parses; parameter
+    names and shapes equal diffusers' model built from it (meta device); no buffers."""
+    config = WanVAEConfig.from_dict(REAL_VAE22_CONFIG)
+    assert (config.z_dim, config.spatial_factor, config.patch) == (48, 16, 2)
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKLWan.from_config(REAL_VAE22_CONFIG)
+        ours = WanVAE(config)
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == ref_shapes
+    assert list(ours.buffers()) == []
+    latents = torch.randn(1, 48, 2, 3, 4)
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    torch.testing.assert_close(vae.normalize_latents(vae.unnormalize_latents(latents)), latents)
+    with pytest.raises(ValueError, match="patch_size"):
+        WanVAEConfig.from_dict({**REAL_VAE22_CONFIG, "in_channels": 3})
