@@ -151,16 +151,18 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def modulation_terms(table: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Learned table [1, n, D] plus the timestep's modulation -> n tensors [B, 1 or L, D].
+def modulation_term(table: torch.Tensor, modulation: torch.Tensor, i: int) -> torch.Tensor:
+    """Term i of ``table + modulation`` in fp32, shaped to broadcast against [B, L, D].
 
-    ``modulation`` is [B, n, D] (one timestep per sample) or [B, L, n, D] (one per token,
-    Wan2.2 TI2V); either way the result broadcasts against hidden states [B, L, D]. The sum
-    is taken in the dtype promotion of the two operands, as the reference does.
+    table: [1, n, D] learned; modulation: [B, n, D] (one timestep per sample) or
+    [B, L, n, D] (one per token, Wan2.2 TI2V) -> [B, 1, D] or [B, L, D]. Taken one term at a
+    time, just before use: with per-token timesteps all n terms at once would be an fp32
+    [B, L, n, D] tensor, the largest of the forward (~4 GB for TI2V-5B at 704x1280x121 with
+    CFG). The values are the reference's (it adds the whole tables, then chunks).
     """
     if modulation.ndim == 3:
-        modulation = modulation.unsqueeze(1)
-    return (table.unsqueeze(0) + modulation).unbind(2)
+        return table[:, i : i + 1] + modulation[:, i : i + 1].float()
+    return table[:, i : i + 1] + modulation[:, :, i].float()
 
 
 class MLPEmbedder(nn.Module):
@@ -341,20 +343,22 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         """x: [B, L, D]; context: [B, Lt, D]; modulation: [B, 6, D] or per token
         [B, L, 6, D]; image_context: [B, L_img, D] or None -> [B, L, D]."""
-        mod = modulation_terms(self.scale_shift_table, modulation.float())
-        shift, scale, gate, c_shift, c_scale, c_gate = mod  # each [B, 1 or L, D] fp32
+
+        def mod(i: int) -> torch.Tensor:  # 0..5: shift, scale, gate, then the FFN's three
+            return modulation_term(self.scale_shift_table, modulation, i)
+
         # The reference's arithmetic ((norm * (1 + scale) + shift), (x + out * gate), all in
         # fp32), done in place on fresh tensors: fewer passes and no fp32 copy of x.
-        h = self.norm1(x.float()).mul_(1 + scale).add_(shift).type_as(x)
+        h = self.norm1(x.float()).mul_(1 + mod(1)).add_(mod(0)).type_as(x)
         out = self.attn1(h, rope=rope, shard=shard, grid=grid)
-        x = (out * gate).add_(x).type_as(x)
+        x = (out * mod(2)).add_(x).type_as(x)
         del out
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context=context, image_context=image_context)
-        h = self.norm3(x.float()).mul_(1 + c_scale).add_(c_shift).type_as(x)
+        h = self.norm3(x.float()).mul_(1 + mod(4)).add_(mod(3)).type_as(x)
         out = self.ffn(h)
         del h
-        return (out * c_gate).add_(x).type_as(x)
+        return (out * mod(5)).add_(x).type_as(x)
 
 
 # --- model -------------------------------------------------------------------------------
@@ -399,7 +403,11 @@ class WanTransformer3D(nn.Module):
         return F.linear(tokens.to(w.dtype), w, self.patch_embedding.bias)
 
     def _check_conditions(
-        self, tokens: torch.Tensor, timestep: torch.Tensor, image: torch.Tensor | None
+        self,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        image: torch.Tensor | None,
+        cache: TeaCacheCall | None,
     ) -> None:
         b, length = tokens.shape[:2]
         if timestep.shape not in ((b,), (b, length)):
@@ -407,10 +415,28 @@ class WanTransformer3D(nn.Module):
                 f"timestep has shape {tuple(timestep.shape)}; expected [{b}] (one per sample) "
                 f"or [{b}, {length}] (one per token of this shard)"
             )
+        if cache is not None and timestep.ndim == 2:
+            # Per-token modulation differs between shards, so ranks could decide differently
+            # whether to skip (and then deadlock in attention); nor is it calibrated.
+            raise ValueError("TeaCache does not support per-token timesteps")
         if self.takes_image and image is None:
             raise ValueError("this image-to-video DiT needs `image` (CLIP image states)")
         if not self.takes_image and image is not None:
             raise ValueError("`image` given, but this DiT has no image branch (image_dim)")
+
+    def _embed_conditions(
+        self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> temb [B, (L,) D], modulation [B, (L,) 6, D], text context [B, L_text, D] and
+        image context [B, L_img, D] (None without an image branch)."""
+        embedder = self.condition_embedder
+        temb, modulation = embedder.embed_time(timestep, text.dtype)
+        context = embedder.text_embedder(text)
+        if embedder.image_embedder is None:
+            return temb, modulation, context, None
+        assert image is not None  # see _check_conditions
+        # The reference pipeline hands the image states over in the DiT's dtype.
+        return temb, modulation, context, embedder.image_embedder(image.to(self.dtype))
 
     def forward_tokens(
         self,
@@ -439,21 +465,10 @@ class WanTransformer3D(nn.Module):
         Returns:
             [B, L_shard, pt*ph*pw*C_out] in the model dtype.
         """
-        self._check_conditions(tokens, timestep, image)
-        if cache is not None and timestep.ndim == 2:
-            # Per-token modulation differs between shards, so ranks could decide differently
-            # whether to skip (and then deadlock in attention); nor is it calibrated.
-            raise ValueError("TeaCache does not support per-token timesteps")
+        self._check_conditions(tokens, timestep, image, cache)
         x = self.embed_patches(tokens)
         rope = self.rope(grid, shard, x.device)
-        embedder = self.condition_embedder
-        temb, modulation = embedder.embed_time(timestep, text.dtype)
-        context = embedder.text_embedder(text)
-        image_ctx = None
-        if embedder.image_embedder is not None:
-            assert image is not None  # checked above
-            # The reference pipeline hands the image states over in the DiT's dtype.
-            image_ctx = embedder.image_embedder(image.to(self.dtype))
+        temb, modulation, context, image_ctx = self._embed_conditions(timestep, text, image)
         if cache is None:
             # Inline, so no outer reference keeps the embedded input alive through the blocks.
             for block in self.blocks:
@@ -471,7 +486,9 @@ class WanTransformer3D(nn.Module):
 
             # The modulated timestep input (Wan's e0) is what TeaCache compares.
             x = cache.cache.run(x, modulation, cache.branches, blocks)
-        shift, scale = modulation_terms(self.scale_shift_table, temb.unsqueeze(-2))
+        # The output norm is modulated by temb itself ([B, D] or per token [B, L, D]).
+        t = temb.unsqueeze(1) if temb.ndim == 2 else temb
+        shift, scale = self.scale_shift_table[:, :1] + t, self.scale_shift_table[:, 1:] + t
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         return self.proj_out(x)
 
