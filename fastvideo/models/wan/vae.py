@@ -175,6 +175,7 @@ def _wan21_down_blocks(cfg: WanVAEConfig, dims: list[int]) -> list[nn.Module]:
 
 
 def _wan21_up_blocks(cfg: WanVAEConfig, dims: list[int]) -> list[nn.Module]:
+    """The decoder's levels: dims[i] -> dims[i + 1], upsampling on all but the last."""
     mult, temporal_up = cfg.dim_mult, cfg.temperal_downsample[::-1]
     blocks: list[nn.Module] = []
     for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
