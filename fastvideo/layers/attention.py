@@ -85,6 +85,55 @@ class DistributedAttention:
             return attend(q, k, v)
         return _ulysses(groups.ulysses, q, k, v, attend)
 
+    @torch.compiler.disable  # collectives and kernel dispatch stay eager under compile
+    def joint(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        text_q: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+        text_lens: list[int] | None = None,
+        shard: SequenceShard | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention over [video; text] (see ``fastvideo.layers.joint_attention``).
+
+        Args:
+            q, k, v: [B, L_shard, H, D] this rank's video tokens (rotated).
+            text_q, text_k, text_v: [B, L_text, H, D] text tokens, the same on every rank.
+            text_lens: valid text keys (a prefix) per batch item; None = all L_text.
+            shard: this rank's video slice (padding keys are never attended).
+        Returns:
+            video out [B, L_shard, H, D] and text out [B, L_text, H, D] (all heads, on
+            every rank).
+        """
+        from fastvideo.layers import joint_attention as ja
+
+        text = (text_q, text_k, text_v)
+        groups = self.runtime.groups if self.runtime is not None else None
+        if groups is None or groups.sp.size == 1:
+            if shard is not None and shard.valid < q.shape[1]:
+                k, v = k[:, : shard.valid], v[:, : shard.valid]
+            return ja.joint_local(q, k, v, text, text_lens, self.backend, self.sta)
+        assert shard is not None, "a sharded sequence needs its SequenceShard"
+        total = shard.total
+
+        def attend(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *text: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Joint attention of the Ulysses-gathered video chunk [B, L/ring, h, D]."""
+            qkv_text = (text[0], text[1], text[2])
+            if groups.ring.size == 1:
+                kv, vv = k[:, :total], v[:, :total]
+                return ja.joint_local(q, kv, vv, qkv_text, text_lens, self.backend, self.sta)
+            return ja.joint_ring(groups.ring, q, k, v, qkv_text, text_lens, total)
+
+        if groups.ulysses.size == 1:
+            return attend(q, k, v, *text)
+        assert self.runtime is not None
+        return ja.joint_ulysses(self.runtime, groups.ulysses, q, k, v, text, attend)
+
 
 def _head_groups(heads_per_rank: int) -> int:
     return max(g for g in range(1, MAX_HEAD_GROUPS + 1) if heads_per_rank % g == 0)
