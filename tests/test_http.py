@@ -16,17 +16,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import av
+import httpx
 import pytest
+import uvicorn
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-av = pytest.importorskip("av")
-
-import uvicorn  # noqa: E402
-
-from fastvideo import DEMO_MODEL_ID, AsyncVideoEngine  # noqa: E402
-from fastvideo.entrypoints.http import build_app  # noqa: E402
+from fastvideo import DEMO_MODEL_ID, AsyncVideoEngine
+from fastvideo.entrypoints.http import build_app
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

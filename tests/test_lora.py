@@ -13,18 +13,16 @@ import json
 import math
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-peft = pytest.importorskip("peft")
-
-from diffusers import WanPipeline, WanTransformer3DModel  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from fastvideo.models.lora import LoraError, LoraManager, parse_lora_arg  # noqa: E402
-from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig  # noqa: E402
+from fastvideo.models.lora import LoraError, LoraManager, parse_lora_arg
+from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
 
 REL_TOL = 1e-5
 ALL_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2", "proj_out"]
