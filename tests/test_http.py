@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +42,8 @@ class ServerThread:
         self._sock.bind(("127.0.0.1", 0))  # bound before start: no port race
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )
@@ -360,3 +365,42 @@ def test_restart_with_worker_process(tmp_path):
         finally:
             eng.shutdown()
     assert len(list(out.glob("video_*.mp4"))) == 2
+
+
+def test_serve_entry_point_in_a_subprocess(tmp_path):
+    """``serve()`` as a program: the key from $FASTVIDEO_API_KEY, 127.0.0.1, and a clean
+    exit on Ctrl-C (SIGINT) with the engine shut down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "from fastvideo import DEMO_MODEL_ID\n"
+        "from fastvideo.entrypoints.http import serve\n"
+        f"serve(DEMO_MODEL_ID, port={port}, output_dir={str(tmp_path)!r}, executor='inproc',"
+        " log_level='warning')\n"
+    )
+    env = {**os.environ, "FASTVIDEO_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"serve() exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "serve() did not come up"
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            assert httpx.get(f"{url}/v1/models").status_code == 401
+            job = create(c, size="32x32", **FAST)
+            wait_status(c, job["id"], "completed")
+            assert c.get(f"/v1/videos/{job['id']}/content").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert (tmp_path / f"{job['id']}.mp4").is_file()  # a given output_dir is kept
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

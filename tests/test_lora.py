@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fastvideo.models.lora import LoraError, LoraManager, parse_lora_arg
+from fastvideo.models.lora import LoraError, LoraManager, load_loras, parse_lora_arg
 from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
 
 REL_TOL = 1e-5
@@ -348,6 +348,17 @@ def test_unreadable_files_and_names(ckpt, loras, tmp_path):
         manager.set_scale("style", math.nan)
     with pytest.raises(KeyError):
         manager.unload("other")
+
+
+def test_load_loras_from_cli_specs(ckpt, loras):
+    expected = _ours(ckpt)
+    manager = LoraManager(expected)
+    manager.load(loras["a"], 0.7)
+    manager.load(loras["b"], 1.0)
+    ours = _ours(ckpt)
+    specs = [f"{loras['a']}:0.7", str(loras["b"])]
+    assert list(load_loras(ours, specs).loaded().values()) == [0.7, 1.0]
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
 def test_parse_lora_arg():

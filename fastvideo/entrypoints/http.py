@@ -59,6 +59,7 @@ from fastvideo.entrypoints.video_jobs import (
     JobStore,
     StoreFullError,
     VideoJob,
+    discard_generation,
     new_job_id,
     run_job,
     start_generation,
@@ -420,7 +421,11 @@ def build_app(
             ) from None
         except (TypeError, ValueError) as e:
             raise _engine_field_error(e, body) from None
-        state.store.add(job)
+        try:
+            state.store.add(job)  # another request may have taken the room meanwhile
+        except StoreFullError as e:
+            await discard_generation(stream, first)
+            raise APIError(429, str(e), code="too_many_jobs", type="rate_limit_error") from None
         job.task = asyncio.create_task(
             run_job(job, stream, first, state.output_dir, state.on_dead), name=job.id
         )
@@ -563,7 +568,8 @@ def serve(
             max_age_s=max_age_s,
             model_name=model,
         )
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        # Open event streams must not hold the shutdown until their jobs end.
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
         if temporary is not None:

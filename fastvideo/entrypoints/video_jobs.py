@@ -178,6 +178,14 @@ async def start_generation(engine: Any, job: VideoJob) -> tuple[Any, asyncio.Tas
     return stream, first
 
 
+async def discard_generation(stream: Any, first: asyncio.Task) -> None:
+    """Take back a submitted request that was not accepted after all (aborts it)."""
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await stream.aclose()
+
+
 async def run_job(
     job: VideoJob, stream: Any, first: asyncio.Task, output_dir: Path, on_dead: Any
 ) -> None:

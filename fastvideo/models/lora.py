@@ -480,3 +480,15 @@ def parse_lora_arg(value: str) -> tuple[str, float]:
         except ValueError:
             pass
     return value, 1.0
+
+
+def load_loras(
+    module: nn.Module, specs: list[str], originals_device: str | torch.device | None = "cpu"
+) -> LoraManager:
+    """A LoraManager with every ``PATH[:SCALE]`` of ``specs`` merged, in order (what a
+    worker does after loading the DiT for ``--lora`` flags)."""
+    manager = LoraManager(module, originals_device)
+    for spec in specs:
+        path, scale = parse_lora_arg(spec)
+        manager.load(path, scale)
+    return manager
