@@ -289,7 +289,7 @@ def _new_job(state: _State, body: CreateVideoRequest, image: bytes | None) -> Vi
     )
 
 
-def _engine_field_error(error: Exception, body: CreateVideoRequest) -> APIError:
+def _engine_field_error(error: Exception, body: CreateVideoRequest, job: VideoJob) -> APIError:
     """The engine's TypeError/ValueError (which names the field first) as a 400."""
     message = str(error)
     match = re.match(r"[A-Za-z_]+", message)
@@ -297,7 +297,7 @@ def _engine_field_error(error: Exception, body: CreateVideoRequest) -> APIError:
     if field in ("height", "width") and body.size is not None:
         field, message = "size", f"size={body.size!r}: {message}"
     elif field == "num_frames" and body.seconds is not None:
-        field, message = "seconds", f"seconds={body.seconds:g} (at the fps): {message}"
+        field, message = "seconds", f"seconds={body.seconds:g} at fps={job.fps}: {message}"
     known = set(CreateVideoRequest.model_fields) | {"width", "height"}
     return APIError(400, message, param=field if field in known else None, code="invalid_value")
 
@@ -323,8 +323,8 @@ def build_app(
         model_name: the model id clients see (``GET /v1/models``, the ``model`` field).
         cancel_wait_s: how long ``DELETE`` of a running job waits for it to stop.
     """
-    name = model_name or getattr(getattr(engine, "core", None), "info", None)
-    name = model_name or getattr(name, "name", None) or "fastvideo"
+    info = getattr(getattr(engine, "core", None), "info", None)  # no public name yet
+    name = model_name or getattr(info, "name", None) or "fastvideo"
     state = _State(
         engine=engine,
         store=JobStore(max_jobs, max_age_s),
@@ -420,12 +420,13 @@ def build_app(
                 503, f"the engine is dead: {state.dead}", code="engine_dead", type="server_error"
             ) from None
         except (TypeError, ValueError) as e:
-            raise _engine_field_error(e, body) from None
+            raise _engine_field_error(e, body, job) from None
         try:
             state.store.add(job)  # another request may have taken the room meanwhile
         except StoreFullError as e:
             await discard_generation(stream, first)
             raise APIError(429, str(e), code="too_many_jobs", type="rate_limit_error") from None
+        job.image = None  # the engine holds its own reference now
         job.task = asyncio.create_task(
             run_job(job, stream, first, state.output_dir, state.on_dead), name=job.id
         )
