@@ -448,6 +448,22 @@ class SamplingParam:
     cache_thresh: float | None = _help(
         "The step cache's threshold (higher skips more); None: the model's default.", None
     )
+    image: Any = _help(
+        "Conditioning image for image-to-video models: a file path, a PIL image or a uint8 "
+        "[H, W, 3] array; None for text-to-video.",
+        None,
+    )
+    guidance_scale_2: float | None = _help(
+        "CFG scale of the low-noise expert (Wan2.2 A14B); None: the model's default.", None
+    )
+    true_cfg_scale: float = _help(
+        "Classifier-free guidance for models whose guidance_scale is embedded "
+        "(HunyuanVideo): used when > 1 and a negative prompt is given.",
+        1.0,
+    )
+    max_sequence_length: int | None = _help(
+        "Text tokens the prompt is padded/cut to; None: the model's default.", None
+    )
 
     @classmethod
     def from_pretrained(cls, model: str, **overrides: Any) -> SamplingParam:

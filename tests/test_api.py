@@ -206,7 +206,10 @@ SAMPLING_VALUES = dict(
     output_type="latent",
     cache="teacache",
     cache_thresh=0.3,
+    max_sequence_length=77,
 )
+# Fields a text-to-video Wan2.1 model refuses (tested with the models that take them).
+OTHER_MODELS_ONLY = {"image", "guidance_scale_2", "true_cfg_scale"}
 PIPELINE_VALUES = dict(
     model_path="elsewhere",
     num_gpus=2,
@@ -250,7 +253,8 @@ PIPELINE_NAMES = (
 
 
 def test_override_tables_cover_every_field():
-    assert set(SAMPLING_VALUES) == {f.name for f in dataclasses.fields(SamplingParam)}
+    fields = {f.name for f in dataclasses.fields(SamplingParam)}
+    assert set(SAMPLING_VALUES) | OTHER_MODELS_ONLY == fields
     assert set(PIPELINE_VALUES) == PIPELINE_NAMES
 
 
@@ -364,6 +368,10 @@ BAD_REQUESTS = [
     (dict(output_type="gif"), ValueError, ["output_type", "gif"]),
     (dict(height=True), TypeError, ["height"]),
     (dict(fps=0), ValueError, ["fps"]),
+    (dict(image=np.zeros((32, 32, 3), np.uint8)), ValueError, ["image", "text-to-video"]),
+    (dict(guidance_scale_2=3.0), ValueError, ["guidance_scale_2", "two-expert"]),
+    (dict(true_cfg_scale=3.0), ValueError, ["true_cfg_scale", "embedded"]),
+    (dict(max_sequence_length=513), ValueError, ["max_sequence_length", "512"]),
 ]
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from fastvideo.config import PipelineConfig, SamplingParam
 from fastvideo.distributed.plan import ParallelPlan, choose_plan
+from fastvideo.engine.images import load_image
 from fastvideo.engine.model_info import ModelInfo
 from fastvideo.engine.output import VideoOutput, check_fps, plan_output_file, release_output_file
 from fastvideo.executor.base import Executor
@@ -42,7 +43,7 @@ from fastvideo.wire.errors import (
 )
 from fastvideo.wire.messages import BatchResult, GenerateBatch, Progress, RequestItem
 from fastvideo.wire.spec import ModelSpec
-from fastvideo.wire.validation import batch_key, validate_item
+from fastvideo.wire.validation import batch_key, uses_cfg, validate_item
 
 logger = init_logger(__name__)
 
@@ -175,9 +176,9 @@ class EngineCore:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {type(priority).__name__}")
 
-    @staticmethod
-    def _scheduled(request: Request, priority: int) -> ScheduledRequest:
-        return ScheduledRequest(request.request_id, batch_key(request.item), priority, request)
+    def _scheduled(self, request: Request, priority: int) -> ScheduledRequest:
+        key = batch_key(self.info.spec, request.item)
+        return ScheduledRequest(request.request_id, key, priority, request)
 
     def _enqueue(self, requests: list[ScheduledRequest], partial: bool) -> int:
         limit = self.config.max_waiting_requests
@@ -258,7 +259,7 @@ class EngineCore:
 
     def _wire_batch(self, batch: Batch) -> GenerateBatch:
         items = [r.payload.item for r in batch.requests]
-        plan = self.plan_for(items[0].guidance_scale > 1.0, batch.mode)
+        plan = self.plan_for(uses_cfg(self.info.spec, items[0]), batch.mode)
         if self._last_plan != (batch.mode, plan):
             self._last_plan = (batch.mode, plan)
             logger.info(
@@ -421,6 +422,7 @@ def build_item(
     if thresh is None and param.cache in cache_config.calibrated():
         thresh = cache_config.default_thresh(param.cache)
     negative = param.negative_prompt
+    image = load_image(param.image) if param.image is not None else None
     item = RequestItem(
         request_id=request_id,
         prompt=prompt,  # type: ignore[arg-type] - validated below
@@ -434,11 +436,19 @@ def build_item(
         output_type=param.output_type,
         cache=param.cache,
         cache_thresh=0.0 if thresh is None else thresh,
+        image=image,
+        guidance_scale_2=param.guidance_scale_2,
+        true_cfg_scale=param.true_cfg_scale,
+        max_sequence_length=param.max_sequence_length,
     )
     validate_item(spec, item, config.engine_config.limits(), cache_config.calibrated())
     check_fps(param.fps)
+    # Numbers travel as the wire's declared types (an int scale would decode as a float).
     item.guidance_scale = float(item.guidance_scale)
     item.cache_thresh = float(item.cache_thresh)
+    item.true_cfg_scale = float(item.true_cfg_scale)
+    if item.guidance_scale_2 is not None:
+        item.guidance_scale_2 = float(item.guidance_scale_2)
     return item
 
 

@@ -66,12 +66,16 @@ class ForwardBatch:
 
     batch_id: str
     items: list[RequestItem]
+    do_cfg: bool = False  # conditional and unconditional passes (the same for every item)
     # Items that left the batch: aborted ids, and failed id -> reason.
     aborted: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
-    # Filled in by the stages.
-    prompt_embeds: torch.Tensor | None = None  # [B, Lt, Dt]
-    negative_prompt_embeds: torch.Tensor | None = None
+    # Filled in by the stages. The DiT's inputs per pass, batch first (e.g. Wan: "text"
+    # [B, Lt, Dt]; image-to-video adds "image"); the negative ones only with CFG.
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    negative_conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Other per-item tensors of a family's stages (batch first), kept in step on select().
+    item_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     scheduler: Any = None
     timesteps: torch.Tensor | None = None  # [steps]
     grid: TokenGrid | None = None
@@ -96,19 +100,20 @@ class ForwardBatch:
     def item_ids(self) -> list[str]:
         return [item.request_id for item in self.items]
 
-    @property
-    def do_cfg(self) -> bool:
-        return any(item.guidance_scale > 1.0 for item in self.items)
-
     def select(self, keep: list[int]) -> ForwardBatch:
         """Keep only items ``keep`` (in order) in the items, every per-item tensor and the
         scheduler's and step cache's state."""
         self.items = [self.items[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
-        for name in ("prompt_embeds", "negative_prompt_embeds", "latents"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index.to(t.device))
+
+        for tensors in (self.conditioning, self.negative_conditioning, self.item_tensors):
+            for name, tensor in tensors.items():
+                tensors[name] = pick(tensor)
+        if self.latents is not None:
+            self.latents = pick(self.latents)
         if self.scheduler is not None:
             self.scheduler.select_batch(index)
         if self.step_cache is not None:

@@ -32,6 +32,10 @@ class RequestItem(msgspec.Struct, **_OPTS):
     output_type: str = "np"  # "np" (uint8 frames) or "latent"
     cache: str | None = None  # step cache: "teacache", "magcache" or None
     cache_thresh: float = 0.0  # the cache's threshold (resolved on the driver)
+    image: torch.Tensor | None = None  # uint8 [H, W, 3] conditioning image (image-to-video)
+    guidance_scale_2: float | None = None  # CFG scale of a second (low-noise) expert
+    true_cfg_scale: float = 1.0  # CFG scale of models whose guidance_scale is embedded
+    max_sequence_length: int | None = None  # text tokens (None: the model's default)
 
 
 # --- driver -> workers -------------------------------------------------------------------

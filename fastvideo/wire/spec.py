@@ -28,6 +28,10 @@ class ModelSpec:
         image_input: ``"none"``, ``"optional"`` or ``"required"``.
         latent_channels: channels of the VAE latent (the noise drawn per frame).
         num_train_timesteps: the sampler's training steps (bounds inference steps).
+        guidance: ``"cfg"`` (``guidance_scale`` is classifier-free guidance) or
+            ``"embedded"`` (it is a DiT input; CFG comes from ``true_cfg_scale``).
+        max_sequence_length: most text tokens a request may ask for.
+        experts: DiTs that share the denoising loop (Wan2.2 A14B: 2, switched by timestep).
     """
 
     family: str
@@ -43,6 +47,9 @@ class ModelSpec:
     image_input: str = "none"
     latent_channels: int = 16
     num_train_timesteps: int = 1000
+    guidance: str = "cfg"
+    max_sequence_length: int = 512
+    experts: int = 1
 
     @property
     def pixel_multiple(self) -> int:

@@ -102,6 +102,46 @@ def check_seed(value: Any) -> None:
         raise ValueError(f"seed must be in [0, 2**63-1], got {value}")
 
 
+MAX_IMAGE_SIDE = 8192
+MIN_IMAGE_SIDE = 16
+
+
+def cfg_scale(spec: ModelSpec, item: RequestItem) -> float:
+    """The classifier-free guidance scale of ``item`` (``guidance_scale`` for CFG models;
+    ``true_cfg_scale`` for models with embedded guidance, and only with a negative
+    prompt, as diffusers does)."""
+    if spec.guidance == "embedded":
+        return item.true_cfg_scale if item.negative_prompt else 1.0
+    return item.guidance_scale
+
+
+def uses_cfg(spec: ModelSpec, item: RequestItem) -> bool:
+    """Whether ``item`` runs the conditional and the unconditional pass."""
+    scales = [cfg_scale(spec, item)]
+    if item.guidance_scale_2 is not None and spec.guidance == "cfg":
+        scales.append(item.guidance_scale_2)
+    return any(s > 1.0 for s in scales)
+
+
+def check_image(spec: ModelSpec, image: Any) -> None:
+    """The image a model needs (or refuses): uint8 [H, W, 3] of a sane size."""
+    if spec.image_input == "required" and image is None:
+        raise ValueError("image is required: this is an image-to-video model (pass image=...)")
+    if image is None:
+        return
+    if spec.image_input == "none":
+        raise ValueError("image: this model is text-to-video only and takes no image")
+    shape = tuple(getattr(image, "shape", ()))
+    dtype = str(getattr(image, "dtype", ""))
+    if len(shape) != 3 or shape[2] != 3 or not dtype.endswith("uint8"):
+        raise ValueError(f"image must be uint8 [H, W, 3] (RGB), got {dtype} {shape}")
+    if not (MIN_IMAGE_SIDE <= min(shape[:2]) and max(shape[:2]) <= MAX_IMAGE_SIDE):
+        raise ValueError(
+            f"image is {shape[1]}x{shape[0]}; each side must be in "
+            f"[{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] pixels"
+        )
+
+
 def validate_item(
     spec: ModelSpec,
     item: RequestItem,
@@ -122,10 +162,23 @@ def validate_item(
     max_steps = min(limits.max_inference_steps, spec.num_train_timesteps)
     require_int("num_inference_steps", item.num_inference_steps, 1, max_steps)
     require_number("guidance_scale", item.guidance_scale)
+    if item.guidance_scale_2 is not None:
+        require_number("guidance_scale_2", item.guidance_scale_2)
+        if spec.experts < 2:
+            raise ValueError("guidance_scale_2 applies to two-expert models (Wan2.2 A14B) only")
+    require_number("true_cfg_scale", item.true_cfg_scale)
+    if item.true_cfg_scale != 1.0 and spec.guidance != "embedded":
+        raise ValueError(
+            "true_cfg_scale applies to models with embedded guidance (HunyuanVideo); this "
+            "model's classifier-free guidance is guidance_scale"
+        )
+    if item.max_sequence_length is not None:
+        require_int("max_sequence_length", item.max_sequence_length, 1, spec.max_sequence_length)
     check_seed(item.seed)
     if item.output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {item.output_type!r}")
     _check_cache(item, caches)
+    check_image(spec, item.image)
     _check_positions(spec, item.height, item.width, item.num_frames)
     _check_work(spec, item, limits)
 
@@ -176,18 +229,20 @@ def _check_work(spec: ModelSpec, item: RequestItem, limits: RequestLimits) -> No
         )
 
 
-def batch_key(item: RequestItem) -> Hashable:
+def batch_key(spec: ModelSpec, item: RequestItem) -> Hashable:
     """Items with equal keys can share one batched forward (everything the stages treat
-    as one value per batch)."""
+    as one value per batch; each item keeps its own prompt, seed, scales and image)."""
     return (
         item.height,
         item.width,
         item.num_frames,
         item.num_inference_steps,
-        item.guidance_scale > 1.0,
+        uses_cfg(spec, item),
         item.output_type,
         item.cache,
         item.cache_thresh if item.cache is not None else None,
+        item.image is not None,
+        item.max_sequence_length,
     )
 
 
@@ -204,7 +259,7 @@ def validate_batch(
         validate_item(spec, item, limits, caches)
     if len({item.request_id for item in items}) != len(items):
         raise ValueError("a batch holds two items with the same request_id")
-    if len({batch_key(item) for item in items}) != 1:
+    if len({batch_key(spec, item) for item in items}) != 1:
         raise ValueError(
             "a batch mixes items that cannot share a forward (size, frames, steps, guidance "
             "on/off, output type or cache differ)"

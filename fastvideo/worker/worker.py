@@ -36,6 +36,7 @@ from fastvideo.pipelines.base import (
 )
 from fastvideo.wire.messages import BatchResult, GenerateBatch
 from fastvideo.wire.spec import ModelSpec
+from fastvideo.wire.validation import uses_cfg
 
 logger = init_logger(__name__)
 
@@ -175,7 +176,9 @@ class Worker:
                 f"plan {plan.describe()} (replica {msg.replica}) does not fit rank {self.rank} "
                 f"of {self.world_size}"
             )
-        batch = ForwardBatch(batch_id=msg.batch_id, items=list(msg.items))
+        spec = self.pipeline.env.spec
+        do_cfg = any(uses_cfg(spec, item) for item in msg.items)
+        batch = ForwardBatch(batch_id=msg.batch_id, items=list(msg.items), do_cfg=do_cfg)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()

@@ -24,6 +24,7 @@ from fastvideo.models.wan.transformer import (
 )
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.base import PipelineRuntime
+from fastvideo.wire.messages import RequestItem
 
 # Text tokens the Wan DiT attends to (the UMT5 states are padded/cut to this length).
 TEXT_MAX_LENGTH = 512
@@ -65,15 +66,28 @@ def load_sampler(folder: Path, env: PipelineRuntime) -> Callable[[], object]:
 
 
 class WanTextEncoder:
-    """prompts -> [B, 512, D] UMT5 states, zero past each prompt's end (as Wan does)."""
+    """prompts -> {"text": [B, L, D] UMT5 states, zero past each prompt's end; L is
+    max_sequence_length (512 by default)}."""
 
     def __init__(self, tokenizer, encoder: torch.nn.Module, dtype: torch.dtype):
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.dtype = dtype
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(self.tokenizer, self.encoder, prompts, TEXT_MAX_LENGTH, self.dtype)
+    def __call__(self, prompts: list[str], item: RequestItem) -> dict[str, torch.Tensor]:
+        # As diffusers: the DiT attends to max_sequence_length positions (512 by default).
+        length = item.max_sequence_length or TEXT_MAX_LENGTH
+        states = encode_prompts(self.tokenizer, self.encoder, prompts, length, self.dtype)
+        return {"text": states}
+
+
+def text_output_spec(text_dim: int, dtype: torch.dtype):
+    """What WanTextEncoder returns for n prompts (known on every rank)."""
+
+    def spec(n: int, item: RequestItem) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"text": ((n, item.max_sequence_length or TEXT_MAX_LENGTH, text_dim), dtype)}
+
+    return spec
 
 
 def load_wan_text_encoder(folder: Path, env: PipelineRuntime) -> WanTextEncoder:

@@ -30,7 +30,9 @@ class WanT2VPipeline(ComposedPipelineBase):
         return [
             InputValidationStage(env),
             TextEncodingStage(
-                c.get("text_encoder"), env, dit.config.text_dim, components.TEXT_MAX_LENGTH
+                c.get("text_encoder"),
+                env,
+                components.text_output_spec(dit.config.text_dim, env.dtypes["transformer"]),
             ),
             TimestepPreparationStage(c["scheduler"]),
             LatentPreparationStage(env, dit.config.in_channels),

@@ -17,12 +17,13 @@ from fastvideo.cache.base import StepCache, StepCacheCall, create_step_cache
 from fastvideo.layers.sequence import SequenceShard, TokenGrid
 from fastvideo.logger import init_logger
 from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, StepControl
+from fastvideo.wire.validation import cfg_scale
 
 logger = init_logger(__name__)
 
 
 class Denoiser(Protocol):
-    """What the stage needs of a family's DiT."""
+    """What the stage needs of a family's DiT (``call_model`` adapts other signatures)."""
 
     dtype: torch.dtype
 
@@ -39,48 +40,87 @@ class Denoiser(Protocol):
         ...
 
 
+def _cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([a[name], b[name]]) for name in a}
+
+
 class DenoisingStage(PipelineStage):
+    """The family-neutral loop. A family changes what its models need through the hooks
+    (``denoiser``, ``guidance_scales``, ``model_input``, ``model_timestep``, ``call_model``,
+    ``after_step``) in a subclass in its own folder."""
+
     name = "denoising"
 
     def __init__(self, transformer: Denoiser, env: PipelineRuntime):
         self.transformer = transformer
         self.env = env
 
-    def _guidance(self, batch: ForwardBatch, like: torch.Tensor) -> torch.Tensor | float:
-        scales = [item.guidance_scale for item in batch.items]
+    # --- hooks ---------------------------------------------------------------------------
+    def denoiser(self, batch: ForwardBatch, step: int, t: torch.Tensor) -> Denoiser:
+        """The DiT that runs this step (two-expert models switch on the timestep)."""
+        return self.transformer
+
+    def guidance_scales(self, batch: ForwardBatch, step: int, t: torch.Tensor) -> list[float]:
+        """Each item's classifier-free guidance scale at this step."""
+        return [cfg_scale(self.env.spec, item) for item in batch.items]
+
+    def model_input(self, batch: ForwardBatch, latents: torch.Tensor, step: int) -> torch.Tensor:
+        """The DiT's token input [B, L_shard, P*C_in] (image-to-video adds channels)."""
+        return latents
+
+    def model_timestep(self, batch: ForwardBatch, t: torch.Tensor, step: int) -> torch.Tensor:
+        """[B] timesteps, or [B, L_shard] per token."""
+        return t.expand(batch.batch_size)
+
+    def call_model(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        batch: ForwardBatch,
+        cache: StepCacheCall | None,
+    ) -> torch.Tensor:
+        return model.forward_tokens(x, timestep, cond["text"], batch.grid, batch.shard, cache)
+
+    def after_step(self, batch: ForwardBatch, latents: torch.Tensor, step: int) -> torch.Tensor:
+        """The latents after the sampler's step (e.g. a conditioning frame put back)."""
+        return latents
+
+    # --- the guided prediction -----------------------------------------------------------
+    def _guidance(self, scales: list[float], like: torch.Tensor) -> torch.Tensor | float:
         if len(set(scales)) == 1:
             return float(scales[0])  # a Python scalar keeps the reference's bf16 arithmetic
         return torch.tensor(scales, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
-    def predict(self, batch: ForwardBatch, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, batch: ForwardBatch, latents: torch.Tensor, step: int, t: torch.Tensor
+    ) -> torch.Tensor:
         """Guided noise prediction for this rank's tokens: [B, L_shard, P*C]."""
-        model = self.transformer
+        model = self.denoiser(batch, step, t)
         b = batch.batch_size
-        x = latents.to(model.dtype)
+        x = self.model_input(batch, latents, step).to(model.dtype)
+        ts = self.model_timestep(batch, t, step)
 
-        def run(
-            x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: dict
-        ) -> torch.Tensor:
+        def run(x: torch.Tensor, ts: torch.Tensor, cond: dict, branches: dict) -> torch.Tensor:
             cache = None if batch.step_cache is None else StepCacheCall(batch.step_cache, branches)
-            return model.forward_tokens(x, t, text, batch.grid, batch.shard, cache)
+            return self.call_model(model, x, ts, cond, batch, cache)
 
         if not batch.do_cfg:
-            return run(x, t.expand(b), batch.prompt_embeds, {"cond": slice(0, b)})
+            return run(x, ts, batch.conditioning, {"cond": slice(0, b)})
         cfg = self.env.runtime.groups.cfg
         if cfg.size == 1:
-            out = run(
-                torch.cat([x, x]),
-                t.expand(2 * b),
-                torch.cat([batch.prompt_embeds, batch.negative_prompt_embeds]),
-                {"cond": slice(0, b), "uncond": slice(b, 2 * b)},
-            )
-            cond, uncond = out[:b], out[b:]
+            cond = _cat(batch.conditioning, batch.negative_conditioning)
+            both = {"cond": slice(0, b), "uncond": slice(b, 2 * b)}
+            out = run(torch.cat([x, x]), torch.cat([ts, ts]), cond, both)
+            positive, negative = out[:b], out[b:]
         else:
-            text = batch.prompt_embeds if cfg.rank == 0 else batch.negative_prompt_embeds
+            mine = batch.conditioning if cfg.rank == 0 else batch.negative_conditioning
             branch = {"cond" if cfg.rank == 0 else "uncond": slice(0, b)}
-            both = self.env.runtime.all_gather(cfg, run(x, t.expand(b), text, branch), dim=0)
-            cond, uncond = both[:b], both[b:]
-        return uncond + self._guidance(batch, uncond) * (cond - uncond)
+            both = self.env.runtime.all_gather(cfg, run(x, ts, mine, branch), dim=0)
+            positive, negative = both[:b], both[b:]
+        scale = self._guidance(self.guidance_scales(batch, step, t), negative)
+        return negative + scale * (positive - negative)
 
     def __call__(self, batch: ForwardBatch, control: StepControl) -> ForwardBatch:
         assert batch.timesteps is not None and batch.latents is not None
@@ -97,8 +137,8 @@ class DenoisingStage(PipelineStage):
             if batch.step_cache is not None:
                 batch.step_cache.begin_step(i)
             start = time.perf_counter()
-            noise_pred = self.predict(batch, latents, t.to(self.env.device))
-            latents = batch.scheduler.step(noise_pred, latents)
+            noise_pred = self.predict(batch, latents, i, t.to(self.env.device))
+            latents = self.after_step(batch, batch.scheduler.step(noise_pred, latents), i)
             if self.env.device.type == "cuda":
                 torch.cuda.synchronize(self.env.device)
             step_times.append(time.perf_counter() - start)

@@ -1,0 +1,48 @@
+"""Conditioning images from what users pass (a path, a PIL image, an array) to the one
+form the wire carries: a uint8 [H, W, 3] RGB tensor, validated at the API boundary."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def load_image(image: Any) -> torch.Tensor:
+    """uint8 [H, W, 3] RGB from a file path, a PIL image, or a uint8 HWC array/tensor
+    (grey and RGBA are converted); TypeError/ValueError naming ``image`` otherwise."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open(image)
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"image must be a file path, a PIL image or a uint8 [H, W, 3] array, got "
+            f"{type(image).__name__}"
+        )
+    if image.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8 (0-255), got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"image array must be [H, W, 3] (RGB), got shape {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image[:, :, :3]))
+
+
+def _open(path: str | os.PathLike) -> Any:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        raise ValueError("image: reading image files needs Pillow (pip install pillow)") from None
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise ValueError(f"image: no such file {os.fspath(path)!r}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image: cannot read {os.fspath(path)!r} as an image ({e})") from None
