@@ -9,6 +9,7 @@ process) gets a numeric suffix, so nothing is ever overwritten.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,9 @@ def _safe_name(prompt: str) -> str:
 
 
 def _writable_dir(folder: Path) -> None:
-    """``folder`` exists as a writable folder or can be created under a writable one."""
+    """``folder`` exists as a writable folder or can be created under a writable one
+    (probed by creating an anonymous temporary file: permission bits do not stop root,
+    a read-only file system does)."""
     probe = folder
     while not probe.exists():
         if probe.parent == probe:
@@ -92,8 +95,11 @@ def _writable_dir(folder: Path) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise ValueError(f"output_path: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"output_path: {probe} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"output_path: {probe} is not writable ({e.strerror})") from None
 
 
 def plan_output_file(output_path: object, prompt: str, seed: int) -> Path | None:
