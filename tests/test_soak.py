@@ -146,8 +146,9 @@ def test_soak_every_request_ends_and_memory_stays_bounded(monkeypatch):
         assert not gen.core.scheduler._history, "finished requests must not be kept"
         out = gen.generate_video("after the soak", **TINY)
         assert out.latents is not None
+    mib = {pid: round(g / 2**20, 1) for pid, g in growth.items()}
     print(f"\nsoak: {blocking} blocking, {async_counts} async in {elapsed:.1f}s; RSS growth "
-          f"driver {growth[pids[0]] / 2**20:.1f} MiB, worker {growth[pids[1]] / 2**20:.1f} MiB")  # fmt: skip
+          f"driver {mib[pids[0]]} MiB, worker {mib[pids[1]]} MiB")  # fmt: skip
     assert blocking["finished"] > 80 and blocking["failed"] > 0 and blocking["aborted"] > 0
     assert blocking["refused"] > 0
     assert async_counts["finished"] > 40 and async_counts["left_early"] > 0
