@@ -402,6 +402,18 @@ class PipelineConfig:
 
 # The seed API sets the VAE precision as a keyword of the whole config too.
 _ROUTES["vae_precision"] = "vae_config"
+_dataclass_init = PipelineConfig.__init__
+
+
+def _init(self: PipelineConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass constructor, also taking sub-config fields by their own name
+    (``PipelineConfig(num_gpus=2, attention_backend="sta")``)."""
+    own = {f.name for f in dataclasses.fields(PipelineConfig)}
+    _dataclass_init(self, *args, **{k: v for k, v in kwargs.items() if k in own})
+    self.update(**{k: v for k, v in kwargs.items() if k not in own})
+
+
+PipelineConfig.__init__ = _init  # type: ignore[method-assign]
 
 
 def _check_triple(name: str, value: Any) -> None:
