@@ -470,6 +470,16 @@ def test_save_writes_h264_mp4(demo_gen, tmp_path):
     assert np.abs(frames.astype(int) - out.frames.astype(int)).mean() < 12
 
 
+@pytest.mark.parametrize("fps", [8, 24])
+def test_saved_mp4_has_the_requested_frame_rate(demo_gen, tmp_path, fps):
+    out = demo_gen.generate_video("a fox", num_inference_steps=1, fps=fps,
+                                  output_path=str(tmp_path / "v.mp4"))  # fmt: skip
+    with av.open(str(out.output_path)) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == fps
+        assert stream.frames == out.frames.shape[0]
+
+
 def test_output_path_folder_saves_a_file_named_after_the_prompt(demo_gen, tmp_path):
     folder = tmp_path / "dir"
     out = demo_gen.generate_video(

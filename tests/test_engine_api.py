@@ -214,6 +214,32 @@ def test_abort_running_request_within_one_step(engine):
     assert after.frames is not None
 
 
+def test_leaving_async_for_early_aborts_the_request(engine, monkeypatch):
+    aborted: list[str] = []
+    real_abort = engine.core.abort
+
+    def spy(request_id):
+        aborted.append(request_id)
+        return real_abort(request_id)
+
+    monkeypatch.setattr(engine.core, "abort", spy)
+
+    async def main():
+        async for event in engine.generate("a walk", request_id="early-1", height=32,
+                                           width=32, num_frames=5, num_inference_steps=200):
+            if isinstance(event, ProgressEvent) and event.stage == "denoising":
+                break  # the caller walks away
+        for _ in range(100):  # the generator is finalised by the loop shortly after
+            if aborted:
+                break
+            await asyncio.sleep(0.02)
+        return await _final(engine, "the next one", seed=2)
+
+    after = asyncio.run(main())
+    assert aborted == ["early-1"]
+    assert after.frames is not None
+
+
 def test_abort_waiting_request_and_queue_bound():
     with VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=1, max_waiting_requests=2) as gen:
         core = gen.core

@@ -223,6 +223,21 @@ def test_sta_whole_grid_window_is_dense_attention(grid, tile):
     assert out[:, :, g.num_tokens :].abs().max() == 0
 
 
+def test_sta_window_table_maps_resolutions_to_their_own_token_grids(tiny_a):
+    """'HxWxF' keys become (frames, height, width) token grids: a non-square size whose
+    height and width swapped would land on a different grid."""
+    from fastvideo.config import PipelineConfig
+    from fastvideo.models.wan.registration import read_wan_spec
+    from fastvideo.worker.worker import sta_config
+
+    spec = read_wan_spec(tiny_a[0])  # VAE 8x / 4x, patch 1x2x2
+    config = PipelineConfig(sta_window_size={"64x128x9": (1, 1, 2), "128x64x9": (2, 1, 1)})
+    sta = sta_config(config, spec)
+    assert sta.window_for(TokenGrid(3, 4, 8)) == (1, 1, 1)  # 64x128: clamped to 1x1x1 tiles
+    grids = dict(sta.windows)
+    assert grids[(3, 4, 8)] == (1, 1, 2) and grids[(3, 8, 4)] == (2, 1, 1)
+
+
 def test_sta_windows_per_resolution_and_default():
     cfg = STAConfig(tile=(1, 2, 2), windows=(((2, 4, 4), (1, 1, 1)),))
     assert cfg.window_for(TokenGrid(2, 4, 4)) == (1, 1, 1)

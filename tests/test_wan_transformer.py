@@ -51,9 +51,9 @@ def test_dit_matches_diffusers(request, fixture, shape):
     assert err < REL_TOL
 
 
-def test_token_shards_reassemble_the_full_forward(tiny_a):
-    """Running the DiT on padded token shards and concatenating equals the whole-video
-    forward when attention sees all tokens (the single-rank path of sharded inputs)."""
+def test_padded_shard_equals_the_full_forward(tiny_a):
+    """A shard padded past the real tokens (as sequence parallelism pads) gives the real
+    tokens exactly the whole-video forward: padding keys are never attended to."""
     folder, _ = tiny_a
     model = _load(folder)
     x = torch.randn(1, 16, 2, 6, 10)  # 2 x 3 x 5 = 30 tokens
@@ -61,9 +61,20 @@ def test_token_shards_reassemble_the_full_forward(tiny_a):
     tokens = patchify(x, (1, 2, 2))
     text = torch.randn(1, 7, 32)
     t = torch.tensor([500.0])
+    padded = SequenceShard(total=30, padded=36, start=0, length=36)
+    garbage = torch.randn(1, 6, tokens.shape[2]) * 100  # what padding holds must not matter
     with torch.no_grad():
         full = model.forward_tokens(tokens, t, text, grid)
-        shard = SequenceShard.split(grid.num_tokens, 1, 0)
-        same = model.forward_tokens(tokens, t, text, grid, shard)
-    assert torch.equal(full, same)
+        out = model.forward_tokens(torch.cat([tokens, garbage], dim=1), t, text, grid, padded)
+        attended = padded_without_cut(model, tokens, garbage, t, text, grid)
+    torch.testing.assert_close(out[:, :30], full, rtol=1e-5, atol=1e-6)
+    assert (attended - full).abs().max() > 1e-3, "the check would not see attended padding"
     assert torch.equal(unpatchify(full, grid, (1, 2, 2)), model(x, t, text))
+
+
+def padded_without_cut(model, tokens, garbage, t, text, grid):
+    """The same forward, but with the padding counted as real tokens (what a bug in the
+    key cut would compute)."""
+    shard = SequenceShard(total=36, padded=36, start=0, length=36)  # nothing is cut
+    out = model.forward_tokens(torch.cat([tokens, garbage], dim=1), t, text, grid, shard)
+    return out[:, :30]
