@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastvideo import envs
@@ -315,6 +316,11 @@ class PipelineConfig:
         "Flow-matching sigma shift; None: the checkpoint's scheduler config.", None
     )
     scheduler: str | None = _help("'unipc' or 'euler'; None: the checkpoint's scheduler.", None)
+    lora: list[str] = _help(
+        "LoRA files merged into the DiT at load, each 'PATH' or 'PATH:SCALE' (diffusers/PEFT, "
+        "the family's original names, kohya).",
+        default_factory=list,
+    )
     parallel_config: ParallelConfig = _help("Parallelism.", default_factory=ParallelConfig)
     attention_config: AttentionConfig = _help("Attention.", default_factory=AttentionConfig)
     cache_config: CacheConfig = _help("Step-cache calibrations.", default_factory=CacheConfig)
@@ -378,6 +384,7 @@ class PipelineConfig:
             or not self.flow_shift > 0
         ):
             raise ValueError(f"flow_shift must be a number > 0, got {self.flow_shift!r}")
+        _check_loras(self.lora)
         for name, cls in _SUBCONFIGS.items():
             sub = getattr(self, name)
             if not isinstance(sub, cls):
@@ -414,6 +421,24 @@ def _init(self: PipelineConfig, *args: Any, **kwargs: Any) -> None:
 
 
 PipelineConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+def _check_loras(specs: Any) -> None:
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(x, str) for x in specs):
+        raise TypeError(f"lora must be a list of 'PATH[:SCALE]' strings, got {specs!r}")
+    for spec in specs:
+        path, sep, scale = spec.rpartition(":")
+        if not (sep and path and _is_float(scale)):
+            path = spec
+        if not Path(path).expanduser().exists():
+            raise ValueError(f"lora: no such file {path!r}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _check_triple(name: str, value: Any) -> None:

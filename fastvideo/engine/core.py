@@ -226,6 +226,19 @@ class EngineCore:
             self.executor.abort(scheduled.batch_id, [request_id])
         return True
 
+    # --- changing the model --------------------------------------------------------------
+    def control(self, op: str, args: dict, timeout_s: float = 600.0) -> dict[str, float]:
+        """Run a model-changing command on every worker (between batches: batches already
+        sent finish as they were, later ones see the change); raises on any rank's error."""
+        with self._cond:
+            if self._dead is not None:
+                raise EngineDeadError(str(self._dead))
+        replies = self.executor.control(op, args).result(timeout=timeout_s)
+        errors = [f"rank {r.rank}: {r.error}" for r in replies if r.error]
+        if errors:
+            raise RuntimeError(f"{op} failed: " + "; ".join(errors))
+        return dict(replies[0].value) if replies else {}
+
     # --- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
         tick = 0.2 if self.config.request_timeout_s is not None else None

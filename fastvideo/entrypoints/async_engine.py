@@ -116,6 +116,23 @@ class AsyncVideoEngine:
         finally:
             release_output_file(path)
 
+    async def load_lora(self, path: str, scale: float = 1.0, name: str | None = None) -> str:
+        """Merge a LoRA into the DiT on every worker (see VideoGenerator.load_lora)."""
+        from fastvideo.entrypoints.generator import lora_load
+
+        return await asyncio.to_thread(lora_load, self.core, path, scale, name)
+
+    async def unload_lora(self, name: str) -> None:
+        await asyncio.to_thread(self.core.control, "lora_unload", {"name": name})
+
+    @property
+    def is_alive(self) -> bool:
+        return self.core.is_alive
+
+    @property
+    def model_name(self) -> str:
+        return self.core.info.name
+
     async def abort(self, request_id: str) -> bool:
         """Abort a waiting request now, a running one at its next step boundary."""
         return self.core.abort(request_id)

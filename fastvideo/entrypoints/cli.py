@@ -1,10 +1,11 @@
-"""``fastvideo`` command line: ``generate`` videos, or write a ``demo-model``.
+"""``fastvideo`` command line: ``generate`` videos, ``serve`` them over HTTP, a browser
+``demo``, or write a ``demo-model``.
 
-``generate``'s flags are made from the ``SamplingParam`` and ``PipelineConfig`` fields,
-with the same names (``--num-inference-steps``, ``--attention-backend``, ...) and a few
-short aliases (``--steps``, ``--output``, ``--compile``, ``--teacache``). Every error is
-one line on stderr: exit code 2 for bad input, 1 for a failure while running, 130 for
-Ctrl-C.
+Flags are made from the ``SamplingParam`` and ``PipelineConfig`` fields, with the same
+names (``--num-inference-steps``, ``--attention-backend``, ...) and a few short aliases
+(``--steps``, ``--output``, ``--compile``, ``--teacache``); ``--lora PATH[:SCALE]`` and
+``--prompt`` repeat. Every error is one line on stderr: exit code 2 for bad input, 1 for a
+failure while running, 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -67,15 +68,29 @@ def _add_fields(group: argparse._ArgumentGroup, fields: list[dataclasses.Field],
                                metavar=f.name.upper(), help=text)  # fmt: skip
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
     from fastvideo.models.registry import default_demo_id
 
-    p = sub.add_parser("generate", help="generate videos from text prompts")
     p.add_argument(
         "--model",
         required=True,
         help=f"Hugging Face id, local diffusers folder, or {default_demo_id()}",
     )
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    engine = p.add_argument_group("engine (PipelineConfig fields)")
+    top = [f for f in dataclasses.fields(PipelineConfig) if f.name not in PIPELINE_SUBCONFIGS]
+    subs = [f for cls in PIPELINE_SUBCONFIGS.values() for f in dataclasses.fields(cls)]
+    _add_fields(engine, top + subs, "p:")
+    engine.add_argument("--vae-precision", help="VAE precision: fp32, bf16 or fp16.")
+    engine.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge a LoRA into the DiT (repeatable)")  # fmt: skip
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate videos from text prompts")
+    _add_model(p)
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
     sampling = p.add_argument_group("sampling (SamplingParam fields)")
@@ -84,12 +99,31 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     sampling.add_argument(
         "--teacache-thresh", type=float, help="Same as --cache-thresh; implies --teacache."
     )
-    engine = p.add_argument_group("engine (PipelineConfig fields)")
-    top = [f for f in dataclasses.fields(PipelineConfig) if f.name not in PIPELINE_SUBCONFIGS]
-    subs = [f for cls in PIPELINE_SUBCONFIGS.values() for f in dataclasses.fields(cls)]
-    _add_fields(engine, top + subs, "p:")
-    engine.add_argument("--vae-precision", help="VAE precision: fp32, bf16 or fp16.")
+    sampling.add_argument("--image", dest="s:image", metavar="PATH",
+                          help="conditioning image (image-to-video models)")  # fmt: skip
+    _add_engine_flags(p)
     p.set_defaults(**{"s:output_path": "outputs/"})
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-style video jobs)")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $FASTVIDEO_API_KEY)")
+    p.add_argument("--output-dir", help="keep the videos here (default: a temporary folder)")
+    p.add_argument("--max-jobs", type=int, default=256, help="jobs (and files) kept at most")
+    p.add_argument("--max-age-s", type=float, default=3600.0, help="finished jobs kept this long")
+    _add_engine_flags(p)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a browser demo (Gradio) over a model")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--output-dir", help="keep the videos here (default: a temporary folder)")
+    _add_engine_flags(p)
 
 
 def _add_demo_model(sub: argparse._SubParsersAction) -> None:
@@ -139,15 +173,37 @@ def _generate(args: argparse.Namespace) -> int:
         sampling["cache"] = "teacache"
     if args.teacache_thresh is not None:
         sampling["cache_thresh"] = args.teacache_thresh
-    pipeline = _collected(args, "p:")
-    if args.vae_precision:
-        pipeline["vae_precision"] = args.vae_precision
+    pipeline = _engine_options(args)
     prompts = _prompts(args)
     _check_first(args.model, prompts, sampling, pipeline)
     with VideoGenerator.from_pretrained(args.model, **pipeline) as gen:
         outputs = gen.generate_video(prompts, **sampling)
     for output in outputs:
         _report(output)
+    return 0
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    pipeline = _collected(args, "p:")
+    if args.vae_precision:
+        pipeline["vae_precision"] = args.vae_precision
+    if args.lora:
+        pipeline["lora"] = list(args.lora)
+    return pipeline
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fastvideo.entrypoints.http import serve
+
+    serve(args.model, args.host, args.port, args.api_key, output_dir=args.output_dir,
+          max_jobs=args.max_jobs, max_age_s=args.max_age_s, **_engine_options(args))  # fmt: skip
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fastvideo.entrypoints.demo_app import launch
+
+    launch(args.model, args.host, args.port, output_dir=args.output_dir, **_engine_options(args))
     return 0
 
 
@@ -179,11 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_demo(sub)
     _add_demo_model(sub)
     args = parser.parse_args(argv)
+    commands = {"generate": _generate, "serve": _serve, "demo": _demo}
     try:
-        if args.command == "generate":
-            return _generate(args)
+        if args.command in commands:
+            return commands[args.command](args)
         from fastvideo.models.registry import default_demo
 
         variant = default_demo()

@@ -6,8 +6,10 @@ loads weights and never initialises CUDA.
 
 from __future__ import annotations
 
+import os
 import queue
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, overload
 
 from fastvideo.config import PipelineConfig, SamplingParam
@@ -150,6 +152,23 @@ class VideoGenerator:
         )
         return params
 
+    # --- LoRA ------------------------------------------------------------------------------
+    def load_lora(self, path: str, scale: float = 1.0, name: str | None = None) -> str:
+        """Merge a LoRA (safetensors: diffusers/PEFT, the family's original names, kohya)
+        into the DiT on every worker; later requests use it. Returns its name."""
+        return lora_load(self.core, path, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self.core.control("lora_set_scale", {"name": name, "scale": _scale(scale)})
+
+    def unload_lora(self, name: str) -> None:
+        """Remove a LoRA; the weights are bitwise what they were without it."""
+        self.core.control("lora_unload", {"name": name})
+
+    def loras(self) -> dict[str, float]:
+        """Loaded LoRAs: name -> scale."""
+        return self.core.control("lora_list", {})
+
     def shutdown(self) -> None:
         self.core.shutdown()
 
@@ -158,6 +177,24 @@ class VideoGenerator:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _scale(scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+        raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def lora_load(core: EngineCore, path: object, scale: object, name: object) -> str:
+    """Validate on the driver, then load on every worker."""
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).expanduser().exists():
+        raise ValueError(f"lora path: no such file {path!r}")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"lora name must be a non-empty str, got {name!r}")
+    name = name or Path(path).stem
+    args = {"path": str(Path(path).expanduser()), "scale": _scale(scale), "name": name}
+    core.control("lora_load", args)
+    return name
 
 
 def _check_param(param: object) -> None:

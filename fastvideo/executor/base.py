@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from fastvideo.config import PipelineConfig
-from fastvideo.wire.messages import BatchResult, GenerateBatch, Progress
+from fastvideo.wire.messages import BatchResult, ControlReply, GenerateBatch, Progress
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -32,6 +32,11 @@ class Executor(ABC):
     @abstractmethod
     def abort(self, batch_id: str, item_ids: list[str]) -> None:
         """Ask the workers running ``batch_id`` to drop ``item_ids`` at the next step."""
+
+    def control(self, op: str, args: dict) -> Future[list[ControlReply]]:
+        """Run a model-changing command (``Worker.control``) on every rank, between batches
+        in the order sent; the future holds every rank's reply."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change the loaded model")
 
     @abstractmethod
     def shutdown(self) -> None: ...

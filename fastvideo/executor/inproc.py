@@ -12,7 +12,7 @@ from fastvideo.config import PipelineConfig
 from fastvideo.executor.base import Executor, ProgressCallback
 from fastvideo.pipelines.base import ForwardBatch
 from fastvideo.wire.errors import EngineDeadError, RequestFailedError
-from fastvideo.wire.messages import BatchResult, GenerateBatch, Progress
+from fastvideo.wire.messages import BatchResult, ControlReply, GenerateBatch, Progress
 
 
 class _Control:
@@ -70,6 +70,15 @@ class InProcessExecutor(Executor):
 
     def abort(self, batch_id: str, item_ids: list[str]) -> None:
         self._aborts.update(item_ids)
+
+    def control(self, op: str, args: dict) -> Future[list[ControlReply]]:
+        def run() -> list[ControlReply]:
+            try:
+                return [ControlReply("inproc", 0, "", self._worker.control(op, args))]
+            except Exception as e:  # noqa: BLE001 - reported in the reply, as workers do
+                return [ControlReply("inproc", 0, f"{type(e).__name__}: {e}")]
+
+        return self._thread.submit(run)
 
     def shutdown(self) -> None:
         self._alive = False

@@ -47,6 +47,8 @@ from fastvideo.wire.errors import (
 from fastvideo.wire.messages import (
     AbortItems,
     BatchResult,
+    Control,
+    ControlReply,
     FromWorker,
     GenerateBatch,
     Heartbeat,
@@ -122,6 +124,7 @@ class MultiprocExecutor(Executor):
         self.stall_timeout_s = config.engine_config.stall_timeout_s
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._controls: dict[str, tuple[Future, list[ControlReply]]] = {}
         self._seq: dict[tuple[int, ...], int] = {}
         self._dead_reason: str | None = None
         self._closed = False
@@ -271,6 +274,33 @@ class MultiprocExecutor(Executor):
         for rank in ranks:
             self._inputs[rank].send_multipart(frames, copy=False)
 
+    def control(self, op: str, args: dict) -> Future[list[ControlReply]]:
+        future: Future[list[ControlReply]] = Future()
+        command = Control(secrets.token_hex(8), op, dict(args), self._token)
+        with self._lock:
+            if self._dead_reason is not None:
+                future.set_exception(EngineDeadError(self._dead_reason))
+                return future
+            try:
+                self._send_all(list(range(self.world_size)), self._encoder.encode(command))
+            except Exception as e:  # noqa: BLE001 - nothing was sent
+                future.set_exception(e)
+                return future
+            self._controls[command.command_id] = (future, [])
+        return future
+
+    def _on_control_reply(self, msg: ControlReply) -> None:
+        with self._lock:
+            entry = self._controls.get(msg.command_id)
+            if entry is None:
+                self.dropped_messages += 1
+                return
+            entry[1].append(msg)
+            if len(entry[1]) < self.world_size:
+                return
+            del self._controls[msg.command_id]
+        entry[0].set_result(sorted(entry[1], key=lambda r: r.rank))
+
     def abort(self, batch_id: str, item_ids: list[str]) -> None:
         with self._lock:
             pending = self._pending.get(batch_id)
@@ -304,6 +334,7 @@ class MultiprocExecutor(Executor):
             Progress: self._on_progress,
             BatchResult: self._on_result,
             WorkerFailure: self._on_failure,
+            ControlReply: self._on_control_reply,
             WorkerReady: lambda msg: None,
         }
         while not self._closed:
@@ -399,6 +430,10 @@ class MultiprocExecutor(Executor):
             if self._dead_reason is None:
                 self._dead_reason = reason
             pending, self._pending = list(self._pending.values()), {}
+            controls, self._controls = list(self._controls.values()), {}
+        for future, _ in controls:
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
         if pending:
             logger.error("%s (%d batch(es) failed)", reason, len(pending))
         for p in pending:

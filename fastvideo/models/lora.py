@@ -5,24 +5,19 @@
     manager.set_scale(name, 0.5)
     manager.unload(name)            # the weights are bitwise what they were
 
-Files (safetensors) in the formats in use for Wan2.1:
+Files (safetensors) in the formats in use (the model family maps its original module
+names through its DiT's ``lora_aliases``):
 
 - diffusers / PEFT: ``transformer.blocks.0.attn1.to_q.lora_A.weight`` and ``.lora_B.weight``
   (the ``transformer.`` or ``base_model.model.`` prefix is optional), the rank and alpha in
   the file's ``lora_adapter_metadata`` (written by diffusers' ``save_lora_weights``) or in
   an ``adapter_config.json`` beside it (PEFT's ``save_pretrained``); optional ``.alpha``.
-- Wan's original module names (ComfyUI, musubi-tuner, DiffSynth):
+- a family's original module names (e.g. ComfyUI / musubi-tuner / DiffSynth files of Wan):
   ``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha`` (or ``lora_A``/``lora_B``), plus full deltas ``.diff`` (weight) and
   ``.diff_b`` (bias).
 - kohya: ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
 
-Wan's names map onto ours (diffusers'): ``self_attn.q/k/v/o`` -> ``attn1.to_q/to_k/to_v/
-to_out.0``, ``cross_attn.*`` -> ``attn2.*``, ``ffn.0`` / ``ffn.2`` -> ``ffn.net.0.proj`` /
-``ffn.net.2``, Wan's ``norm3`` -> our ``norm2`` (and back), ``modulation`` ->
-``scale_shift_table``, ``text_embedding.0/2`` / ``time_embedding.0/2`` ->
-``condition_embedder.{text,time}_embedder.linear_1/2``, ``time_projection.1`` ->
-``condition_embedder.time_proj``, ``head.head`` -> ``proj_out``.
 
 Merging: ``W = W0 + sum_i scale_i * alpha_i / rank_i * B_i @ A_i`` (alpha/sqrt(rank) for
 rsLoRA), computed in fp32 from the untouched ``W0`` and cast once to the weight's dtype.
@@ -64,32 +59,6 @@ _SUFFIX = re.compile(
     r"(?:\.[\w-]+)?|hada_\w+|lokr_\w+)"
     r")$"
 )
-# (our name, Wan's original name) patterns, applied to our names to get Wan's.
-_TO_WAN = [
-    (r"^blocks\.(\d+)\.attn1\.to_q$", r"blocks.\1.self_attn.q"),
-    (r"^blocks\.(\d+)\.attn1\.to_k$", r"blocks.\1.self_attn.k"),
-    (r"^blocks\.(\d+)\.attn1\.to_v$", r"blocks.\1.self_attn.v"),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0$", r"blocks.\1.self_attn.o"),
-    (r"^blocks\.(\d+)\.attn1\.(norm_[qk])$", r"blocks.\1.self_attn.\2"),
-    (r"^blocks\.(\d+)\.attn2\.to_q$", r"blocks.\1.cross_attn.q"),
-    (r"^blocks\.(\d+)\.attn2\.to_k$", r"blocks.\1.cross_attn.k"),
-    (r"^blocks\.(\d+)\.attn2\.to_v$", r"blocks.\1.cross_attn.v"),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0$", r"blocks.\1.cross_attn.o"),
-    (r"^blocks\.(\d+)\.attn2\.(norm_[qk])$", r"blocks.\1.cross_attn.\2"),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj$", r"blocks.\1.ffn.0"),
-    (r"^blocks\.(\d+)\.ffn\.net\.2$", r"blocks.\1.ffn.2"),
-    (r"^blocks\.(\d+)\.norm2$", r"blocks.\1.norm3"),  # Wan's norm3 is the cross-attn norm
-    (r"^blocks\.(\d+)\.norm3$", r"blocks.\1.norm2"),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^condition_embedder\.text_embedder\.linear_1$", "text_embedding.0"),
-    (r"^condition_embedder\.text_embedder\.linear_2$", "text_embedding.2"),
-    (r"^condition_embedder\.time_embedder\.linear_1$", "time_embedding.0"),
-    (r"^condition_embedder\.time_embedder\.linear_2$", "time_embedding.2"),
-    (r"^condition_embedder\.time_proj$", "time_projection.1"),
-    (r"^proj_out$", "head.head"),
-    (r"^scale_shift_table$", "head.modulation"),
-]
-_TO_WAN_COMPILED = [(re.compile(a), b) for a, b in _TO_WAN]
 _SHOW = 8  # unmatched keys listed in an error
 
 
@@ -97,20 +66,14 @@ class LoraError(ValueError):
     """A LoRA file that cannot be read or does not fit the model (names the file)."""
 
 
-def wan_name(name: str) -> str | None:
-    """Wan's original name of one of our (diffusers-named) modules or parameters."""
-    for pattern, replacement in _TO_WAN_COMPILED:
-        if pattern.match(name):
-            return pattern.sub(replacement, name)
-    return None
-
-
-def _aliases(name: str) -> set[str]:
-    """Every spelling a LoRA file may use for our module/parameter ``name``."""
+def _aliases(name: str, module: nn.Module) -> set[str]:
+    """Every spelling a LoRA file may use for our module/parameter ``name``: ours, the
+    model family's original names (a model's ``lora_aliases(name)``, if it has one), each
+    with the common prefixes and in kohya's underscore form."""
     names = {name}
-    wan = wan_name(name)
-    if wan is not None:
-        names.add(wan)
+    family_names = getattr(module, "lora_aliases", None)
+    if family_names is not None:
+        names.update(family_names(name))
     out = set(names)
     for n in names:
         out.update(prefix + n for prefix in _PREFIXES)
@@ -225,7 +188,7 @@ def read_lora(path: str | Path, module: nn.Module) -> list[LoraDelta]:
     bare = {n for n in params if not n.endswith((".weight", ".bias"))}
     lookup: dict[str, str] = {}
     for name in with_weight | bare:
-        for alias in _aliases(name):
+        for alias in _aliases(name, module):
             lookup.setdefault(alias, name)
 
     modules: dict[str, _Module] = {}

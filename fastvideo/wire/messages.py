@@ -66,6 +66,16 @@ class Shutdown(msgspec.Struct, tag="shutdown", **_OPTS):
     token: str = ""
 
 
+class Control(msgspec.Struct, tag="control", **_OPTS):
+    """Change the loaded model between batches, on every rank (e.g. ``lora_load``), in the
+    order it was sent relative to batches."""
+
+    command_id: str
+    op: str
+    args: dict[str, str | float | int | None] = {}
+    token: str = ""
+
+
 # --- workers -> driver -------------------------------------------------------------------
 class WorkerReady(msgspec.Struct, tag="ready", **_OPTS):
     rank: int
@@ -124,8 +134,18 @@ class WorkerFailure(msgspec.Struct, tag="failure", **_OPTS):
     token: str = ""
 
 
-ToWorker = GenerateBatch | AbortItems | Shutdown
-FromWorker = WorkerReady | Heartbeat | Progress | BatchResult | WorkerFailure
+class ControlReply(msgspec.Struct, tag="control_reply", **_OPTS):
+    """One rank's answer to a Control: ``error`` empty on success, ``value`` the op's."""
+
+    command_id: str
+    rank: int
+    error: str = ""
+    value: dict[str, float] = {}
+    token: str = ""
+
+
+ToWorker = GenerateBatch | AbortItems | Shutdown | Control
+FromWorker = WorkerReady | Heartbeat | Progress | BatchResult | WorkerFailure | ControlReply
 
 
 class WorkerArgs(msgspec.Struct, array_like=True):

@@ -35,6 +35,8 @@ from fastvideo.wire.codec import Decoder, Encoder
 from fastvideo.wire.errors import MalformedMessage
 from fastvideo.wire.messages import (
     AbortItems,
+    Control,
+    ControlReply,
     GenerateBatch,
     Heartbeat,
     Progress,
@@ -125,6 +127,7 @@ class _WorkerLoop:
             GenerateBatch: self._generate,
             AbortItems: self._abort,
             Shutdown: self._shutdown,
+            Control: self._control,
         }
         self.running = True
         self.exit_code = 0
@@ -304,6 +307,15 @@ class _WorkerLoop:
             time.sleep(pause)
             pause = min(0.02, pause * 2)
         return True
+
+    def _control(self, msg: Control) -> None:
+        try:
+            value = self.worker.control(msg.op, dict(msg.args))
+            reply = ControlReply(msg.command_id, self.args.rank, "", value)
+        except Exception as e:  # noqa: BLE001 - the command fails, the worker serves on
+            logger.exception("rank %d: control %s failed", self.args.rank, msg.op)
+            reply = ControlReply(msg.command_id, self.args.rank, f"{type(e).__name__}: {e}")
+        self.send(reply)
 
     def _fail(self, msg: GenerateBatch, error_type: str, message: str) -> None:
         tb = traceback.format_exc()

@@ -26,6 +26,7 @@ from fastvideo.kernels_bridge import attention as attention_bridge
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.logger import init_logger
 from fastvideo.models.loader import DTYPES
+from fastvideo.models.lora import LoraManager, parse_lora_arg
 from fastvideo.models.registry import family_for_dir
 from fastvideo.pipelines.base import (
     CompileSettings,
@@ -110,6 +111,7 @@ class Worker:
         self.runtime = ParallelRuntime(rank, world_size, device)
         self.step_hooks: list[StepHook] = []
         self.store: dist.Store | None = None
+        self.loras: dict[str, LoraManager] = {}  # DiT component name -> its LoRAs
 
     def load_plugins(self, modules: list[str]) -> None:
         """Import each plugin module; call its ``register(worker)`` when it has one."""
@@ -165,7 +167,41 @@ class Worker:
         leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
         pipeline_cls = family.pipeline_class()
         self.pipeline = pipeline_cls.from_pretrained(self.model_dir, env, output_rank=leads)
+        for spec in self.config.lora:
+            path, scale = parse_lora_arg(spec)
+            self.control("lora_load", {"path": path, "scale": scale, "name": None})
         return time.perf_counter() - start
+
+    def control(self, op: str, args: dict) -> dict[str, float]:
+        """Change the loaded model between batches (every rank runs the same commands in
+        the same order). LoRA ops apply to each DiT the pipeline names in lora_targets."""
+        assert self.pipeline is not None, "load() first"
+        if op == "lora_list":
+            first = next(iter(self.loras.values()), None)
+            return first.loaded() if first is not None else {}
+        targets = getattr(self.pipeline, "lora_targets", ("transformer",))
+        managers = [self._lora_manager(t) for t in targets if t in self.pipeline.components]
+        if not managers:
+            raise ValueError("this model has no DiT to load LoRAs into")
+        if op == "lora_load":
+            name = args.get("name")
+            for manager in managers:
+                name = manager.load(str(args["path"]), float(args["scale"]), name)
+            return {}
+        if op == "lora_set_scale":
+            for manager in managers:
+                manager.set_scale(str(args["name"]), float(args["scale"]))
+            return {}
+        if op == "lora_unload":
+            for manager in managers:
+                manager.unload(str(args["name"]))
+            return {}
+        raise ValueError(f"unknown control op {op!r}")
+
+    def _lora_manager(self, component: str) -> LoraManager:
+        if component not in self.loras:
+            self.loras[component] = LoraManager(self.pipeline.components[component])
+        return self.loras[component]
 
     def execute(self, msg: GenerateBatch, control: StepControl) -> BatchResult | None:
         """Run one batch on this rank; its replica's leader returns the result."""

@@ -503,6 +503,13 @@ class WanTransformer3D(nn.Module):
             x = block(x, context, modulation, rope, shard, grid, image)
         return x
 
+    def lora_aliases(self, name: str) -> list[str]:
+        """Wan's original name for one of ours (what community LoRA files use)."""
+        from fastvideo.models.wan.lora_names import wan_name
+
+        original = wan_name(name)
+        return [] if original is None else [original]
+
     def set_attention(self, backend: str | None, sta: STAConfig | None = None) -> None:
         """The attention backend (resolved name) and STA settings of this model only."""
         self.dist_attn.backend, self.dist_attn.sta = backend, sta
