@@ -395,8 +395,11 @@ class HunyuanTransformer3D(nn.Module):
         self, x: torch.Tensor, temb: torch.Tensor, shard: SequenceShard | None
     ) -> torch.Tensor:
         """What a step cache compares between steps: the first dual-stream block's
-        modulated input ``norm1(x) * (1 + scale) + shift`` [B, L_valid, D] (TeaCache4-
-        HunyuanVideo's), over this rank's real tokens (sequence-parallel padding left out)."""
+        modulated input ``norm1(x) * (1 + scale) + shift`` [B, L_valid, D], as in
+        TeaCache4HunyuanVideo, over this rank's real tokens (sequence-parallel padding left
+        out). Under sequence parallelism each rank compares its own shard and the ranks
+        agree on the largest proposal (``cache.base``), so a decision may differ from the
+        one a single rank would take over the whole video."""
         if not self.transformer_blocks:  # no dual-stream block: the conditioning alone
             return temb
         norm1 = self.transformer_blocks[0].norm1
