@@ -1,20 +1,18 @@
 """HunyuanVideo prompt encoding against diffusers' ``HunyuanVideoPipeline.encode_prompt``.
 
 A tiny HunyuanVideoPipeline is built with diffusers around a tiny transformers LlamaModel
-and CLIPTextModel, with tokenizers trained here with the ``tokenizers`` package (a byte-level
-BPE with Llama-3's special tokens, and a character-level CLIP BPE), saved and reloaded as a
-checkpoint's tokenizers would be. Results must be bitwise equal: both sides run the same
-tokenizer and encoder calls.
+and CLIPTextModel, with the demo model's tokenizers trained locally with the ``tokenizers``
+package (a byte-level BPE with Llama-3's special tokens, and a character-level CLIP BPE;
+``fastvideo.models.hunyuan.demo``), saved and reloaded as a checkpoint's tokenizers would
+be. Results must be bitwise equal: both sides run the same tokenizer and encoder calls.
 """
 
 from __future__ import annotations
 
-import string
-from pathlib import Path
-
 import pytest
 import torch
 
+from fastvideo.models.hunyuan.demo import clip_tokenizer, llama_tokenizer
 from fastvideo.models.hunyuan.text import (
     DEFAULT_PROMPT_TEMPLATE,
     clip_pooled_embeds,
@@ -28,53 +26,11 @@ PROMPTS = [
     "A cat.",
     "an astronaut riding a horse on the moon, cinematic lighting, 4k, " * 3,  # truncated
 ]
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eot_id|>", "<pad>"]  # fmt: skip
 # A template whose prefix ends in a special token, so its crop is unambiguous.
 SHORT_TEMPLATE = {
     "template": "<|start_header_id|>system<|end_header_id|>Describe:<|eot_id|>{}<|eot_id|>",
     "crop_start": None,
 }
-
-
-def _llama_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=LLAMA_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # "{}" repeated so it becomes one token, as in Llama-3's vocabulary (diffusers' computed
-    # crop_start assumes so).
-    corpus = [DEFAULT_PROMPT_TEMPLATE["template"], *PROMPTS, *["{}"] * 50]
-    tok.train_from_iterator(corpus, trainer)
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token="<|end_of_text|>", pad_token="<pad>"
-    )
-    wrapped.save_pretrained(str(folder))
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-def _clip_tokenizer(folder: Path):
-    from tokenizers import pre_tokenizers
-    from transformers import AutoTokenizer, CLIPTokenizerFast
-
-    chars = sorted(set(pre_tokenizers.ByteLevel.alphabet()) | set(string.ascii_lowercase))
-    pieces = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    tok = CLIPTokenizerFast(vocab={p: i for i, p in enumerate(pieces)}, merges=[])
-    tok.model_max_length = 77
-    tok.save_pretrained(str(folder))
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +45,8 @@ def pipe(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
-    llama_tok = _llama_tokenizer(tmp_path_factory.mktemp("llama-tok"))
-    clip_tok = _clip_tokenizer(tmp_path_factory.mktemp("clip-tok"))
+    llama_tok = llama_tokenizer(tmp_path_factory.mktemp("llama-tok"), PROMPTS)
+    clip_tok = clip_tokenizer(tmp_path_factory.mktemp("clip-tok"))
     llama = LlamaModel(
         LlamaConfig(
             vocab_size=len(llama_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastvideo.cache.base import StepCacheCall
 from fastvideo.distributed.runtime import ParallelRuntime
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
@@ -330,6 +331,7 @@ class HunyuanTransformer3D(nn.Module):
         guidance: torch.Tensor | None,
         grid: TokenGrid,
         shard: SequenceShard | None = None,
+        cache: StepCacheCall | None = None,
     ) -> torch.Tensor:
         """Denoiser output for a (shard of a) video token sequence.
 
@@ -344,23 +346,66 @@ class HunyuanTransformer3D(nn.Module):
             guidance: [B] embedded guidance scale times 1000 (as diffusers' pipeline passes
                 it); required when ``config.guidance_embeds``.
             grid: the whole video's token grid; shard: this rank's slice (None = all).
+            cache: the request's step cache and which rows are which CFG branch; None runs
+                every block.
         Returns:
             [B, L_shard, pt*ph*pw*C_out] in the model dtype, features ordered (pt, ph, pw, C).
         """
         dtype = self.dtype
-        x = self.x_embedder(tokens)
-        rope = self.rope(grid, shard, x.device)
+        rope = self.rope(grid, shard, tokens.device)
         temb = self.time_text_embed(timestep, pooled.to(dtype), guidance)
         c, text_lens = self.embed_text(text_states.to(dtype), timestep, text_mask)
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope, text_lens, shard)
-        for block in self.single_transformer_blocks:
-            x, c = block(x, c, temb, rope, text_lens, shard)
-        del c
+        # The embedded input goes straight into the block loop (no local name keeps it
+        # alive through the blocks); a step cache keeps it for the residual itself.
+        if cache is None:
+            x = self.run_blocks(self.x_embedder(tokens), c, temb, rope, text_lens, shard)
+        else:
+
+            def blocks(h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+                if rows is None:
+                    return self.run_blocks(h, c, temb, rope, text_lens, shard)
+                lens = None if text_lens is None else [text_lens[i] for i in rows.tolist()]
+                return self.run_blocks(h, c[rows], temb[rows], rope, lens, shard)
+
+            x = self.x_embedder(tokens)
+            x = cache.cache.run(x, self.cache_signal(x, temb, shard), cache.branches, blocks)
         scale, shift = self.norm_out(temb)
         x = self.proj_out(self.norm_out.modulate(x, shift, scale))
         # proj_out's features are ordered (C, pt, ph, pw); tokens use (pt, ph, pw, C).
         return x.unflatten(2, (self.config.out_channels, -1)).transpose(2, 3).flatten(2)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        temb: torch.Tensor,
+        rope: Rope,
+        text_lens: list[int] | None,
+        shard: SequenceShard | None,
+    ) -> torch.Tensor:
+        """The block loop (the only one, cached or not): video x [B, L_shard, D] and text
+        c [B, L_text, D] -> the video [B, L_shard, D] (the text stream ends here)."""
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, rope, text_lens, shard)
+        for block in self.single_transformer_blocks:
+            x, c = block(x, c, temb, rope, text_lens, shard)
+        return x
+
+    def cache_signal(
+        self, x: torch.Tensor, temb: torch.Tensor, shard: SequenceShard | None
+    ) -> torch.Tensor:
+        """What a step cache compares between steps: the first dual-stream block's
+        modulated input ``norm1(x) * (1 + scale) + shift`` [B, L_valid, D], as in
+        TeaCache4HunyuanVideo, over this rank's real tokens (sequence-parallel padding left
+        out). Under sequence parallelism each rank compares its own shard and the ranks
+        agree on the largest proposal (``cache.base``), so a decision may differ from the
+        one a single rank would take over the whole video."""
+        if not self.transformer_blocks:  # no dual-stream block: the conditioning alone
+            return temb
+        norm1 = self.transformer_blocks[0].norm1
+        shift, scale = norm1(temb)[:2]
+        valid = x.shape[1] if shard is None or shard.valid == 0 else shard.valid
+        return norm1.modulate(x[:, :valid], shift, scale)
 
     def set_attention(self, backend: str | None, sta: STAConfig | None = None) -> None:
         """The attention backend (resolved name) and STA settings of this model only."""
