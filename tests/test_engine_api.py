@@ -225,8 +225,14 @@ def test_leaving_async_for_early_aborts_the_request(engine, monkeypatch):
     monkeypatch.setattr(engine.core, "abort", spy)
 
     async def main():
-        async for event in engine.generate("a walk", request_id="early-1", height=32,
-                                           width=32, num_frames=5, num_inference_steps=200):
+        async for event in engine.generate(
+            "a walk",
+            request_id="early-1",
+            height=32,
+            width=32,
+            num_frames=5,
+            num_inference_steps=200,
+        ):
             if isinstance(event, ProgressEvent) and event.stage == "denoising":
                 break  # the caller walks away
         for _ in range(100):  # the generator is finalised by the loop shortly after
