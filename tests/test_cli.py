@@ -137,3 +137,62 @@ def test_unrunnable_attention_backend_is_a_clean_cli_error(tmp_path, _private_ca
     )  # fmt: skip
     assert proc.returncode == 2
     assert "attention_backend must be one of" in proc.stderr
+
+
+def test_runtime_failure_exits_1_with_one_line(tiny_a, tmp_path, _private_cache):
+    """A checkpoint that breaks in the worker: exit 1, one line, no traceback."""
+    import shutil
+
+    broken = shutil.copytree(tiny_a[0], tmp_path / "broken")
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    proc = _cli("generate", "--model", str(broken), "--prompt", "a cat", "--steps", "1",
+                "--output", str(tmp_path / "x.mp4"))  # fmt: skip
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fastvideo: error")]
+    assert len(errors) == 1 and "WorkerStartupError" in errors[0] and "truncated" in errors[0]
+    assert "Traceback" not in proc.stderr.split("fastvideo: error")[-1]
+
+
+def test_ctrl_c_exits_130(tmp_path, _private_cache):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastvideo.entrypoints.cli", "generate", "--model", DEMO_MODEL_ID,
+         "--prompt", "a long one", "--steps", "1000", "--output", str(tmp_path / "x.mp4")],
+        cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    time.sleep(5.0)  # loaded and denoising by now (the demo model loads in ~2 s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "fastvideo: interrupted" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_every_engine_and_sampling_field_has_a_flag():
+    import dataclasses
+
+    from fastvideo.config import _SUBCONFIGS, PipelineConfig, SamplingParam
+    import argparse
+
+    from fastvideo.entrypoints import cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli._add_generate(sub)
+    flags = set()
+    for action in sub.choices["generate"]._actions:
+        flags.update(action.option_strings)
+    fields = [*dataclasses.fields(SamplingParam), *dataclasses.fields(PipelineConfig)]
+    fields += [f for cls in _SUBCONFIGS.values() for f in dataclasses.fields(cls)]
+    plain = [f.name for f in fields if cli._parser_for(str(f.type)) != (None, False)]
+    missing = [
+        n for n in plain if n not in cli._SKIPPED and f"--{n.replace('_', '-')}" not in flags
+    ]
+    assert not missing, missing
+    for alias in ("--steps", "--output", "--compile", "--teacache", "--lora", "--image"):
+        assert alias in flags
