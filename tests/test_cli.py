@@ -174,11 +174,10 @@ def test_ctrl_c_exits_130(tmp_path, _private_cache):
 
 
 def test_every_engine_and_sampling_field_has_a_flag():
+    import argparse
     import dataclasses
 
     from fastvideo.config import _SUBCONFIGS, PipelineConfig, SamplingParam
-    import argparse
-
     from fastvideo.entrypoints import cli
 
     parser = argparse.ArgumentParser()
