@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastvideo.wire.spec import ModelSpec
+from fastvideo.wire.validation import DefaultSize, size_for_image
+
 
 def load_image(image: Any) -> torch.Tensor:
     """uint8 [H, W, 3] RGB from a file path, a PIL image, or a uint8 HWC array/tensor
@@ -31,6 +34,23 @@ def load_image(image: Any) -> torch.Tensor:
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"image array must be [H, W, 3] (RGB), got shape {image.shape}")
     return torch.from_numpy(np.ascontiguousarray(image[:, :, :3]))
+
+
+def request_size(
+    spec: ModelSpec, image: torch.Tensor | None, height: Any, width: Any
+) -> tuple[Any, Any]:
+    """The (height, width) a request runs at.
+
+    Sizes the caller set are kept as given (and validated later). When an image is given
+    and both sides are still the model's defaults (``DefaultSize``, as image-to-video
+    variants give them), the size follows the image: its aspect ratio at the area of the
+    default size, each side rounded to the model's pixel multiple (diffusers' examples'
+    rule, ``wire.validation.size_for_image``). Otherwise the defaults apply as they are.
+    """
+    if image is None or not (isinstance(height, DefaultSize) and isinstance(width, DefaultSize)):
+        return height, width
+    image_height, image_width = int(image.shape[0]), int(image.shape[1])
+    return size_for_image(image_height, image_width, height * width, spec.pixel_multiple)
 
 
 def _open(path: str | os.PathLike) -> Any:
