@@ -247,7 +247,6 @@ WAN_OTHER = ModelVariant(
 )
 
 
-
 def _build_i2v_demo(folder: Path) -> Path:
     from fastvideo.models.wan.demo_i2v import write_i2v_demo_model
 

@@ -187,22 +187,37 @@ def fallback_variants(negative_prompt: str) -> dict[str, ModelVariant]:
         "t2v-a14b": ModelVariant(
             name="Wan2.2-T2V",
             hf_ids=(),
-            sampling_defaults={**wan22, "guidance_scale": 4.0, "guidance_scale_2": 3.0,
-                               "height": 720, "width": 1280, "num_frames": 81},
-        ),  # fmt: skip
+            sampling_defaults={
+                **wan22,
+                "guidance_scale": 4.0,
+                "guidance_scale_2": 3.0,
+                "height": 720,
+                "width": 1280,
+                "num_frames": 81,
+            },
+        ),
         "i2v-a14b": ModelVariant(
             name="Wan2.2-I2V",
             hf_ids=(),
-            sampling_defaults={**i2v, "guidance_scale": 3.5, "guidance_scale_2": 3.5,
-                               **_size(720, 1280)},
-        ),  # fmt: skip
+            sampling_defaults={
+                **i2v,
+                "guidance_scale": 3.5,
+                "guidance_scale_2": 3.5,
+                **_size(720, 1280),
+            },
+        ),
         "ti2v": ModelVariant(
             name="Wan2.2-TI2V",
             hf_ids=(),
-            sampling_defaults={"negative_prompt": negative_prompt, "fps": 24,
-                               "num_inference_steps": 50, "guidance_scale": 5.0,
-                               "num_frames": 121, **_size(704, 1280)},
-        ),  # fmt: skip
+            sampling_defaults={
+                "negative_prompt": negative_prompt,
+                "fps": 24,
+                "num_inference_steps": 50,
+                "guidance_scale": 5.0,
+                "num_frames": 121,
+                **_size(704, 1280),
+            },
+        ),
     }
 
 
