@@ -33,7 +33,8 @@ def load_image(image: Any) -> torch.Tensor:
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"image array must be [H, W, 3] (RGB), got shape {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image[:, :, :3]))
+    # A writable C-contiguous copy where needed (PIL arrays are read-only).
+    return torch.from_numpy(np.require(image[:, :, :3], requirements=["C", "W"]))
 
 
 def request_size(
