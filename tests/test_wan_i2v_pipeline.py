@@ -10,6 +10,8 @@ runs (CFG-parallel, Ulysses) against the same reference.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,31 @@ def test_image_errors_at_the_api_boundary(infos, tmp_path):
         _build(i2v, image=np.zeros((40, 56, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         _build(i2v, image=np.zeros((40, 56, 5), dtype=np.uint8))
+
+
+# --- the CLIP encoder's checkpoint layouts ------------------------------------------------
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_clip_encoder_loads_both_layouts(i2v, tmp_path, prefixed):
+    """transformers 5 writes CLIPVisionModel's tensors without the ``vision_model.`` level,
+    transformers 4 (the published Wan2.1 I2V checkpoints) with it: both load, and give the
+    penultimate states transformers itself computes."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPVisionModel
+
+    from fastvideo.models.wan.image_encoder import load_clip_vision
+
+    folder, pipe, _ = i2v
+    target = tmp_path / "image_encoder"
+    shutil.copytree(folder / "image_encoder", target)
+    if prefixed:
+        state = load_file(str(target / "model.safetensors"))
+        save_file(
+            {f"vision_model.{k}": v for k, v in state.items()}, str(target / "model.safetensors")
+        )
+    ours = load_clip_vision(target, "CLIPVisionModel", torch.float32, torch.device("cpu"))
+    ref = CLIPVisionModel.from_pretrained(str(target)).eval()
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        b = ref(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

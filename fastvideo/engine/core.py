@@ -43,7 +43,7 @@ from fastvideo.wire.errors import (
 )
 from fastvideo.wire.messages import BatchResult, GenerateBatch, Progress, RequestItem
 from fastvideo.wire.spec import ModelSpec
-from fastvideo.wire.validation import batch_key, uses_cfg, validate_item
+from fastvideo.wire.validation import batch_key, check_image, uses_cfg, validate_item
 
 logger = init_logger(__name__)
 
@@ -422,7 +422,11 @@ def build_item(
     if thresh is None and param.cache in cache_config.calibrated():
         thresh = cache_config.default_thresh(param.cache)
     negative = param.negative_prompt
-    image = load_image(param.image) if param.image is not None else None
+    image = None
+    if param.image is not None:
+        if spec.image_input == "none":
+            check_image(spec, param.image)  # refuses it before reading it
+        image = load_image(param.image)
     height, width = request_size(spec, image, param.height, param.width)
     item = RequestItem(
         request_id=request_id,

@@ -3,6 +3,7 @@ form the wire carries: a uint8 [H, W, 3] RGB tensor, validated at the API bounda
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -14,10 +15,13 @@ from fastvideo.wire.validation import DefaultSize, size_for_image
 
 
 def load_image(image: Any) -> torch.Tensor:
-    """uint8 [H, W, 3] RGB from a file path, a PIL image, or a uint8 HWC array/tensor
-    (grey and RGBA are converted); TypeError/ValueError naming ``image`` otherwise."""
+    """uint8 [H, W, 3] RGB from a file path, an encoded file's bytes (PNG, JPEG, ...), a PIL
+    image, or a uint8 HWC array/tensor (grey and RGBA are converted); TypeError/ValueError
+    naming ``image`` otherwise."""
     if isinstance(image, (str, os.PathLike)):
         image = _open(image)
+    elif isinstance(image, (bytes, bytearray)):
+        image = _open(io.BytesIO(image), "the given bytes")
     if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
@@ -54,16 +58,18 @@ def request_size(
     return size_for_image(image_height, image_width, height * width, spec.pixel_multiple)
 
 
-def _open(path: str | os.PathLike) -> Any:
+def _open(source: str | os.PathLike | io.BytesIO, name: str | None = None) -> Any:
+    """A PIL image read from a path (or from ``source`` bytes, called ``name``)."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:  # pragma: no cover - Pillow is a dependency
         raise ValueError("image: reading image files needs Pillow (pip install pillow)") from None
+    what = name or repr(os.fspath(source))  # type: ignore[arg-type]
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return img.copy()
     except FileNotFoundError:
-        raise ValueError(f"image: no such file {os.fspath(path)!r}") from None
+        raise ValueError(f"image: no such file {what}") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image: cannot read {os.fspath(path)!r} as an image ({e})") from None
+        raise ValueError(f"image: cannot read {what} as an image ({e})") from None
