@@ -21,7 +21,7 @@ from typing import Protocol
 
 from fastvideo.config import PipelineConfig, SamplingParam
 from fastvideo.distributed.plan import ParallelPlan, choose_plan
-from fastvideo.engine.images import load_image
+from fastvideo.engine.images import load_image, request_size
 from fastvideo.engine.model_info import ModelInfo
 from fastvideo.engine.output import VideoOutput, check_fps, plan_output_file, release_output_file
 from fastvideo.executor.base import Executor
@@ -43,7 +43,7 @@ from fastvideo.wire.errors import (
 )
 from fastvideo.wire.messages import BatchResult, GenerateBatch, Progress, RequestItem
 from fastvideo.wire.spec import ModelSpec
-from fastvideo.wire.validation import batch_key, uses_cfg, validate_item
+from fastvideo.wire.validation import batch_key, check_image, uses_cfg, validate_item
 
 logger = init_logger(__name__)
 
@@ -435,15 +435,20 @@ def build_item(
     if thresh is None and param.cache in cache_config.calibrated():
         thresh = cache_config.default_thresh(param.cache)
     negative = param.negative_prompt
-    image = load_image(param.image) if param.image is not None else None
+    image = None
+    if param.image is not None:
+        if spec.image_input == "none":
+            check_image(spec, param.image)  # refuses it before reading it
+        image = load_image(param.image)
+    height, width = request_size(spec, image, param.height, param.width)
     item = RequestItem(
         request_id=request_id,
         prompt=prompt,  # type: ignore[arg-type] - validated below
         negative_prompt="" if negative is None else negative,
         seed=param.seed,
         guidance_scale=param.guidance_scale,
-        height=param.height,
-        width=param.width,
+        height=height,
+        width=width,
         num_frames=param.num_frames,
         num_inference_steps=param.num_inference_steps,
         output_type=param.output_type,
@@ -460,6 +465,7 @@ def build_item(
     item.guidance_scale = float(item.guidance_scale)
     item.cache_thresh = float(item.cache_thresh)
     item.true_cfg_scale = float(item.true_cfg_scale)
+    item.height, item.width = int(item.height), int(item.width)  # not DefaultSize on the wire
     if item.guidance_scale_2 is not None:
         item.guidance_scale_2 = float(item.guidance_scale_2)
     return item

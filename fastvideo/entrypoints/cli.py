@@ -95,6 +95,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
     sampling = p.add_argument_group("sampling (SamplingParam fields)")
     _add_fields(sampling, dataclasses.fields(SamplingParam), "s:")
+    sampling.add_argument(
+        "--image",
+        dest="s:image",
+        metavar="PATH",
+        help="Conditioning image file for image-to-video models (PNG, JPEG, ...); without "
+        "--height/--width the video takes the image's aspect ratio at the model's default "
+        "area.",
+    )
     sampling.add_argument("--teacache", action="store_true", help="Same as --cache teacache.")
     sampling.add_argument(
         "--teacache-thresh", type=float, help="Same as --cache-thresh; implies --teacache."

@@ -298,7 +298,9 @@ def _engine_field_error(error: Exception, body: CreateVideoRequest, job: VideoJo
         field, message = "size", f"size={body.size!r}: {message}"
     elif field == "num_frames" and body.seconds is not None:
         field, message = "seconds", f"seconds={body.seconds:g} at fps={job.fps}: {message}"
-    known = set(CreateVideoRequest.model_fields) | {"width", "height"}
+    elif field == "image" and body.image is None:  # the image came as a multipart file
+        field = "input_reference"
+    known = set(CreateVideoRequest.model_fields) | {"width", "height", "input_reference"}
     return APIError(400, message, param=field if field in known else None, code="invalid_value")
 
 

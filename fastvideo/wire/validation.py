@@ -106,6 +106,34 @@ MAX_IMAGE_SIDE = 8192
 MIN_IMAGE_SIDE = 16
 
 
+class DefaultSize(int):
+    """A height or width that is the model's default, not the caller's choice.
+
+    Image-to-video variants give their default size this way: it reads and computes as the
+    plain int, but a request with an image whose height and width are both still
+    ``DefaultSize`` takes its size from the image (``size_for_image``). Any int the caller
+    sets (``height=480``) is a plain int and is kept as given.
+    """
+
+    def __repr__(self) -> str:
+        return f"DefaultSize({int(self)})"
+
+
+def size_for_image(
+    image_height: int, image_width: int, area: int, multiple: int
+) -> tuple[int, int]:
+    """(height, width) with the image's aspect ratio and about ``area`` pixels, each side
+    rounded to the nearest pixel, then down to ``multiple`` (at least one multiple).
+
+    This is the rule of diffusers' Wan image-to-video examples: ``round(sqrt(area *
+    aspect)) // multiple * multiple`` with ``aspect = image height / image width``.
+    """
+    aspect = image_height / image_width
+    height = round(math.sqrt(area * aspect)) // multiple * multiple
+    width = round(math.sqrt(area / aspect)) // multiple * multiple
+    return max(multiple, height), max(multiple, width)
+
+
 def cfg_scale(spec: ModelSpec, item: RequestItem) -> float:
     """The classifier-free guidance scale of ``item`` (``guidance_scale`` for CFG models;
     ``true_cfg_scale`` for models with embedded guidance, and only with a negative

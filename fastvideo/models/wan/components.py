@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +48,25 @@ def load_transformer(folder: Path, env: PipelineRuntime) -> WanTransformer3D:
     if settings.compile is not None:
         model.compile_blocks(settings.compile.backend, settings.compile.mode)
     return model
+
+
+@dataclass(frozen=True)
+class LowNoiseExpert:
+    """Wan2.2 A14B's second DiT and where it takes over: timesteps below
+    ``boundary_ratio * num_train_timesteps``."""
+
+    model: WanTransformer3D
+    boundary_ratio: float
+
+
+def load_second_expert(folder: Path, env: PipelineRuntime) -> LowNoiseExpert | None:
+    """The low-noise expert, loaded and sharded like the first on every rank; None for
+    one-expert checkpoints (a transformer_2 without boundary_ratio is unused, as in
+    diffusers)."""
+    if env.spec.experts < 2:
+        return None
+    ratio = read_json(folder.parent / "model_index.json")["boundary_ratio"]
+    return LowNoiseExpert(load_transformer(folder, env), float(ratio))
 
 
 def load_vae(folder: Path, env: PipelineRuntime) -> WanVAE:

@@ -6,6 +6,7 @@ Importing this module must stay cheap (no torch): the driver reads it to validat
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastvideo.cache.calibration import MagCacheCalibration, TeaCacheCalibration
@@ -15,6 +16,12 @@ from fastvideo.models.registry import (
     config_int,
     read_json,
     register_family,
+)
+from fastvideo.models.wan.variants import (
+    fallback_variants,
+    hf_id_in_path,
+    wan21_i2v_variants,
+    wan22_variants,
 )
 from fastvideo.wire.spec import ModelSpec
 
@@ -26,13 +33,63 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
-def read_wan_spec(model_dir: Path) -> ModelSpec:
-    index = read_json(model_dir / "model_index.json")
-    if index.get("boundary_ratio") is not None or index.get("expand_timesteps"):
+# model_index.json `_class_name` values this family serves.
+T2V_CLASS = "WanPipeline"
+I2V_CLASS = "WanImageToVideoPipeline"
+
+
+def _wan22_flags(model_dir: Path, index: dict) -> tuple[float | None, bool]:
+    """(boundary_ratio, expand_timesteps) of a checkpoint, checked."""
+    where = model_dir / "model_index.json"
+    ratio = index.get("boundary_ratio")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ValueError(f"{where}: boundary_ratio must be a number in (0, 1), got {ratio!r}")
+        if not (model_dir / "transformer_2" / "config.json").is_file():
+            raise ValueError(
+                f"{where}: boundary_ratio is set but the checkpoint has no transformer_2 (the "
+                f"low-noise expert that runs below the boundary)"
+            )
+    expand = index.get("expand_timesteps", False)
+    if not isinstance(expand, bool):
+        raise ValueError(f"{where}: expand_timesteps must be true or false, got {expand!r}")
+    return ratio, expand
+
+
+def _image_input(model_dir: Path, index: dict, dit: dict, z_dim: int, in_channels: int) -> str:
+    """What the checkpoint does with an image, checked against its DiT's input channels."""
+    where = model_dir / "transformer" / "config.json"
+    if dit.get("pos_embed_seq_len") is not None:
         raise ValueError(
-            f"{model_dir}: a Wan2.2 checkpoint (boundary_ratio/expand_timesteps set); only "
-            f"Wan2.1 text-to-video is supported yet"
+            f"{where}: pos_embed_seq_len is set: a first-last-frame (FLF2V) model, which "
+            f"needs a last image; only one conditioning image is supported"
         )
+    _, expand = _wan22_flags(model_dir, index)
+    if expand:  # Wan2.2 TI2V: the image latents replace the first latent frame
+        wanted, mode = z_dim, "optional"
+    elif index.get("_class_name") == I2V_CLASS:  # mask (4) + image latents concatenated
+        wanted, mode = 2 * z_dim + 4, "required"
+    else:
+        wanted, mode = z_dim, "none"
+    if in_channels != wanted:
+        raise ValueError(
+            f"{where}: in_channels={in_channels}, but a {index.get('_class_name')} checkpoint "
+            f"{'with expand_timesteps ' if expand else ''}and a {z_dim}-channel VAE needs "
+            f"{wanted}"
+        )
+    if dit.get("image_dim") is not None:
+        for folder in ("image_encoder", "image_processor"):
+            if not (model_dir / folder).is_dir():
+                raise FileNotFoundError(
+                    f"missing component folder {model_dir / folder} (the transformer has an "
+                    f"image branch: image_dim={dit['image_dim']})"
+                )
+    return mode
+
+
+def read_wan_spec(model_dir: Path) -> ModelSpec:
+    """The ModelSpec of a Wan2.1 (T2V, I2V) or Wan2.2 (A14B T2V/I2V, TI2V-5B) checkpoint."""
+    index = read_json(model_dir / "model_index.json")
     dit_path = model_dir / "transformer" / "config.json"
     vae_path = model_dir / "vae" / "config.json"
     dit, vae = read_json(dit_path), read_json(vae_path)
@@ -42,23 +99,32 @@ def read_wan_spec(model_dir: Path) -> ModelSpec:
         raise ValueError(f"{dit_path}: patch_size must be three integers, got {patch!r}")
     patch_size = tuple(config_int(dit_path, {"p": p}, "p", 1) for p in patch)
     z_dim = config_int(vae_path, vae, "z_dim", 16)
+    in_channels = config_int(dit_path, dit, "in_channels", 16)
+    ratio, _ = _wan22_flags(model_dir, index)
     return ModelSpec(
         family="wan",
-        pipeline_class_name="WanPipeline",
+        pipeline_class_name=str(index.get("_class_name")),
         num_heads=heads,
-        in_channels=config_int(dit_path, dit, "in_channels", 16),
+        in_channels=in_channels,
         patch_size=patch_size,  # type: ignore[arg-type]
         vae_scale_spatial=config_int(vae_path, vae, "scale_factor_spatial", 8),
         vae_scale_temporal=config_int(vae_path, vae, "scale_factor_temporal", 4),
         max_positions=config_int(dit_path, dit, "rope_max_seq_len", 1024),
         hidden_size=heads * config_int(dit_path, dit, "attention_head_dim", 128),
         num_layers=config_int(dit_path, dit, "num_layers", 40),
+        image_input=_image_input(model_dir, index, dit, z_dim, in_channels),
         latent_channels=z_dim,
+        experts=1 if ratio is None else 2,
     )
 
 
 def _arch(layers: int, heads: int):
-    return lambda cfg: cfg.get("num_layers") == layers and cfg.get("num_attention_heads") == heads
+    """Recognises a Wan2.1 text-to-video checkpoint of this depth and width."""
+    return lambda cfg: (
+        cfg.get("_kind") == "t2v"
+        and cfg.get("num_layers") == layers
+        and cfg.get("num_attention_heads") == heads
+    )
 
 
 _COMMON = {
@@ -180,14 +246,71 @@ WAN_OTHER = ModelVariant(
     pipeline_defaults=dict(_PIPELINE_COMMON),
 )
 
+
+def _build_i2v_demo(folder: Path) -> Path:
+    from fastvideo.models.wan.demo_i2v import write_i2v_demo_model
+
+    return write_i2v_demo_model(folder)
+
+
+WAN21_I2V_480P, WAN21_I2V_720P, WAN_I2V_TINY_DEMO = wan21_i2v_variants(
+    WAN_NEGATIVE_PROMPT, _build_i2v_demo
+)
+WAN22_T2V_A14B, WAN22_I2V_A14B, WAN22_TI2V_5B = wan22_variants(WAN_NEGATIVE_PROMPT)
+FALLBACKS = {"t2v": WAN_OTHER, **fallback_variants(WAN_NEGATIVE_PROMPT)}
+
+
+def checkpoint_kind(model_dir: Path) -> str:
+    """'t2v', 'i2v' (Wan2.1), 't2v-a14b', 'i2v-a14b' (Wan2.2 two experts) or 'ti2v'
+    (Wan2.2 expand_timesteps), from model_index.json."""
+    index = read_json(model_dir / "model_index.json")
+    if index.get("expand_timesteps"):
+        return "ti2v"
+    kind = "i2v" if index.get("_class_name") == I2V_CLASS else "t2v"
+    return kind if index.get("boundary_ratio") is None else f"{kind}-a14b"
+
+
+@dataclass(frozen=True)
+class WanFamily(ModelFamily):
+    """The Wan family: variants are told apart by checkpoint kind first (Wan2.2 A14B's
+    experts have Wan2.1 14B's transformer config), and each kind has its own fallback."""
+
+    fallbacks: dict[str, ModelVariant] = field(default_factory=dict)
+
+    def variant_for(self, model_dir: Path) -> ModelVariant:
+        named = read_json(model_dir / "model_index.json").get("_fastvideo_variant")
+        for variant in self.variants:
+            if variant.name == named:
+                return variant
+        cached = hf_id_in_path(model_dir, self.variants)
+        if cached is not None:
+            return cached
+        kind = checkpoint_kind(model_dir)
+        transformer = model_dir / "transformer" / "config.json"
+        cfg = {**(read_json(transformer) if transformer.is_file() else {}), "_kind": kind}
+        match = next((v for v in self.variants if v.matches(cfg)), None)
+        return match or self.fallbacks.get(kind, self.fallback)
+
+
 register_family(
-    ModelFamily(
+    WanFamily(
         name="wan",
-        class_names=("WanPipeline",),
-        pipeline="fastvideo.models.wan.pipeline:WanT2VPipeline",
+        class_names=(T2V_CLASS, I2V_CLASS),
+        pipeline="fastvideo.models.wan.pipeline:WanVideoPipeline",
         read_spec=read_wan_spec,
-        variants=(WAN_1_3B, WAN_14B, WAN_TINY_DEMO),
+        variants=(
+            WAN_1_3B,
+            WAN_14B,
+            WAN_TINY_DEMO,
+            WAN21_I2V_480P,
+            WAN21_I2V_720P,
+            WAN_I2V_TINY_DEMO,
+            WAN22_T2V_A14B,
+            WAN22_I2V_A14B,
+            WAN22_TI2V_5B,
+        ),
         fallback=WAN_OTHER,
         components=("transformer", "scheduler", "text_encoder", "tokenizer", "vae"),
+        fallbacks=FALLBACKS,
     )
 )
