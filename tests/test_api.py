@@ -243,6 +243,7 @@ PIPELINE_VALUES = dict(
     torch_compile_backend="aot_eager",
     teacache=TeaCacheCalibration((1.0, 0.0), warmup_steps=2, default_thresh=0.5),
     magcache=MagCacheCalibration((1.0, 1.0, 0.9, 0.8), default_thresh=0.3, max_skip_steps=1),
+    lora=["/some/style.safetensors:0.5"],
 )
 # Every name a PipelineConfig keyword may use: top-level fields and each sub-config's own.
 PIPELINE_NAMES = (
