@@ -85,10 +85,30 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
+    info.update(_commit())
     gpus = _gpu_names()
     if gpus:
         info["gpus"], info["gpu"] = gpus, gpus[0]
     return info
+
+
+def _commit() -> dict[str, Any]:
+    """The commit measured and whether the tree was dirty (git, else FASTVIDEO_COMMIT /
+    FASTVIDEO_DIRTY, for machines the repository reaches without its .git)."""
+    import os
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip())  # fmt: skip
+        return {"commit": head, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {
+            "commit": os.environ.get("FASTVIDEO_COMMIT", "unknown"),
+            "dirty": os.environ.get("FASTVIDEO_DIRTY", "unknown"),
+        }
 
 
 def _gpu_names() -> list[str]:
