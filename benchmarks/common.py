@@ -93,11 +93,17 @@ def environment() -> dict[str, Any]:
 
 
 def _commit() -> dict[str, Any]:
-    """The commit measured and whether the tree was dirty (git, else FASTVIDEO_COMMIT /
-    FASTVIDEO_DIRTY, for machines the repository reaches without its .git)."""
+    """The commit measured and whether the tree was dirty: FASTVIDEO_COMMIT /
+    FASTVIDEO_DIRTY when set (a copied tree's own git state can be another commit's),
+    else git."""
     import os
     import subprocess
 
+    if os.environ.get("FASTVIDEO_COMMIT"):
+        return {
+            "commit": os.environ["FASTVIDEO_COMMIT"],
+            "dirty": os.environ.get("FASTVIDEO_DIRTY", "unknown"),
+        }
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()  # fmt: skip
