@@ -17,16 +17,31 @@ Multi-process tests are marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import os
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
+from safetensors.torch import load_file
+from torch import nn
 
+from fastvideo import PipelineConfig, VideoGenerator
+from fastvideo.layers.offload import (
+    GiB,
+    LayerwiseOffload,
+    OnDemand,
+    is_parked,
+    park,
+    plan_offload,
+    unpark,
+)
 from fastvideo.layers.vae_tiling import TileSizes, decode_grid, encode_grid
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
+from fastvideo.pipelines.stages.decoding import to_uint8_frames
+from tests.tiny_models import TinyWan, build_diffusers_pipeline
 
 # Non-square tiles small enough that a tiny video spans several of them in each direction.
 SIZES = TileSizes(min_height=32, min_width=48, stride_height=24, stride_width=32)
@@ -152,3 +167,242 @@ def test_tiled_decode_bf16_matches_diffusers(vae_pair):
         got = tiled.decode(z)
     assert got.dtype == expected.dtype == torch.bfloat16
     assert max_level_diff(got, expected) <= 1
+
+
+# --- offload building blocks ---------------------------------------------------------------
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16)) for _ in range(3)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_layerwise_offload_streams_blocks_and_gives_the_same_output():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+    offloaded = LayerwiseOffload.apply(copy.deepcopy(model), torch.device("cpu"))
+    state = offloaded._fastvideo_offload
+    homes = [{p.data_ptr() for p in b.parameters()} for b in offloaded.blocks]
+    seen = []
+    for i, block in enumerate(offloaded.blocks):  # what a block computes with (after the
+        block.register_forward_pre_hook(  # offload's own pre-hook made it resident)
+            lambda m, a, i=i: seen.append({p.data_ptr() for p in m.parameters()} & homes[i])
+        )
+    with torch.no_grad():
+        got = offloaded(x)
+        again = offloaded(x)
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+    assert seen == [set()] * 6  # every block ran on a copy, never on its host weights
+    # Between calls the blocks point at their host copies again; each call copied 3 blocks
+    # plus the prefetch of block 0 for the next call (the first call's block 0 was fetched
+    # on demand).
+    assert [{p.data_ptr() for p in b.parameters()} for b in offloaded.blocks] == homes
+    assert state.copies == 7
+    with torch.no_grad():  # power: the same machinery with a wrong weight shows
+        offloaded.blocks[1][0].weight.add_(1.0)
+        assert not torch.equal(offloaded(x), expected)
+
+
+def test_park_unpark_keeps_in_place_changes():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(x)
+    park(model)
+    assert is_parked(model)
+    unpark(model, torch.device("cpu"))
+    assert not is_parked(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        model.embed.bias.add_(1.0)  # e.g. a LoRA merge while on the device
+    park(model)
+    unpark(model, torch.device("cpu"))
+    with torch.no_grad():
+        assert not torch.equal(model(x), expected)  # the change survived parking
+        model.embed.bias.sub_(1.0)
+        assert torch.allclose(model(x), expected)
+
+
+def test_plan_offload_offloads_cheapest_first_until_it_fits():
+    sizes = {"transformer": 28 * GiB, "text_encoder": 11 * GiB, "vae": GiB}
+    auto = dict.fromkeys(sizes, "auto")
+    fits = plan_offload(auto, sizes, free=80 * GiB, headroom=8 * GiB, layerwise={"transformer"})
+    assert fits.whole == () and fits.layerwise == ()
+    tight = plan_offload(auto, sizes, free=40 * GiB, headroom=8 * GiB, layerwise={"transformer"})
+    assert tight.whole == ("text_encoder",) and tight.layerwise == ()
+    small = plan_offload(auto, sizes, free=24 * GiB, headroom=8 * GiB, layerwise={"transformer"})
+    assert small.whole == ("text_encoder", "vae") and small.layerwise == ("transformer",)
+    forced = plan_offload(
+        {**auto, "vae": True, "text_encoder": False}, sizes, 80 * GiB, 8 * GiB, {"transformer"}
+    )
+    assert forced.whole == ("vae",) and "vae (asked)" in forced.summary
+
+
+def test_placement_options_are_validated_before_loading(tiny_a):
+    config = PipelineConfig(num_gpus=2).update(dit_sharded_weights=True)
+    with pytest.raises(ValueError, match="parallel_mode='latency'"):
+        config.validate()
+    config.update(parallel_mode="latency").validate()
+    with pytest.raises(ValueError, match="exclude each other"):
+        PipelineConfig().update(dit_sharded_weights=True, dit_cpu_offload=True).validate()
+    with pytest.raises(ValueError, match="vae_tiling must be one of"):
+        PipelineConfig().update(vae_tiling="yes").validate()
+    with pytest.raises(ValueError, match="tile_sample_stride_width=320 exceeds"):
+        PipelineConfig().update(tile_sample_stride_width=320).validate()
+    config = PipelineConfig.from_pretrained(
+        str(tiny_a[0]), vae_tiling=True, tile_sample_min_height=128, text_encoder_cpu_offload=True
+    )
+    assert config.vae_config.vae_tiling is True
+    assert config.vae_config.tile_sizes().min_height == 128
+    assert config.offload_config.text_encoder_cpu_offload is True
+
+
+# --- through the engine --------------------------------------------------------------------
+PROMPT = "a red fox walking through a snowy forest at dawn"
+# Latents 2 x 8 x 12: 3 x 3 tiles of SIZES, with short ones at the right and bottom edges.
+RUN = dict(seed=5, num_inference_steps=2, height=64, width=96, num_frames=5)
+TILE_FIELDS = dict(
+    tile_sample_min_height=SIZES.min_height,
+    tile_sample_min_width=SIZES.min_width,
+    tile_sample_stride_height=SIZES.stride_height,
+    tile_sample_stride_width=SIZES.stride_width,
+)
+
+
+def load_vae(folder) -> WanVAE:
+    config = WanVAEConfig.from_dict(json.loads((folder / "vae" / "config.json").read_text()))
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    state = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae.eval()
+
+
+def test_offload_gives_the_same_frames(tiny_a):
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
+        expected = gen.generate_video(PROMPT, guidance_scale=5.0, **RUN)
+    offload = dict(dit_cpu_offload=True, text_encoder_cpu_offload=True, vae_cpu_offload=True)
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc", **offload) as gen:
+        got = gen.generate_video(PROMPT, guidance_scale=5.0, **RUN)
+        components = gen.executor._worker.pipeline.components
+        dit = components["transformer"]
+        blocks_home = [{p.device.type for p in b.parameters()} for b in dit.blocks]
+        text_encoder, vae = components["text_encoder"], components["vae"]
+    assert np.array_equal(got.frames, expected.frames)
+    # The offload really ran: 2 steps x 2 blocks streamed, the encoder and VAE each moved
+    # in once, everything parked again afterwards.
+    assert dit._fastvideo_offload.copies >= 4
+    assert isinstance(text_encoder, OnDemand) and text_encoder.moves == 1
+    assert isinstance(vae, OnDemand) and vae.moves == 1
+    assert is_parked(text_encoder.encoder) and is_parked(vae._component)
+    assert blocks_home == [{"cpu"}] * len(dit.blocks)
+
+
+def test_tiled_decode_through_the_engine_and_vae_offload(tiny_a):
+    """One rank, tiled decode with the VAE offloaded: the VAE moves in once for all tiles,
+    and the frames are the tiled decode of the run's latents."""
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(
+        str(folder), executor="inproc", vae_tiling=True, vae_cpu_offload=True, **TILE_FIELDS
+    ) as gen:
+        video = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+        latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **RUN)
+        vae = gen.executor._worker.pipeline.components["vae"]
+    assert video.stats["vae_tiles"] == 9 and video.stats["vae_decode_ranks"] == 1
+    assert vae.moves == 1
+    expected, whole = local_decodes(folder, latents.latents)
+    assert np.array_equal(video.frames, expected)
+    assert np.abs(video.frames.astype(int) - whole.astype(int)).max() > 1
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run with ``n`` intra-op threads, as a CPU worker of the engine does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def local_decodes(folder, latents: torch.Tensor, num_threads: int | None = None):
+    """(single-rank tiled decode, whole decode) of final latents [C, F, h, w] as uint8
+    [T, H, W, 3] frames, decoded in this process."""
+    vae = load_vae(folder)
+    tiled = copy.deepcopy(vae)
+    tiled.enable_tiling(SIZES)
+    n = num_threads or torch.get_num_threads()
+    with torch.no_grad(), threads(n):
+        z = vae.unnormalize_latents(latents[None].to(vae.dtype))
+        expected = to_uint8_frames(tiled.decode(z))[0].numpy()
+        whole = to_uint8_frames(vae.decode(z))[0].numpy()
+    return expected, whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_gpus", [2, 3])
+def test_parallel_decode_equals_single_rank_tiled_decode(tiny_a, num_gpus):
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(
+        str(folder), num_gpus=num_gpus, device="cpu", vae_tiling=True, **TILE_FIELDS
+    ) as gen:
+        video = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+        latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **RUN)
+        ready = gen.executor.ready
+    assert video.stats["vae_tiles"] == 9 and video.stats["vae_decode_ranks"] == num_gpus
+    # The workers ran one intra-op thread each (2 cores); decode here the same way.
+    expected, whole = local_decodes(folder, latents.latents, num_threads=1)
+    assert np.array_equal(video.frames, expected)
+    assert np.abs(video.frames.astype(int) - whole.astype(int)).max() > 1
+    assert all(r.host_rss_bytes > 100 << 20 for r in ready.values())  # torch alone is more
+
+
+@pytest.fixture(scope="module")
+def tiny_deep(tmp_path_factory):
+    """A tiny checkpoint with 8 blocks, so the blocks hold most of the DiT's weights."""
+    folder = tmp_path_factory.mktemp("tiny-deep")
+    build_diffusers_pipeline(TinyWan("tiny-deep", layers=8, seed=2), folder)
+    return folder
+
+
+def run_two_ranks(folder, out_dir, monkeypatch, **options):
+    monkeypatch.setenv("FASTVIDEO_WORKER_PLUGINS", "tests.plugins.param_bytes")
+    monkeypatch.setenv("FASTVIDEO_TEST_PARAM_BYTES_DIR", str(out_dir))
+    with VideoGenerator.from_pretrained(
+        str(folder), num_gpus=2, device="cpu", parallel_mode="latency", cfg_parallel=False,
+        **options,
+    ) as gen:  # fmt: skip
+        out = gen.generate_video(PROMPT, guidance_scale=5.0, output_type="latent", **RUN)
+    facts = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    return out, facts
+
+
+@pytest.mark.slow
+def test_sharded_weights_equal_unsharded_and_halve_the_blocks(tiny_deep, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain, plain_facts = run_two_ranks(tiny_deep, tmp_path / "a", monkeypatch)
+    sharded, facts = run_two_ranks(tiny_deep, tmp_path / "b", monkeypatch,
+                                   dit_sharded_weights=True)  # fmt: skip
+    assert torch.equal(sharded.latents, plain.latents)
+    assert sharded.plan == "Ulysses 2"
+    blocks = plain_facts[0]["block_bytes"]
+    for rank, (p, s) in enumerate(zip(plain_facts, facts, strict=True)):
+        # Each rank keeps half of the (padded) flat block weights, and nothing else of them.
+        assert blocks / 2 <= s["shard_bytes"] <= blocks / 2 + 8 * 64, (rank, s)
+        assert s["dit_bytes"] == p["dit_bytes"] - blocks + s["shard_bytes"], (rank, s, p)
+        assert s["dit_bytes"] < 0.6 * p["dit_bytes"], (rank, s, p)

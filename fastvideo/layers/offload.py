@@ -256,6 +256,11 @@ class OnDemand:
         setattr(self._component, name, value)
 
 
+def unwrapped(component: Any) -> Any:
+    """The component behind an :class:`OnDemand` (for calls that need no weights)."""
+    return component._component if isinstance(component, OnDemand) else component
+
+
 def resident(component: Any) -> contextlib.AbstractContextManager[None]:
     """Keep an :class:`OnDemand` component on its device for a block (no-op otherwise)."""
     return component.resident() if isinstance(component, OnDemand) else contextlib.nullcontext()

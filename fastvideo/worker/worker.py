@@ -31,6 +31,7 @@ from fastvideo.layers.offload import (
     free_memory_bytes,
     plan_offload,
     total_memory_bytes,
+    unwrapped,
 )
 from fastvideo.logger import init_logger
 from fastvideo.models.loader import DTYPES, checkpoint_files
@@ -218,7 +219,7 @@ class Worker:
             settings=pipeline_settings(self.config, spec, backend, memory),
         )
         self.pipeline = pipeline_cls.from_pretrained(self.model_dir, env, output_rank=leads)
-        vae = self.pipeline.components.get("vae")
+        vae = unwrapped(self.pipeline.components.get("vae"))
         if self.config.vae_config.vae_tiling is True and hasattr(vae, "enable_tiling"):
             vae.enable_tiling(memory.tile_sizes)  # encodes (image-to-video) tile too
         return time.perf_counter() - start
