@@ -132,8 +132,11 @@ def component_bytes(folder: Path, dtype: torch.dtype) -> int:
         return 0
     numel = 0
     for path in set(where.values()):
-        with safe_open(str(path), framework="pt") as f:
-            numel += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                numel += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        except Exception:  # missing or corrupt: the loader reports it, naming the file
+            continue
     return numel * dtype.itemsize
 
 
