@@ -20,9 +20,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
@@ -39,6 +43,7 @@ from fastvideo.layers.offload import (
     unpark,
 )
 from fastvideo.layers.vae_tiling import TileSizes, decode_grid, encode_grid
+from fastvideo.models import loader
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.stages.decoding import to_uint8_frames
 from tests.tiny_models import TinyWan, build_diffusers_pipeline
@@ -353,16 +358,24 @@ def local_decodes(folder, latents: torch.Tensor, num_threads: int | None = None)
     return expected, whole
 
 
+def _no_weights_in_the_driver(*args, **kwargs):
+    raise AssertionError("the driver process opened a safetensors file")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_gpus", [2, 3])
-def test_parallel_decode_equals_single_rank_tiled_decode(tiny_a, num_gpus):
+def test_parallel_decode_equals_single_rank_tiled_decode(tiny_a, num_gpus, monkeypatch):
     folder, _ = tiny_a
-    with VideoGenerator.from_pretrained(
-        str(folder), num_gpus=num_gpus, device="cpu", vae_tiling=True, **TILE_FIELDS
-    ) as gen:
-        video = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
-        latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **RUN)
-        ready = gen.executor.ready
+    with monkeypatch.context() as patch:
+        # The driver never reads weights: only the workers do, straight from the files.
+        for module in (safetensors, loader):
+            patch.setattr(module, "safe_open", _no_weights_in_the_driver)
+        with VideoGenerator.from_pretrained(
+            str(folder), num_gpus=num_gpus, device="cpu", vae_tiling=True, **TILE_FIELDS
+        ) as gen:
+            video = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+            latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **RUN)
+            ready = gen.executor.ready
     assert video.stats["vae_tiles"] == 9 and video.stats["vae_decode_ranks"] == num_gpus
     # The workers ran one intra-op thread each (2 cores); decode here the same way.
     expected, whole = local_decodes(folder, latents.latents, num_threads=1)
@@ -406,3 +419,43 @@ def test_sharded_weights_equal_unsharded_and_halve_the_blocks(tiny_deep, tmp_pat
         assert blocks / 2 <= s["shard_bytes"] <= blocks / 2 + 8 * 64, (rank, s)
         assert s["dit_bytes"] == p["dit_bytes"] - blocks + s["shard_bytes"], (rank, s, p)
         assert s["dit_bytes"] < 0.6 * p["dit_bytes"], (rank, s, p)
+
+
+LOAD_RSS = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from torch import nn
+    from fastvideo.models.loader import load_checkpoint
+
+    def status(key):  # kB -> bytes
+        line = next(x for x in open("/proc/self/status") if x.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    folder, n = Path(sys.argv[1]), int(sys.argv[2])
+    with torch.device("meta"):
+        module = nn.ParameterDict({f"w{i}": nn.Parameter(torch.empty(1024, 1024))
+                                  for i in range(n)})
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    load_checkpoint(module, folder, torch.device("cpu"), lambda name: torch.float32)
+    total = sum(float(p.sum()) for p in module.values())  # touch every weight
+    print(status("VmHWM") - before)
+""")
+
+
+@pytest.mark.slow
+def test_loading_holds_the_weights_once_in_host_memory(tmp_path):
+    """A worker's load reads each weight from its file once: the peak resident memory grows
+    by about the weights' size, not twice it (no staging copy beside the module's)."""
+    from safetensors.torch import save_file
+
+    n = 48  # 48 x 4 MiB = 192 MiB of fp32 weights
+    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(n)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_RSS, str(tmp_path), str(n)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    grown, weights = int(out.stdout.split()[-1]), n * 4 << 20
+    print(f"\npeak RSS grew {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights")
+    assert 0.5 * weights < grown < 1.4 * weights
