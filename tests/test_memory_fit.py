@@ -333,6 +333,22 @@ def test_tiled_decode_through_the_engine_and_vae_offload(tiny_a):
     assert np.abs(video.frames.astype(int) - whole.astype(int)).max() > 1
 
 
+def test_auto_tiling_follows_free_memory(tiny_a, monkeypatch):
+    """vae_tiling='auto' (the default) decodes whole while the estimate fits what is free,
+    and in tiles once it does not."""
+    from fastvideo.pipelines.stages import decoding
+
+    folder, _ = tiny_a
+    free = {"bytes": 1 << 50}
+    monkeypatch.setattr(decoding, "free_memory_bytes", lambda device: free["bytes"])
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc", **TILE_FIELDS) as gen:
+        roomy = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+        free["bytes"] = 1 << 20  # less than the tiny VAE's estimate (~30 MB)
+        short = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+    assert "vae_tiles" not in roomy.stats and short.stats["vae_tiles"] == 9
+    assert np.abs(short.frames.astype(int) - roomy.frames.astype(int)).max() > 1
+
+
 @contextlib.contextmanager
 def threads(n: int):
     """Run with ``n`` intra-op threads, as a CPU worker of the engine does."""

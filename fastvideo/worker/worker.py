@@ -287,8 +287,12 @@ class Worker:
             if name in sharded:  # a shard is this rank's share; sharding excludes offload
                 size //= shard_group.size if shard_group is not None else 1
                 option = False
-            # On a CPU device the host *is* the device: 'auto' never offloads there.
-            if option == "auto" and self.device.type != "cuda":
+            # On a CPU device the host *is* the device: 'auto' never offloads there; nor a
+            # compiled DiT (the offload hooks would run inside the compiled blocks).
+            compiled = self.config.compile_config.enable_torch_compile
+            if option == "auto" and (
+                self.device.type != "cuda" or (compiled and name.startswith("transformer"))
+            ):
                 option = False
             requested[name], sizes[name] = option, size
         headroom_gb = self.config.offload_config.offload_headroom_gb

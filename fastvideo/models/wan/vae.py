@@ -54,9 +54,11 @@ from fastvideo.models.wan.vae_layers import (
 
 __all__ = ["FeatureCache", "WanVAE", "WanVAEConfig"]
 
-# Live full-resolution tensors of the decoder's last level at its peak (input, norm output,
-# conv input with its cached frames, residual), a rough count for decode_memory_bytes.
-_LIVE_DECODER_TENSORS = 6
+# decode_memory_bytes counts this many full-resolution activations of the decoder's last
+# level (tensors alive at its peak, and the convolutions' workspaces). Calibrated on the
+# measured decode peaks of benchmarks/results/2026-11-27_h200_latency_exact_v3.json (480x832,
+# 81 frames: 9.33 GiB fp32, 4.67 GiB bf16; this estimate gives 9.8 and 4.9).
+_LIVE_DECODER_TENSORS = 11
 # Encoder chunk length after the lone first frame (hard-coded in the reference as well).
 ENCODE_CHUNK_FRAMES = 4
 
@@ -288,10 +290,10 @@ class WanVAE(nn.Module):
         return decode_grid(tuple(z_shape[-2:]), sizes, cfg.spatial_factor, cfg.patch)
 
     def decode_memory_bytes(self, z_shape: tuple[int, ...]) -> int:
-        """Rough peak bytes of an untiled :meth:`decode` of latents ``z_shape``: the output
-        video plus the decoder's widest full-resolution activations for one latent frame
-        (a few live tensors of ``decoder_dim * dim_mult[0]`` channels over the frames one
-        latent frame becomes, and the causal cache). Used only to decide on tiling."""
+        """Estimated peak bytes of an untiled :meth:`decode` of latents ``z_shape``: the output
+        video plus the decoder's full-resolution activations for one latent frame (tensors
+        of ``decoder_dim * dim_mult[0]`` channels over the frames one latent frame becomes
+        and the causal cache). Used only to decide on tiling (``vae_tiling='auto'``)."""
         b, _, frames, h, w = z_shape
         cfg = self.config
         s, size = cfg.spatial_factor, self.dtype.itemsize
