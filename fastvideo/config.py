@@ -297,7 +297,7 @@ class OffloadConfig:
         False,
     )
     offload_headroom_gb: float | None = _help(
-        "Memory 'auto' keeps free for activations when deciding what to offload; None: 15% "
+        "Memory 'auto' keeps free for activations when deciding what to offload; None: 15 percent "
         "of the device's memory, at least 2 GiB.",
         None,
     )
