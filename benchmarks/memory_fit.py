@@ -12,6 +12,9 @@ On one GPU, each case in its own process (clean peaks, no allocator state carrie
   with ``torch.cuda.set_per_process_memory_fraction`` (24, 48 and 80 GiB by default): a
   case that does not fit is reported as OOM.
 
+Needs torch, safetensors, psutil and msgspec (``fastvideo.distributed`` imports it; the
+lent GPU machines' image has no msgspec: carry its wheel); not diffusers.
+
     python -m benchmarks.memory_fit --out benchmarks/results/DATE_h200_memory_fit.json
     python -m benchmarks.memory_fit --parts vae --precisions bf16
     python -m benchmarks.memory_fit --parts dit --budgets 24,80 --reps 2
