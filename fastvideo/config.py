@@ -2,7 +2,8 @@
 
 ``PipelineConfig`` says how the engine loads and runs a model; it composes typed
 sub-configs (``parallel_config``, ``attention_config``, ``cache_config``,
-``compile_config``, ``vae_config``, ``engine_config``), each of which validates itself.
+``compile_config``, ``vae_config``, ``offload_config``, ``engine_config``), each of which
+validates itself.
 ``SamplingParam`` says what one video looks like. Both take per-model defaults from the
 model registry, and every field can be set by attribute or keyword: a sub-config's field
 also by its own name on the ``PipelineConfig`` (``config.attention_backend = "sta"``,
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 
 from fastvideo import envs
 from fastvideo.cache.calibration import MagCacheCalibration, TeaCacheCalibration
+from fastvideo.layers.vae_tiling import TileSizes
 from fastvideo.wire.validation import STEP_CACHES, RequestLimits, is_int, require_int
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -213,12 +215,112 @@ class CompileConfig:
 @documented
 @dataclass
 class VAEConfig:
-    """The VAE's precision."""
+    """The VAE's precision, and spatial tiling of its encode/decode (diffusers' names)."""
 
     vae_precision: str = _help("VAE weights/activations: fp32, bf16 or fp16.", "fp32")
+    vae_tiling: bool | str = _help(
+        "Encode/decode in overlapping spatial tiles blended linearly (diffusers' "
+        "enable_tiling): True, False, or 'auto' (decode tiled only when its estimated memory "
+        "exceeds what is free on the device; logged).",
+        "auto",
+    )
+    tile_sample_min_height: int = _help(
+        "Tile height in pixels (a multiple of the VAE's pixels per latent: 8, or 16 for Wan 2.2).",
+        256,
+    )
+    tile_sample_min_width: int = _help(
+        "Tile width in pixels (a multiple of the VAE's pixels per latent).", 256
+    )
+    tile_sample_stride_height: int = _help(
+        "Vertical distance between tiles in pixels (the overlap is min - stride).", 192
+    )
+    tile_sample_stride_width: int = _help(
+        "Horizontal distance between tiles in pixels (the overlap is min - stride).", 192
+    )
+    vae_parallel_decode: bool = _help(
+        "When a decode is tiled, every rank of the replica decodes a share of the tiles and "
+        "the output rank blends them (the same result as one rank). Loads the VAE on every "
+        "rank unless vae_tiling=False.",
+        True,
+    )
 
     def validate(self) -> None:
         _check_choice("vae_config.vae_precision", self.vae_precision, PRECISIONS)
+        _check_choice("vae_tiling", self.vae_tiling, (True, False, "auto"))
+        _check_bool("vae_parallel_decode", self.vae_parallel_decode)
+        # Multiples of 8 fit Wan 2.1 (8 pixels per latent); a VAE with more pixels per latent
+        # checks its own multiple when it tiles.
+        self.tile_sizes().check(multiple=8)
+
+    def tile_sizes(self) -> TileSizes:
+        """The tile sizes as the tiling code takes them."""
+        return TileSizes(
+            self.tile_sample_min_height,
+            self.tile_sample_min_width,
+            self.tile_sample_stride_height,
+            self.tile_sample_stride_width,
+        )
+
+
+OFFLOAD_CHOICES = (True, False, "auto")
+
+
+@documented
+@dataclass
+class OffloadConfig:
+    """Where weights live: resident on the device, or in (pinned) CPU memory between uses."""
+
+    dit_cpu_offload: bool | str = _help(
+        "Layerwise DiT offload: block weights stay in pinned CPU memory, the next block is "
+        "copied to the GPU while the current one computes. True, False, or 'auto' (only "
+        "when the weights would not fit the free memory; logged).",
+        "auto",
+    )
+    text_encoder_cpu_offload: bool | str = _help(
+        "Keep the text encoder(s) in CPU memory, on the device only while encoding: True, "
+        "False or 'auto'.",
+        "auto",
+    )
+    image_encoder_cpu_offload: bool | str = _help(
+        "Keep the image encoder in CPU memory, on the device only while encoding: True, "
+        "False or 'auto'.",
+        "auto",
+    )
+    vae_cpu_offload: bool | str = _help(
+        "Keep the VAE in CPU memory, on the device only while encoding/decoding: True, "
+        "False or 'auto'.",
+        "auto",
+    )
+    dit_sharded_weights: bool = _help(
+        "FSDP-style: each rank of a sequence-parallel group keeps 1/N of every DiT block's "
+        "weights and all-gathers a block just before it runs (prefetching the next). Needs "
+        "parallel_mode='latency'; not with torch.compile or dit_cpu_offload=True.",
+        False,
+    )
+    offload_headroom_gb: float | None = _help(
+        "Memory 'auto' keeps free for activations when deciding what to offload; None: 15 percent "
+        "of the device's memory, at least 2 GiB.",
+        None,
+    )
+
+    def validate(self) -> None:
+        for name in (
+            "dit_cpu_offload",
+            "text_encoder_cpu_offload",
+            "image_encoder_cpu_offload",
+            "vae_cpu_offload",
+        ):
+            _check_choice(name, getattr(self, name), OFFLOAD_CHOICES)
+        _check_bool("dit_sharded_weights", self.dit_sharded_weights)
+        headroom = self.offload_headroom_gb
+        if headroom is not None and (
+            isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or headroom < 0
+        ):
+            raise ValueError(f"offload_headroom_gb must be a number >= 0 or None, got {headroom!r}")
+        if self.dit_sharded_weights and self.dit_cpu_offload is True:
+            raise ValueError(
+                "dit_sharded_weights=True and dit_cpu_offload=True exclude each other: choose one"
+            )
 
 
 @documented
@@ -287,6 +389,7 @@ _SUBCONFIGS: dict[str, type] = {
     "cache_config": CacheConfig,
     "compile_config": CompileConfig,
     "vae_config": VAEConfig,
+    "offload_config": OffloadConfig,
     "engine_config": EngineConfig,
 }
 # A sub-config field's name -> the sub-config holding it (names are unique across them).
@@ -326,6 +429,9 @@ class PipelineConfig:
     cache_config: CacheConfig = _help("Step-cache calibrations.", default_factory=CacheConfig)
     compile_config: CompileConfig = _help("torch.compile.", default_factory=CompileConfig)
     vae_config: VAEConfig = _help("VAE settings.", default_factory=VAEConfig)
+    offload_config: OffloadConfig = _help(
+        "Weight placement: CPU offload, sharded weights.", default_factory=OffloadConfig
+    )
     engine_config: EngineConfig = _help(
         "Queueing, batching, time-outs, limits.", default_factory=EngineConfig
     )
@@ -399,6 +505,23 @@ class PipelineConfig:
         replicas = self.replicas()
         if self.num_gpus % replicas:
             raise ValueError(f"throughput_replicas={replicas} must divide num_gpus={self.num_gpus}")
+        self._validate_placement(replicas)
+
+    def _validate_placement(self, replicas: int) -> None:
+        offload = self.offload_config
+        if self.compile_config.enable_torch_compile and (
+            offload.dit_sharded_weights or offload.dit_cpu_offload is True
+        ):
+            raise ValueError(
+                "enable_torch_compile=True cannot run with dit_sharded_weights or "
+                "dit_cpu_offload=True (both swap block weights between calls): turn one off"
+            )
+        if offload.dit_sharded_weights and self.num_gpus > 1 and replicas > 1:
+            raise ValueError(
+                f"dit_sharded_weights=True shards the DiT across the ranks of one request, but "
+                f"parallel_mode={self.parallel_config.parallel_mode!r} may run {replicas} "
+                f"replicas that each need whole weights: set parallel_mode='latency'"
+            )
 
     def replicas(self) -> int:
         """Data-parallel replicas in throughput mode (1 when throughput mode is off)."""

@@ -36,10 +36,20 @@ def _parser_for(annotation: str) -> tuple[Any, bool]:
     kinds = {a.strip() for a in annotation.split("|")} - {"None"}
     if kinds == {"bool"}:
         return None, True
+    if kinds == {"bool", "str"}:  # True / False / "auto" (vae_tiling, *_cpu_offload)
+        return _bool_or_word, False
     for name, kind in (("int", int), ("float", float), ("str", str)):
         if kinds == {name}:
             return kind, False
     return None, False
+
+
+def _bool_or_word(text: str) -> bool | str:
+    """true/false spellings as a bool, any other word (e.g. 'auto') as it is."""
+    try:
+        return _bool(text)
+    except argparse.ArgumentTypeError:
+        return text
 
 
 def _bool(text: str) -> bool:

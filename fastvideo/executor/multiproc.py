@@ -229,11 +229,13 @@ class MultiprocExecutor(Executor):
                         f"during start-up"
                     )
         slowest = max(r.load_seconds for r in ready.values())
+        self.ready = dict(sorted(ready.items()))  # rank -> its WorkerReady (load facts)
         logger.info(
-            "%d worker(s) ready on %s (load %.1fs)",
+            "%d worker(s) ready on %s (load %.1fs, peak host RSS %s GiB)",
             self.world_size,
-            ", ".join(r.device for r in sorted(ready.values(), key=lambda r: r.rank)),
+            ", ".join(r.device for r in self.ready.values()),
             slowest,
+            "/".join(f"{r.host_rss_bytes / (1 << 30):.2f}" for r in self.ready.values()),
         )
 
     # --- batches -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ callable), never a family's classes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -19,9 +20,12 @@ from typing import Any, Protocol
 import torch
 
 from fastvideo.cache.base import StepCache
-from fastvideo.distributed.runtime import ParallelRuntime
+from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.kernels_bridge.sta import STAConfig
+from fastvideo.layers.offload import HOST, LayerwiseOffload, OnDemand
 from fastvideo.layers.sequence import SequenceShard, TokenGrid
+from fastvideo.layers.sharded import ShardedBlocks
+from fastvideo.layers.vae_tiling import TileSizes
 from fastvideo.logger import init_logger
 from fastvideo.wire.messages import RequestItem
 from fastvideo.wire.spec import ModelSpec
@@ -128,6 +132,30 @@ class CompileSettings:
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    """Where this rank keeps each component's weights and how it decodes (resolved on the
+    worker from ``vae_config`` and ``offload_config``)."""
+
+    vae_tiling: bool | str = False  # True, False or "auto" (tile when memory is short)
+    tile_sizes: TileSizes = field(default_factory=TileSizes)
+    vae_parallel_decode: bool = False  # a tiled decode is split across the replica's ranks
+    # Output-rank components every rank loads too (the VAE, for parallel decode).
+    every_rank_components: tuple[str, ...] = ()
+    host_components: tuple[str, ...] = ()  # in host memory, on the device only while used
+    layerwise_components: tuple[str, ...] = ()  # DiTs streamed to the device block by block
+    sharded_components: tuple[str, ...] = ()  # DiTs whose blocks are sharded over shard_group
+    shard_group: GroupView | None = None
+
+    def loads_on_host(self, name: str) -> bool:
+        """Whether ``name`` is read into host memory (then placed) rather than the device."""
+        return name in (
+            *self.host_components,
+            *self.layerwise_components,
+            *(self.sharded_components if self.shard_group is not None else ()),
+        )
+
+
+@dataclass(frozen=True)
 class PipelineSettings:
     """The engine options the pipelines and loaders use (typed, from PipelineConfig)."""
 
@@ -138,6 +166,7 @@ class PipelineSettings:
     compile: CompileSettings | None = None
     caches: dict[str, object] = field(default_factory=dict)  # cache name -> calibration
     limits: RequestLimits = field(default_factory=RequestLimits)
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
 
 @dataclass(frozen=True)
@@ -178,6 +207,19 @@ class RanksOutOfStepError(RuntimeError):
 ComponentLoader = Callable[[Path, PipelineRuntime], Any]
 
 
+def place_component(name: str, component: Any, env: PipelineRuntime) -> Any:
+    """Put a loaded component where ``env.settings.memory`` wants it: streamed block by
+    block, sharded across ranks, parked in host memory between uses, or as loaded."""
+    memory = env.settings.memory
+    if name in memory.layerwise_components:
+        return LayerwiseOffload.apply(component, env.device)
+    if name in memory.sharded_components and memory.shard_group is not None:
+        return ShardedBlocks.apply(component, env.device, memory.shard_group)
+    if name in memory.host_components:
+        return OnDemand(component, env.device)
+    return component
+
+
 class ComposedPipelineBase(ABC):
     """Loads the components this rank needs and runs the stages.
 
@@ -197,13 +239,21 @@ class ComposedPipelineBase(ABC):
     def from_pretrained(
         cls, model_dir: Path, env: PipelineRuntime, output_rank: bool = True
     ) -> ComposedPipelineBase:
-        """Load the components; ``output_rank`` ones only where this rank may lead a replica."""
+        """Load the components; ``output_rank`` ones only where this rank may lead a replica
+        (or everywhere, when ``settings.memory`` says so). Offloaded and sharded components
+        are read into host memory and then placed (:func:`place_component`)."""
+        memory = env.settings.memory
         components = {}
         for name, loader in cls.component_loaders.items():
-            if name in cls.output_rank_components and not output_rank:
+            if (
+                name in cls.output_rank_components
+                and not output_rank
+                and name not in memory.every_rank_components
+            ):
                 continue
             start = time.perf_counter()
-            components[name] = loader(model_dir / name, env)
+            load_env = dataclasses.replace(env, device=HOST) if memory.loads_on_host(name) else env
+            components[name] = place_component(name, loader(model_dir / name, load_env), env)
             logger.debug("loaded %s in %.2fs", name, time.perf_counter() - start)
         return cls(components, env)
 

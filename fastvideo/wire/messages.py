@@ -82,8 +82,9 @@ class WorkerReady(msgspec.Struct, tag="ready", **_OPTS):
     pid: int
     device: str
     load_seconds: float
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # GPU memory allocated after loading (0 on CPU workers)
     token: str = ""
+    host_rss_bytes: int = 0  # peak resident host memory of the worker process at load
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", **_OPTS):

@@ -189,7 +189,17 @@ class _WorkerLoop:
         except BaseException as e:  # report anything, including import errors
             self.send(WorkerFailure(None, a.rank, type(e).__name__, str(e), traceback.format_exc()))
             return False
-        self.send(WorkerReady(a.rank, os.getpid(), a.device, seconds, self.worker.memory_bytes()))
+        worker = self.worker
+        self.send(
+            WorkerReady(
+                a.rank,
+                os.getpid(),
+                a.device,
+                seconds,
+                worker.memory_bytes(),
+                host_rss_bytes=worker.host_rss_bytes(),
+            )
+        )
         return True
 
     # --- serving -----------------------------------------------------------------------

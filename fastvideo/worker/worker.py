@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -20,17 +22,26 @@ import torch.distributed as dist
 
 from fastvideo import envs
 from fastvideo.config import PipelineConfig
-from fastvideo.distributed.plan import candidate_plans
+from fastvideo.distributed.plan import ParallelPlan, candidate_plans
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.kernels_bridge import attention as attention_bridge
 from fastvideo.kernels_bridge.sta import STAConfig
+from fastvideo.layers.offload import (
+    OffloadPlan,
+    free_memory_bytes,
+    plan_offload,
+    total_memory_bytes,
+    unwrapped,
+)
 from fastvideo.logger import init_logger
-from fastvideo.models.loader import DTYPES
+from fastvideo.models.loader import DTYPES, checkpoint_files
 from fastvideo.models.lora import LoraManager, parse_lora_arg
 from fastvideo.models.registry import family_for_dir
 from fastvideo.pipelines.base import (
     CompileSettings,
+    ComposedPipelineBase,
     ForwardBatch,
+    MemorySettings,
     PipelineRuntime,
     PipelineSettings,
     StepControl,
@@ -74,8 +85,14 @@ def component_dtypes(config: PipelineConfig, device: torch.device) -> dict[str, 
     }
 
 
-def pipeline_settings(config: PipelineConfig, spec: ModelSpec, backend: str) -> PipelineSettings:
-    """The typed settings the pipelines read, from the engine's config."""
+def pipeline_settings(
+    config: PipelineConfig,
+    spec: ModelSpec,
+    backend: str,
+    memory: MemorySettings | None = None,
+) -> PipelineSettings:
+    """The typed settings the pipelines read, from the engine's config (``memory``: this
+    rank's placement, see :meth:`Worker.memory_settings`)."""
     compile_cfg = config.compile_config
     caches = {n: getattr(config.cache_config, n) for n in config.cache_config.calibrated()}
     return PipelineSettings(
@@ -88,7 +105,46 @@ def pipeline_settings(config: PipelineConfig, spec: ModelSpec, backend: str) -> 
         else None,
         caches=caches,
         limits=config.engine_config.limits(),
+        memory=memory or MemorySettings(),
     )
+
+
+def offload_option(name: str, config: PipelineConfig) -> bool | str | None:
+    """The offload field that governs component ``name`` (None: not a weight component)."""
+    offload = config.offload_config
+    if name.startswith("transformer"):
+        return offload.dit_cpu_offload
+    if name.startswith("text_encoder"):
+        return offload.text_encoder_cpu_offload
+    if name.startswith("image_encoder"):
+        return offload.image_encoder_cpu_offload
+    if name == "vae":
+        return offload.vae_cpu_offload
+    return None
+
+
+def component_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes of a component's weights at ``dtype``, from its safetensors headers alone."""
+    from safetensors import safe_open
+
+    try:
+        where = checkpoint_files(folder)
+    except Exception:  # no weights here (a scheduler or tokenizer folder)
+        return 0
+    numel = 0
+    for path in set(where.values()):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                numel += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        except Exception:  # missing or corrupt: the loader reports it, naming the file
+            continue
+    return numel * dtype.itemsize
+
+
+def component_dtype(name: str, dtypes: dict[str, torch.dtype]) -> torch.dtype:
+    if name.startswith("transformer"):
+        return dtypes["transformer"]
+    return dtypes["vae"] if name == "vae" else dtypes["text_encoder"]
 
 
 class Worker:
@@ -149,13 +205,6 @@ class Worker:
         backend = attention_bridge.resolve_backend(
             self.config.attention_config.resolved_backend(), self.device, dtypes["transformer"]
         )
-        env = PipelineRuntime(
-            runtime=self.runtime,
-            device=self.device,
-            spec=spec,
-            dtypes=dtypes,
-            settings=pipeline_settings(self.config, spec, backend),
-        )
         plans = candidate_plans(
             self.world_size,
             spec.num_heads,
@@ -166,10 +215,21 @@ class Worker:
         # Text encoder and VAE only where this rank can lead a replica (rank 0 always).
         leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
         pipeline_cls = family.pipeline_class()
+        memory = self.memory_settings(plans, leads, pipeline_cls, dtypes, spec.num_layers)
+        env = PipelineRuntime(
+            runtime=self.runtime,
+            device=self.device,
+            spec=spec,
+            dtypes=dtypes,
+            settings=pipeline_settings(self.config, spec, backend, memory),
+        )
         self.pipeline = pipeline_cls.from_pretrained(self.model_dir, env, output_rank=leads)
         for spec in self.config.lora:
             path, scale = parse_lora_arg(spec)
             self.control("lora_load", {"path": path, "scale": scale, "name": None})
+        vae = unwrapped(self.pipeline.components.get("vae"))
+        if self.config.vae_config.vae_tiling is True and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling(memory.tile_sizes)  # encodes (image-to-video) tile too
         return time.perf_counter() - start
 
     def control(self, op: str, args: dict) -> dict[str, float]:
@@ -199,9 +259,116 @@ class Worker:
         raise ValueError(f"unknown control op {op!r}")
 
     def _lora_manager(self, component: str) -> LoraManager:
+        if self.config.offload_config.dit_sharded_weights:
+            raise ValueError("LoRAs cannot be merged into sharded DiT weights")
         if component not in self.loras:
-            self.loras[component] = LoraManager(self.pipeline.components[component])
+            self.loras[component] = LoraManager(unwrapped(self.pipeline.components[component]))
         return self.loras[component]
+
+    # --- placement -----------------------------------------------------------------------
+    def memory_settings(
+        self,
+        plans: list[ParallelPlan],
+        leads: bool,
+        pipeline_cls: type[ComposedPipelineBase],
+        dtypes: dict[str, torch.dtype],
+        num_layers: int,
+    ) -> MemorySettings:
+        """This rank's placement: which components it loads, what is offloaded or sharded,
+        and how the VAE decodes. Collective (creates the shard groups) when sharding."""
+        vae_cfg = self.config.vae_config
+        loaders, output_only = pipeline_cls.component_loaders, pipeline_cls.output_rank_components
+        # Parallel decode needs the VAE on every rank of a replica; worth it only where a
+        # replica has several ranks and tiling may happen.
+        parallel = (
+            vae_cfg.vae_parallel_decode
+            and vae_cfg.vae_tiling is not False
+            and "vae" in loaders
+            and max(p.replica_size for p in plans) > 1
+        )
+        every = ("vae",) if parallel and "vae" in output_only else ()
+        mine = [n for n in loaders if n not in output_only or leads or n in every]
+        shard_group = None
+        if self.config.offload_config.dit_sharded_weights:
+            shard_group = self._shard_group(plans)
+        sharded = tuple(n for n in mine if n.startswith("transformer")) if shard_group else ()
+        offload = self._plan_offload(mine, sharded, shard_group, dtypes, num_layers)
+        return MemorySettings(
+            vae_tiling=vae_cfg.vae_tiling,
+            tile_sizes=vae_cfg.tile_sizes(),
+            vae_parallel_decode=parallel,
+            every_rank_components=every,
+            host_components=offload.whole,
+            layerwise_components=offload.layerwise,
+            sharded_components=sharded,
+            shard_group=shard_group,
+        )
+
+    def _plan_offload(
+        self,
+        names: list[str],
+        sharded: tuple[str, ...],
+        shard_group: GroupView | None,
+        dtypes: dict[str, torch.dtype],
+        num_layers: int,
+    ) -> OffloadPlan:
+        """Offload choices from the options, the weights' sizes and the free memory."""
+        requested: dict[str, bool | str] = {}
+        sizes: dict[str, int] = {}
+        for name in names:
+            option = offload_option(name, self.config)
+            if option is None:
+                continue
+            size = component_bytes(self.model_dir / name, component_dtype(name, dtypes))
+            if not size:
+                continue
+            if name in sharded:  # a shard is this rank's share; sharding excludes offload
+                size //= shard_group.size if shard_group is not None else 1
+                option = False
+            # On a CPU device the host *is* the device: 'auto' never offloads there; nor a
+            # compiled DiT (the offload hooks would run inside the compiled blocks).
+            compiled = self.config.compile_config.enable_torch_compile
+            if option == "auto" and (
+                self.device.type != "cuda" or (compiled and name.startswith("transformer"))
+            ):
+                option = False
+            requested[name], sizes[name] = option, size
+        headroom_gb = self.config.offload_config.offload_headroom_gb
+        total = total_memory_bytes(self.device)
+        headroom = (
+            int(headroom_gb * (1 << 30)) if headroom_gb is not None else max(2 << 30, total // 7)
+        )
+        layerwise = {n for n in sizes if n.startswith("transformer")}
+        # A layerwise-offloaded DiT keeps two blocks and its non-block weights resident.
+        plan = plan_offload(
+            requested, sizes, free_memory_bytes(self.device), headroom, layerwise,
+            resident_fraction=min(1.0, 2 / max(1, num_layers) + 0.05),
+        )  # fmt: skip
+        logger.info("rank %d memory plan: %s", self.rank, plan.summary)
+        return plan
+
+    def _shard_group(self, plans: list[ParallelPlan]) -> GroupView | None:
+        """The ranks that share one copy of the DiT blocks: the largest groups of
+        consecutive ranks inside one sequence-parallel group in every plan. Collective."""
+        if self.world_size == 1:
+            return None
+        size = math.gcd(*(p.sp_degree for p in plans))
+        if size == 1:
+            described = ", ".join(p.describe() for p in plans)
+            raise ValueError(
+                f"dit_sharded_weights=True needs ranks that run the same sequence in every "
+                f"plan, but with num_gpus={self.world_size} the plans are {described} (CFG-"
+                f"parallel gives each rank a whole sequence): set cfg_parallel=False"
+            )
+        mine = None
+        for start in range(0, self.world_size, size):
+            ranks = list(range(start, start + size))
+            group = dist.new_group(ranks)  # every rank creates every group, in this order
+            if self.rank in ranks:
+                mine = GroupView(group, tuple(ranks), ranks.index(self.rank))
+        assert mine is not None
+        logger.info("rank %d: DiT blocks sharded across ranks %s", self.rank, mine.ranks)
+        return mine
 
     def execute(self, msg: GenerateBatch, control: StepControl) -> BatchResult | None:
         """Run one batch on this rank; its replica's leader returns the result."""
@@ -256,6 +423,12 @@ class Worker:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         return 0
+
+    @staticmethod
+    def host_rss_bytes() -> int:
+        """Peak resident host memory of this process so far (at load: the weights read,
+        plus the runtime)."""
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -28,6 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvideo.layers.vae_tiling import (
+    TileGrid,
+    TileSizes,
+    decode_grid,
+    encode_grid,
+    run_tiles,
+)
 from fastvideo.models.wan.vae22 import (
     patchify_space,
     residual_down_blocks,
@@ -47,6 +54,11 @@ from fastvideo.models.wan.vae_layers import (
 
 __all__ = ["FeatureCache", "WanVAE", "WanVAEConfig"]
 
+# decode_memory_bytes counts this many full-resolution activations of the decoder's last
+# level (tensors alive at its peak, and the convolutions' workspaces). Calibrated on the
+# measured decode peaks of benchmarks/results/2026-11-27_h200_latency_exact_v3.json (480x832,
+# 81 frames: 9.33 GiB fp32, 4.67 GiB bf16; this estimate gives 9.8 and 4.9).
+_LIVE_DECODER_TENSORS = 11
 # Encoder chunk length after the lone first frame (hard-coded in the reference as well).
 ENCODE_CHUNK_FRAMES = 4
 
@@ -251,6 +263,7 @@ class WanVAE(nn.Module):
         self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
+        self.tiling: TileSizes | None = None  # set by enable_tiling()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,11 +273,50 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Video x [B, C, 1 + 4k, H, W] in [-1, 1] (C = in_channels / patch_size**2, i.e. RGB)
-        -> posterior moments [B, 2 * z_dim, 1 + k, H/s, W/s] with s = ``spatial_factor``
-        (8, or 16 for Wan 2.2): channels [:z_dim] are the mean, [z_dim:] the log-var.
-        """
+    # --- spatial tiling (diffusers' enable_tiling): see fastvideo.layers.vae_tiling -----
+    def enable_tiling(self, sizes: TileSizes | None = None) -> None:
+        """Encode and decode large inputs tile by tile (diffusers' default sizes unless
+        given); inputs that fit one tile are not tiled."""
+        sizes = sizes or TileSizes()
+        sizes.check(self.config.spatial_factor)
+        self.tiling = sizes
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    def decode_grid(self, z_shape: tuple[int, ...], sizes: TileSizes) -> TileGrid | None:
+        """Tiles of decoding latents of ``z_shape`` [B, z_dim, T', h, w] (None: one tile)."""
+        cfg = self.config
+        return decode_grid(tuple(z_shape[-2:]), sizes, cfg.spatial_factor, cfg.patch)
+
+    def decode_memory_bytes(self, z_shape: tuple[int, ...]) -> int:
+        """Estimated peak bytes of an untiled :meth:`decode` of latents ``z_shape``: the output
+        video plus the decoder's full-resolution activations for one latent frame (tensors
+        of ``decoder_dim * dim_mult[0]`` channels over the frames one latent frame becomes
+        and the causal cache). Used only to decide on tiling (``vae_tiling='auto'``)."""
+        b, _, frames, h, w = z_shape
+        cfg = self.config
+        s, size = cfg.spatial_factor, self.dtype.itemsize
+        per_frame = 2 ** sum(cfg.temperal_downsample)
+        video = b * 3 * (1 + (frames - 1) * per_frame) * h * s * w * s * size
+        width = cfg.decoder_dim * cfg.dim_mult[0]
+        activations = _LIVE_DECODER_TENSORS * b * width * (per_frame + 2) * h * s * w * s * size
+        return video + activations
+
+    def decode_tile(self, z: Tensor) -> Tensor:
+        """One spatial tile of latents [B, z_dim, T', h, w] -> [B, out_channels, T, s/p*h,
+        s/p*w]: still folded by the patch (``p``) and not clamped, as the reference blends
+        tiles (see :meth:`finish_decode`)."""
+        return self._decode_frames(z, unfold=False)
+
+    def finish_decode(self, x: Tensor) -> Tensor:
+        """Blended tiles (as :meth:`decode_tile` returns) -> the video, clamped to [-1, 1]."""
+        if self.config.patch > 1:
+            x = unpatchify_space(x, self.config.patch)
+        return x.clamp_(-1.0, 1.0)
+
+    def prepare_encode(self, x: Tensor) -> Tensor:
+        """Check a video [B, C, 1 + 4k, H, W] and fold it by the patch: the encoder's input."""
         if x.ndim != 5 or (x.shape[2] - 1) % ENCODE_CHUNK_FRAMES != 0:
             raise ValueError(
                 f"encode expects [B, C, 1 + {ENCODE_CHUNK_FRAMES}k, H, W], got {tuple(x.shape)}"
@@ -273,8 +325,10 @@ class WanVAE(nn.Module):
         if x.shape[3] % p or x.shape[4] % p:
             raise ValueError(f"encode: H and W must be multiples of patch_size {p}")
         x = x.to(self.dtype)
-        if p > 1:
-            x = patchify_space(x, p)
+        return patchify_space(x, p) if p > 1 else x
+
+    def encode_tile(self, x: Tensor) -> Tensor:
+        """Folded video (or one spatial tile of it) -> posterior moments, chunk by chunk."""
         cache = FeatureCache()
         # Not x[:, :, 1:].split(...): splitting an empty dim still yields one (empty) chunk.
         starts = range(1, x.shape[2], ENCODE_CHUNK_FRAMES)
@@ -282,20 +336,51 @@ class WanVAE(nn.Module):
         out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
         return self.quant_conv(out)
 
+    def encode(self, x: Tensor) -> Tensor:
+        """Video x [B, C, 1 + 4k, H, W] in [-1, 1] (C = in_channels / patch_size**2, i.e. RGB)
+        -> posterior moments [B, 2 * z_dim, 1 + k, H/s, W/s] with s = ``spatial_factor``
+        (8, or 16 for Wan 2.2): channels [:z_dim] are the mean, [z_dim:] the log-var.
+        Tiled when :meth:`enable_tiling` was called and x exceeds one tile.
+        """
+        folded = self.prepare_encode(x)
+        cfg = self.config
+        grid = None
+        if self.tiling is not None:
+            grid = encode_grid(tuple(x.shape[-2:]), self.tiling, cfg.spatial_factor, cfg.patch)
+        if grid is None:
+            return self.encode_tile(folded)
+        out = run_tiles(folded, grid, self.encode_tile)
+        assert out is not None
+        return out
+
     def decode(self, z: Tensor) -> Tensor:
         """Un-normalised latents z [B, z_dim, T', h, w] -> video [B, C, 1 + 4(T' - 1), s*h,
         s*w] (C = out_channels / patch_size**2, s = ``spatial_factor``), clamped to [-1, 1].
-        Decodes one latent frame at a time (each unpatchified on its own: a pure relayout).
+        Decodes one latent frame at a time (each unpatchified on its own: a pure relayout);
+        tile by tile when :meth:`enable_tiling` was called and z exceeds one tile.
         """
+        self._check_latents(z)
+        grid = None if self.tiling is None else self.decode_grid(tuple(z.shape), self.tiling)
+        if grid is not None:
+            out = run_tiles(z, grid, self.decode_tile)
+            assert out is not None
+            return self.finish_decode(out)
+        return self._decode_frames(z, unfold=True).clamp_(-1.0, 1.0)
+
+    def _check_latents(self, z: Tensor) -> None:
         if z.ndim != 5 or z.shape[1] != self.z_dim:
             raise ValueError(f"decode expects [B, {self.z_dim}, T, h, w], got {tuple(z.shape)}")
+
+    def _decode_frames(self, z: Tensor, unfold: bool) -> Tensor:
+        """Latents -> the decoder's output frames, unfolded by the patch when ``unfold``."""
+        self._check_latents(z)
         x = self.post_quant_conv(z.to(self.dtype))
         cache = FeatureCache()
         out = None
         written = 0
         for i in range(x.shape[2]):
             frames = self.decoder(x[:, :, i : i + 1], cache)
-            if self.config.patch > 1:
+            if unfold and self.config.patch > 1:
                 frames = unpatchify_space(frames, self.config.patch)
             if out is None:  # latent frame 0 decodes to 1 frame, every later one to 2**k
                 per_frame = 2 ** sum(self.config.temperal_downsample)
@@ -305,7 +390,7 @@ class WanVAE(nn.Module):
             written += frames.shape[2]
             del frames
         assert out is not None and written == out.shape[2]
-        return out.clamp_(-1.0, 1.0)
+        return out
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """Config latents_mean / latents_std as [1, z_dim, 1, 1, 1] in ``like``'s dtype/device."""

@@ -1,5 +1,10 @@
-"""Gather the latent shards once, after the last step, and decode them on the output rank
-into uint8 frames."""
+"""Gather the latent shards once, after the last step, and decode them into uint8 frames.
+
+The decode runs on the output rank, whole or in spatial tiles (``vae_tiling``: always, never,
+or when the estimated memory of a whole decode exceeds what is free). A tiled decode can be
+split across the ranks of the replica (``vae_parallel_decode``): each decodes its share of
+the tiles and the output rank blends them, which gives exactly the one-rank result.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,13 @@ from typing import Protocol
 
 import torch
 
+from fastvideo.layers.offload import GiB, free_memory_bytes, resident
 from fastvideo.layers.sequence import unpatchify
+from fastvideo.layers.vae_tiling import TileGrid, TileSizes, run_tiles
+from fastvideo.logger import init_logger
 from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStage, StepControl
+
+logger = init_logger(__name__)
 
 
 class VideoDecoder(Protocol):
@@ -23,18 +33,44 @@ class VideoDecoder(Protocol):
         ...
 
 
+class TiledVideoDecoder(VideoDecoder, Protocol):
+    """A VAE that can decode spatial tiles (see ``fastvideo.layers.vae_tiling``)."""
+
+    def decode_grid(self, z_shape: tuple[int, ...], sizes: TileSizes) -> TileGrid | None:
+        """The tiles of decoding latents of this shape (None: it fits one tile)."""
+        ...
+
+    def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        """A tile of latents -> its decoded output, in the space tiles are blended in."""
+        ...
+
+    def finish_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Blended tiles -> [B, 3, T, H', W'] video in [-1, 1]."""
+        ...
+
+    def decode_memory_bytes(self, z_shape: tuple[int, ...]) -> int:
+        """Estimated peak bytes of an untiled decode."""
+        ...
+
+
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] (rounded to nearest)."""
     x = (video.float() / 2 + 0.5).clamp(0, 1)
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
 
 
+def can_tile(vae: object) -> bool:
+    return all(hasattr(vae, n) for n in ("decode_grid", "decode_tile", "finish_decode"))
+
+
 class DecodingStage(PipelineStage):
     name = "decoding"
 
     def __init__(self, vae: VideoDecoder | None, env: PipelineRuntime):
-        self.vae = vae  # None on ranks that never lead a replica
+        self.vae = vae  # None on ranks that never lead a replica (without parallel decode)
         self.env = env
+        memory = env.settings.memory
+        self.parallel = memory.vae_parallel_decode and vae is not None and can_tile(vae)
 
     def __call__(self, batch: ForwardBatch, control: StepControl) -> ForwardBatch:
         assert batch.latents is not None and batch.grid is not None
@@ -43,13 +79,63 @@ class DecodingStage(PipelineStage):
         runtime = self.env.runtime
         tokens = runtime.all_gather(runtime.groups.sp, batch.latents, dim=1)
         tokens = tokens[:, : batch.grid.num_tokens]
-        if not self.env.is_output_rank:
+        output_rank = self.env.is_output_rank
+        # Latent output and single-rank decodes need only the output rank from here on.
+        latent_only = batch.first.output_type == "latent"
+        parallel = self.parallel and runtime.groups.replica.size > 1 and not latent_only
+        if not output_rank and not parallel:
             return batch
         latents = unpatchify(tokens, batch.grid, self.env.spec.patch_size)
-        batch.output_latents = latents
-        if batch.first.output_type == "latent":
+        if output_rank:
+            batch.output_latents = latents
+        if latent_only:
             return batch
         assert self.vae is not None, "the output rank loads the VAE"
-        z = self.vae.unnormalize_latents(latents.to(self.vae.dtype))
-        batch.frames = to_uint8_frames(self.vae.decode(z))
+        with resident(self.vae):
+            z = self.vae.unnormalize_latents(latents.to(self.vae.dtype))
+            video = self._decode(z, batch, parallel)
+        if output_rank:
+            assert video is not None
+            batch.frames = to_uint8_frames(video)
         return batch
+
+    def _decode(self, z: torch.Tensor, batch: ForwardBatch, parallel: bool) -> torch.Tensor | None:
+        """The video on the output rank (None on the others, which only decode tiles)."""
+        vae = self.vae
+        assert vae is not None
+        grid = self._tile_grid(z, parallel)
+        if grid is None:
+            return vae.decode(z) if self.env.is_output_rank else None
+        group = self.env.runtime.groups.replica if parallel else None
+        batch.stats["vae_tiles"] = float(len(grid))
+        batch.stats["vae_decode_ranks"] = float(group.size if group is not None else 1)
+        blended = run_tiles(z, grid, vae.decode_tile, group)  # type: ignore[union-attr]
+        return None if blended is None else vae.finish_decode(blended)  # type: ignore[union-attr]
+
+    def _tile_grid(self, z: torch.Tensor, parallel: bool) -> TileGrid | None:
+        """The tiles to decode in, or None for a whole decode. Under parallel decode every
+        rank of the replica takes the same decision (tiled if any rank is short)."""
+        memory = self.env.settings.memory
+        vae = self.vae
+        if memory.vae_tiling is False or not can_tile(vae):
+            return None
+        grid = vae.decode_grid(tuple(z.shape), memory.tile_sizes)  # type: ignore[union-attr]
+        if grid is None or memory.vae_tiling is True:
+            return grid
+        need = vae.decode_memory_bytes(tuple(z.shape))  # type: ignore[union-attr]
+        free = free_memory_bytes(z.device)
+        short = torch.tensor([float(need > free)])
+        if parallel:
+            replica = self.env.runtime.groups.replica
+            flag = short.to(self.env.device)
+            short = self.env.runtime.all_reduce_max_(replica, flag).cpu()
+        if not short.item():
+            return None
+        logger.info(
+            "decode of latents %s needs ~%.2f GiB, %.2f GiB free: decoding in %d tiles",
+            tuple(z.shape),
+            need / GiB,
+            free / GiB,
+            len(grid),
+        )
+        return grid

@@ -1,0 +1,496 @@
+"""Fitting models and resolutions in memory: VAE tiling, parallel decode, CPU offload,
+sharded DiT weights, and what the workers report about host memory.
+
+* Tiled encode/decode against diffusers' ``AutoencoderKLWan.enable_tiling()`` with the same
+  (small, non-square) tiles, on tiny VAEs (Wan 2.1, and Wan 2.2 with its 2x2 patch), so
+  that several tiles, overlaps and short edge tiles occur. Decoded frames must agree within
+  one uint8 level, latents within a tight relative error.
+* Parallel decode through the engine on 2 and 3 CPU workers: bitwise the frames of the
+  same engine decoding every tile on the output rank.
+* Offload (layerwise DiT, text encoder, VAE, park/unpark) gives the very same frames as
+  resident weights, with the copy logic running host -> host on CPU.
+* Sharded weights under 2-rank Ulysses (gloo): latents equal the unsharded run and every
+  rank holds about half of the block weights.
+
+Multi-process tests are marked slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import safetensors
+import torch
+from diffusers import AutoencoderKLWan
+from safetensors.torch import load_file
+from torch import nn
+
+from fastvideo import PipelineConfig, VideoGenerator
+from fastvideo.layers.offload import (
+    GiB,
+    LayerwiseOffload,
+    OnDemand,
+    is_parked,
+    park,
+    plan_offload,
+    unpark,
+)
+from fastvideo.layers.vae_tiling import TileSizes, decode_grid, encode_grid
+from fastvideo.models import loader
+from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
+from fastvideo.pipelines.stages.decoding import to_uint8_frames
+from tests.tiny_models import TinyWan, build_diffusers_pipeline
+
+# Non-square tiles small enough that a tiny video spans several of them in each direction.
+SIZES = TileSizes(min_height=32, min_width=48, stride_height=24, stride_width=32)
+# Wan 2.2 has 16 pixels per latent: sizes must be multiples of 16.
+SIZES22 = TileSizes(min_height=32, min_width=64, stride_height=16, stride_width=32)
+
+TINY_VAE21 = dict(
+    base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+)  # fmt: skip
+TINY_VAE22 = dict(
+    base_dim=4, decoder_base_dim=6, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+    temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+    out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 8,
+    latents_std=[1.0] * 8,
+)  # fmt: skip
+
+
+def uint8(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> uint8 levels, as the engine rounds them."""
+    return ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.int16)
+
+
+def max_level_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int((uint8(a) - uint8(b)).abs().max())
+
+
+@pytest.fixture(scope="module", params=["wan21", "wan22"])
+def vae_pair(request) -> tuple[AutoencoderKLWan, WanVAE]:
+    torch.manual_seed(0)
+    cfg = TINY_VAE21 if request.param == "wan21" else TINY_VAE22
+    ref = AutoencoderKLWan(**cfg).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith("gamma"):  # ones at init: randomise so a swapped norm shows
+                param.add_(0.2 * torch.randn_like(param))
+    with torch.device("meta"):
+        ours = WanVAE(WanVAEConfig.from_dict(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ref, ours.eval()
+
+
+def tiled_pair(ref: AutoencoderKLWan, ours: WanVAE) -> tuple[AutoencoderKLWan, WanVAE]:
+    """Copies of both with tiling on, at the same tile sizes."""
+    sizes = SIZES if ours.config.spatial_factor == 8 else SIZES22
+    ref_tiled, ours_tiled = copy.deepcopy(ref), copy.deepcopy(ours)
+    ref_tiled.enable_tiling(
+        sizes.min_height, sizes.min_width, sizes.stride_height, sizes.stride_width
+    )
+    ours_tiled.enable_tiling(sizes)
+    return ref_tiled, ours_tiled
+
+
+# --- geometry ------------------------------------------------------------------------------
+def test_grid_reproduces_diffusers_positions():
+    # Latents 10 x 13 (80 x 104 pixels): latent tiles 4 x 6 every 3 x 4, short edge tiles.
+    grid = decode_grid((10, 13), SIZES, spatial=8)
+    assert grid.rows.starts == (0, 3, 6, 9) and grid.cols.starts == (0, 4, 8, 12)
+    assert (grid.rows.size, grid.cols.size) == (4, 6)
+    assert (grid.rows.keep, grid.rows.blend, grid.cols.keep, grid.cols.blend) == (24, 8, 32, 16)
+    assert (grid.rows.total, grid.cols.total) == (80, 104)
+    assert decode_grid((4, 6), SIZES, spatial=8) is None  # fits one tile: not tiled
+    # Wan 2.2: tiles are cut from the 2x2-folded video with the pixel sizes unchanged.
+    enc = encode_grid((64, 96), SIZES22, spatial=16, patch=2)
+    assert enc.rows.starts == (0, 16) and enc.cols.starts == (0, 32)
+    assert (enc.rows.size, enc.rows.keep, enc.rows.blend, enc.rows.total) == (32, 2, 2, 4)
+    assert (enc.cols.size, enc.cols.keep, enc.cols.blend, enc.cols.total) == (64, 4, 4, 6)
+    with pytest.raises(ValueError, match="tile_sample_stride_height=24 must be a multiple of 16"):
+        decode_grid((10, 13), SIZES, spatial=16)
+
+
+# --- against diffusers ---------------------------------------------------------------------
+@pytest.mark.parametrize("frames", [1, 5])
+def test_tiled_decode_matches_diffusers(vae_pair, frames):
+    ref, ours = vae_pair
+    s = ours.config.spatial_factor
+    h, w = (10, 13) if s == 8 else (5, 7)  # several tiles and short edge tiles either way
+    latent_frames = 1 + (frames - 1) // 4
+    z = torch.randn(1, ours.z_dim, latent_frames, h, w, generator=torch.Generator().manual_seed(3))
+    ref_tiled, tiled = tiled_pair(ref, ours)
+    grid = tiled.decode_grid(tuple(z.shape), tiled.tiling)
+    assert grid is not None and len(grid) >= 4
+    with torch.no_grad():
+        expected = ref_tiled.decode(z).sample
+        got = tiled.decode(z)
+        whole = ours.decode(z)
+    assert got.shape == expected.shape == whole.shape
+    diff = max_level_diff(got, expected)
+    print(f"\ntiled decode {tuple(z.shape)}: {len(grid)} tiles, max uint8 diff {diff}")
+    assert diff <= 1
+    # Power: the tiles and their blend really changed the picture.
+    assert max_level_diff(got, whole) > 1
+
+
+def test_tiled_encode_matches_diffusers(vae_pair):
+    ref, ours = vae_pair
+    s = ours.config.spatial_factor
+    height, width = (80, 104) if s == 8 else (96, 144)
+    x = torch.rand(1, 3, 5, height, width, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    ref_tiled, tiled = tiled_pair(ref, ours)
+    with torch.no_grad():
+        expected = ref_tiled.encode(x).latent_dist.parameters
+        got = tiled.encode(x)
+        whole = ours.encode(x)
+    assert got.shape == expected.shape == whole.shape
+    err = ((got - expected).norm() / expected.norm()).item()
+    print(f"\ntiled encode {tuple(x.shape)}: relative error {err:.2e}")
+    assert err < 1e-5
+    assert ((got - whole).norm() / whole.norm()).item() > 1e-3  # tiling changed the result
+
+
+def test_tiled_decode_bf16_matches_diffusers(vae_pair):
+    ref, ours = vae_pair
+    if ours.config.spatial_factor != 8:
+        pytest.skip("one bf16 case is enough")
+    z = torch.randn(1, ours.z_dim, 2, 10, 13, generator=torch.Generator().manual_seed(5))
+    ref_tiled, tiled = tiled_pair(ref, ours)
+    ref_tiled.to(torch.bfloat16)
+    tiled.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = ref_tiled.decode(z.bfloat16()).sample
+        got = tiled.decode(z)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert max_level_diff(got, expected) <= 1
+
+
+# --- offload building blocks ---------------------------------------------------------------
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16)) for _ in range(3)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_layerwise_offload_streams_blocks_and_gives_the_same_output():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+    offloaded = LayerwiseOffload.apply(copy.deepcopy(model), torch.device("cpu"))
+    state = offloaded._fastvideo_offload
+    homes = [{p.data_ptr() for p in b.parameters()} for b in offloaded.blocks]
+    seen = []
+    for i, block in enumerate(offloaded.blocks):  # what a block computes with (after the
+        block.register_forward_pre_hook(  # offload's own pre-hook made it resident)
+            lambda m, a, i=i: seen.append({p.data_ptr() for p in m.parameters()} & homes[i])
+        )
+    with torch.no_grad():
+        got = offloaded(x)
+        again = offloaded(x)
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+    assert seen == [set()] * 6  # every block ran on a copy, never on its host weights
+    # Between calls the blocks point at their host copies again; each call copied 3 blocks
+    # plus the prefetch of block 0 for the next call (the first call's block 0 was fetched
+    # on demand).
+    assert [{p.data_ptr() for p in b.parameters()} for b in offloaded.blocks] == homes
+    assert state.copies == 7
+    with torch.no_grad():  # power: the same machinery with a wrong weight shows
+        offloaded.blocks[1][0].weight.add_(1.0)
+        assert not torch.equal(offloaded(x), expected)
+
+
+def test_park_unpark_keeps_in_place_changes():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(x)
+    park(model)
+    assert is_parked(model)
+    unpark(model, torch.device("cpu"))
+    assert not is_parked(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        model.embed.bias.add_(1.0)  # e.g. a LoRA merge while on the device
+    park(model)
+    unpark(model, torch.device("cpu"))
+    with torch.no_grad():
+        assert not torch.equal(model(x), expected)  # the change survived parking
+        model.embed.bias.sub_(1.0)
+        assert torch.allclose(model(x), expected)
+
+
+def test_plan_offload_offloads_cheapest_first_until_it_fits():
+    sizes = {"transformer": 28 * GiB, "text_encoder": 11 * GiB, "vae": GiB}
+    auto = dict.fromkeys(sizes, "auto")
+    fits = plan_offload(auto, sizes, free=80 * GiB, headroom=8 * GiB, layerwise={"transformer"})
+    assert fits.whole == () and fits.layerwise == ()
+    tight = plan_offload(auto, sizes, free=40 * GiB, headroom=8 * GiB, layerwise={"transformer"})
+    assert tight.whole == ("text_encoder",) and tight.layerwise == ()
+    small = plan_offload(auto, sizes, free=24 * GiB, headroom=8 * GiB, layerwise={"transformer"})
+    assert small.whole == ("text_encoder", "vae") and small.layerwise == ("transformer",)
+    forced = plan_offload(
+        {**auto, "vae": True, "text_encoder": False}, sizes, 80 * GiB, 8 * GiB, {"transformer"}
+    )
+    assert forced.whole == ("vae",) and "vae (asked)" in forced.summary
+
+
+def test_placement_options_are_validated_before_loading(tiny_a):
+    config = PipelineConfig(num_gpus=2).update(dit_sharded_weights=True)
+    with pytest.raises(ValueError, match="parallel_mode='latency'"):
+        config.validate()
+    config.update(parallel_mode="latency").validate()
+    with pytest.raises(ValueError, match="exclude each other"):
+        PipelineConfig().update(dit_sharded_weights=True, dit_cpu_offload=True).validate()
+    with pytest.raises(ValueError, match="vae_tiling must be one of"):
+        PipelineConfig().update(vae_tiling="yes").validate()
+    with pytest.raises(ValueError, match="tile_sample_stride_width=320 exceeds"):
+        PipelineConfig().update(tile_sample_stride_width=320).validate()
+    config = PipelineConfig.from_pretrained(
+        str(tiny_a[0]), vae_tiling=True, tile_sample_min_height=128, text_encoder_cpu_offload=True
+    )
+    assert config.vae_config.vae_tiling is True
+    assert config.vae_config.tile_sizes().min_height == 128
+    assert config.offload_config.text_encoder_cpu_offload is True
+
+
+# --- through the engine --------------------------------------------------------------------
+PROMPT = "a red fox walking through a snowy forest at dawn"
+# Latents 2 x 8 x 12: 3 x 3 tiles of SIZES, with short ones at the right and bottom edges.
+RUN = dict(seed=5, num_inference_steps=2, height=64, width=96, num_frames=5)
+TILE_FIELDS = dict(
+    tile_sample_min_height=SIZES.min_height,
+    tile_sample_min_width=SIZES.min_width,
+    tile_sample_stride_height=SIZES.stride_height,
+    tile_sample_stride_width=SIZES.stride_width,
+)
+
+
+def load_vae(folder) -> WanVAE:
+    config = WanVAEConfig.from_dict(json.loads((folder / "vae" / "config.json").read_text()))
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    state = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae.eval()
+
+
+def test_offload_gives_the_same_frames(tiny_a):
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
+        expected = gen.generate_video(PROMPT, guidance_scale=5.0, **RUN)
+    offload = dict(dit_cpu_offload=True, text_encoder_cpu_offload=True, vae_cpu_offload=True)
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc", **offload) as gen:
+        got = gen.generate_video(PROMPT, guidance_scale=5.0, **RUN)
+        components = gen.executor._worker.pipeline.components
+        dit = components["transformer"]
+        blocks_home = [{p.device.type for p in b.parameters()} for b in dit.blocks]
+        text_encoder, vae = components["text_encoder"], components["vae"]
+    assert np.array_equal(got.frames, expected.frames)
+    # The offload really ran: 2 steps x 2 blocks streamed, the encoder and VAE each moved
+    # in once, everything parked again afterwards.
+    assert dit._fastvideo_offload.copies >= 4
+    assert isinstance(text_encoder, OnDemand) and text_encoder.moves == 1
+    assert isinstance(vae, OnDemand) and vae.moves == 1
+    assert is_parked(text_encoder.encoder) and is_parked(vae._component)
+    assert blocks_home == [{"cpu"}] * len(dit.blocks)
+
+
+def test_tiled_decode_through_the_engine_and_vae_offload(tiny_a):
+    """One rank, tiled decode with the VAE offloaded: the VAE moves in once for all tiles,
+    and the frames are the tiled decode of the run's latents."""
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(
+        str(folder), executor="inproc", vae_tiling=True, vae_cpu_offload=True, **TILE_FIELDS
+    ) as gen:
+        video = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+        latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **RUN)
+        vae = gen.executor._worker.pipeline.components["vae"]
+    assert video.stats["vae_tiles"] == 9 and video.stats["vae_decode_ranks"] == 1
+    assert vae.moves == 1
+    expected, whole = local_decodes(folder, latents.latents)
+    assert np.array_equal(video.frames, expected)
+    assert np.abs(video.frames.astype(int) - whole.astype(int)).max() > 1
+
+
+def test_auto_tiling_follows_free_memory(tiny_a, monkeypatch):
+    """vae_tiling='auto' (the default) decodes whole while the estimate fits what is free,
+    and in tiles once it does not."""
+    from fastvideo.pipelines.stages import decoding
+
+    folder, _ = tiny_a
+    free = {"bytes": 1 << 50}
+    monkeypatch.setattr(decoding, "free_memory_bytes", lambda device: free["bytes"])
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc", **TILE_FIELDS) as gen:
+        roomy = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+        free["bytes"] = 1 << 20  # less than the tiny VAE's estimate (~30 MB)
+        short = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+    assert "vae_tiles" not in roomy.stats and short.stats["vae_tiles"] == 9
+    assert np.abs(short.frames.astype(int) - roomy.frames.astype(int)).max() > 1
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run with ``n`` intra-op threads, as a CPU worker of the engine does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def local_decodes(folder, latents: torch.Tensor, num_threads: int | None = None):
+    """(single-rank tiled decode, whole decode) of final latents [C, F, h, w] as uint8
+    [T, H, W, 3] frames, decoded in this process."""
+    vae = load_vae(folder)
+    tiled = copy.deepcopy(vae)
+    tiled.enable_tiling(SIZES)
+    n = num_threads or torch.get_num_threads()
+    with torch.no_grad(), threads(n):
+        z = vae.unnormalize_latents(latents[None].to(vae.dtype))
+        expected = to_uint8_frames(tiled.decode(z))[0].numpy()
+        whole = to_uint8_frames(vae.decode(z))[0].numpy()
+    return expected, whole
+
+
+def _no_weights_in_the_driver(*args, **kwargs):
+    raise AssertionError("the driver process opened a safetensors file")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_gpus", [2, 3])
+def test_parallel_decode_equals_single_rank_tiled_decode(tiny_a, num_gpus, monkeypatch):
+    folder, _ = tiny_a
+    with monkeypatch.context() as patch:
+        # The driver never reads weights: only the workers do, straight from the files.
+        for module in (safetensors, loader):
+            patch.setattr(module, "safe_open", _no_weights_in_the_driver)
+        with VideoGenerator.from_pretrained(
+            str(folder), num_gpus=num_gpus, device="cpu", vae_tiling=True, **TILE_FIELDS
+        ) as gen:
+            video = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+            latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **RUN)
+            ready = gen.executor.ready
+    assert video.stats["vae_tiles"] == 9 and video.stats["vae_decode_ranks"] == num_gpus
+    # The workers ran one intra-op thread each (2 cores); decode here the same way.
+    expected, whole = local_decodes(folder, latents.latents, num_threads=1)
+    assert np.array_equal(video.frames, expected)
+    assert np.abs(video.frames.astype(int) - whole.astype(int)).max() > 1
+    assert all(r.host_rss_bytes > 100 << 20 for r in ready.values())  # torch alone is more
+
+
+@pytest.fixture(scope="module")
+def tiny_deep(tmp_path_factory):
+    """A tiny checkpoint with 8 blocks, so the blocks hold most of the DiT's weights."""
+    folder = tmp_path_factory.mktemp("tiny-deep")
+    build_diffusers_pipeline(TinyWan("tiny-deep", layers=8, seed=2), folder)
+    return folder
+
+
+def run_two_ranks(folder, out_dir, monkeypatch, **options):
+    monkeypatch.setenv("FASTVIDEO_WORKER_PLUGINS", "tests.plugins.param_bytes")
+    monkeypatch.setenv("FASTVIDEO_TEST_PARAM_BYTES_DIR", str(out_dir))
+    with VideoGenerator.from_pretrained(
+        str(folder), num_gpus=2, device="cpu", parallel_mode="latency", cfg_parallel=False,
+        **options,
+    ) as gen:  # fmt: skip
+        out = gen.generate_video(PROMPT, guidance_scale=5.0, output_type="latent", **RUN)
+    facts = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    return out, facts
+
+
+@pytest.mark.slow
+def test_sharded_weights_equal_unsharded_and_halve_the_blocks(tiny_deep, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain, plain_facts = run_two_ranks(tiny_deep, tmp_path / "a", monkeypatch)
+    sharded, facts = run_two_ranks(tiny_deep, tmp_path / "b", monkeypatch,
+                                   dit_sharded_weights=True)  # fmt: skip
+    assert torch.equal(sharded.latents, plain.latents)
+    assert sharded.plan == "Ulysses 2"
+    blocks = plain_facts[0]["block_bytes"]
+    for rank, (p, s) in enumerate(zip(plain_facts, facts, strict=True)):
+        # Each rank keeps half of the (padded) flat block weights, and nothing else of them.
+        assert blocks / 2 <= s["shard_bytes"] <= blocks / 2 + 8 * 64, (rank, s)
+        assert s["dit_bytes"] == p["dit_bytes"] - blocks + s["shard_bytes"], (rank, s, p)
+        assert s["dit_bytes"] < 0.6 * p["dit_bytes"], (rank, s, p)
+
+
+LOAD_RSS = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from torch import nn
+    from fastvideo.models.loader import load_checkpoint
+
+    def status(key):  # kB -> bytes
+        line = next(x for x in open("/proc/self/status") if x.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    folder, n = Path(sys.argv[1]), int(sys.argv[2])
+    with torch.device("meta"):
+        module = nn.ParameterDict({f"w{i}": nn.Parameter(torch.empty(1024, 1024))
+                                  for i in range(n)})
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    load_checkpoint(module, folder, torch.device("cpu"), lambda name: torch.float32)
+    total = sum(float(p.sum()) for p in module.values())  # touch every weight
+    print(status("VmHWM") - before)
+""")
+
+
+@pytest.mark.slow
+def test_loading_holds_the_weights_once_in_host_memory(tmp_path):
+    """A worker's load reads each weight from its file once: the peak resident memory grows
+    by about the weights' size, not twice it (no staging copy beside the module's)."""
+    from safetensors.torch import save_file
+
+    n = 48  # 48 x 4 MiB = 192 MiB of fp32 weights
+    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(n)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_RSS, str(tmp_path), str(n)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    grown, weights = int(out.stdout.split()[-1]), n * 4 << 20
+    print(f"\npeak RSS grew {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights")
+    assert 0.5 * weights < grown < 1.4 * weights
+
+
+def test_memory_options_on_the_command_line(capsys):
+    from fastvideo.entrypoints import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in (
+        "--vae-tiling",
+        "--tile-sample-stride-width",
+        "--dit-cpu-offload",
+        "--vae-parallel-decode",
+        "--dit-sharded-weights",
+        "--offload-headroom-gb",
+    ):
+        assert flag in shown  # fmt: skip
+    assert cli._bool_or_word("auto") == "auto" and cli._bool_or_word("true") is True
