@@ -211,6 +211,8 @@ def place_component(name: str, component: Any, env: PipelineRuntime) -> Any:
     """Put a loaded component where ``env.settings.memory`` wants it: streamed block by
     block, sharded across ranks, parked in host memory between uses, or as loaded."""
     memory = env.settings.memory
+    if component is None:  # an optional component this checkpoint does not have
+        return None
     if name in memory.layerwise_components:
         return LayerwiseOffload.apply(component, env.device)
     if name in memory.sharded_components and memory.shard_group is not None:
