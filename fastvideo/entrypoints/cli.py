@@ -117,8 +117,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     sampling.add_argument(
         "--teacache-thresh", type=float, help="Same as --cache-thresh; implies --teacache."
     )
-    sampling.add_argument("--image", dest="s:image", metavar="PATH",
-                          help="conditioning image (image-to-video models)")  # fmt: skip
     _add_engine_flags(p)
     p.set_defaults(**{"s:output_path": "outputs/"})
 
