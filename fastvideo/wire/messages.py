@@ -74,6 +74,8 @@ class WorkerReady(msgspec.Struct, tag="ready", **_OPTS):
     load_seconds: float
     memory_bytes: int = 0
     token: str = ""
+    # Start-up seconds by part, from the process's start (imports, reads, components, ...).
+    load_breakdown: dict[str, float] = {}
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", **_OPTS):

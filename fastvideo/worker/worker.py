@@ -12,6 +12,7 @@ import importlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,15 +21,17 @@ import torch.distributed as dist
 
 from fastvideo import envs
 from fastvideo.config import PipelineConfig
-from fastvideo.distributed.plan import candidate_plans
+from fastvideo.distributed.plan import ParallelPlan, candidate_plans
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.kernels_bridge import attention as attention_bridge
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.logger import init_logger
-from fastvideo.models.loader import DTYPES
+from fastvideo.models.loader import DTYPES, WeightSource, reading_from
 from fastvideo.models.registry import family_for_dir
+from fastvideo.models.weight_reader import WeightReader
 from fastvideo.pipelines.base import (
     CompileSettings,
+    ComposedPipelineBase,
     ForwardBatch,
     PipelineRuntime,
     PipelineSettings,
@@ -90,6 +93,14 @@ def pipeline_settings(config: PipelineConfig, spec: ModelSpec, backend: str) -> 
     )
 
 
+@dataclass(frozen=True)
+class _LoadPlan:
+    spec: ModelSpec
+    plans: list[ParallelPlan]
+    leads: bool  # may lead a replica: loads the output-rank components too
+    pipeline_cls: type[ComposedPipelineBase]
+
+
 class Worker:
     """Runs the pipeline on one rank."""
 
@@ -110,6 +121,9 @@ class Worker:
         self.runtime = ParallelRuntime(rank, world_size, device)
         self.step_hooks: list[StepHook] = []
         self.store: dist.Store | None = None
+        self.breakdown: dict[str, float] = {}  # start-up seconds by part (WorkerReady)
+        self._load_plan: _LoadPlan | None = None
+        self._source: WeightSource | None = None
 
     def load_plugins(self, modules: list[str]) -> None:
         """Import each plugin module; call its ``register(worker)`` when it has one."""
@@ -129,6 +143,7 @@ class Worker:
         assert store is not None, "several ranks need a rendezvous store"
         self.store = store
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        start = time.perf_counter()
         dist.init_process_group(
             backend,
             store=store,
@@ -136,35 +151,74 @@ class Worker:
             world_size=self.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
+        self.breakdown["init_process_group"] = time.perf_counter() - start
+
+    def _plan_load(self) -> _LoadPlan:
+        """What this rank loads (pure: configs and the family's files; no device work)."""
+        if self._load_plan is None:
+            family = family_for_dir(self.model_dir)
+            spec = family.read_spec(self.model_dir)
+            plans = candidate_plans(
+                self.world_size,
+                spec.num_heads,
+                throughput_replicas=self.config.replicas(),
+                forced=self.config.parallel_config.forced(),
+            )
+            # Text encoder and VAE only where this rank can lead a replica (rank 0 always).
+            leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
+            self._load_plan = _LoadPlan(spec, plans, leads, family.pipeline_class())
+        return self._load_plan
+
+    def start_reading(self) -> None:
+        """Start reading this rank's weights onto its device in the background, so the
+        reads overlap joining the process group and building the modules."""
+        if self._source is not None:
+            return
+        start = time.perf_counter()
+        plan = self._plan_load()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 8
+        threads = max(2, min(8, cores // max(1, min(self.world_size, 8))))
+        self._source = WeightSource(WeightReader(self.device, threads=threads))
+        self._source.prefetch(plan.pipeline_cls.weight_folders(self.model_dir, plan.leads))
+        self.breakdown["start_reading"] = time.perf_counter() - start
 
     def load(self) -> float:
         """Load this rank's components and create every plan's process groups; returns the
-        seconds it took."""
+        seconds it took (``breakdown`` gets the parts)."""
         start = time.perf_counter()
-        family = family_for_dir(self.model_dir)
-        spec = family.read_spec(self.model_dir)
+        self.start_reading()
+        plan = self._plan_load()
         dtypes = component_dtypes(self.config, self.device)
+        mark = time.perf_counter()
         backend = attention_bridge.resolve_backend(
             self.config.attention_config.resolved_backend(), self.device, dtypes["transformer"]
         )
+        self.breakdown["backend_probe"] = time.perf_counter() - mark
         env = PipelineRuntime(
             runtime=self.runtime,
             device=self.device,
-            spec=spec,
+            spec=plan.spec,
             dtypes=dtypes,
-            settings=pipeline_settings(self.config, spec, backend),
+            settings=pipeline_settings(self.config, plan.spec, backend),
         )
-        plans = candidate_plans(
-            self.world_size,
-            spec.num_heads,
-            throughput_replicas=self.config.replicas(),
-            forced=self.config.parallel_config.forced(),
-        )
-        self.runtime.prepare(plans)
-        # Text encoder and VAE only where this rank can lead a replica (rank 0 always).
-        leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
-        pipeline_cls = family.pipeline_class()
-        self.pipeline = pipeline_cls.from_pretrained(self.model_dir, env, output_rank=leads)
+        mark = time.perf_counter()
+        self.runtime.prepare(plan.plans)
+        self.breakdown["process_groups"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        assert self._source is not None
+        try:
+            with reading_from(self._source):
+                self.pipeline = plan.pipeline_cls.from_pretrained(
+                    self.model_dir, env, output_rank=plan.leads
+                )
+        finally:
+            reader = self._source.reader
+            self._source.close()
+            self._source = None
+        self.breakdown["components"] = time.perf_counter() - mark
+        self.breakdown.update(self.pipeline.load_timings)
+        self.breakdown["weights_read"] = reader.busy_s
+        self.breakdown["weights_gb"] = reader.bytes_read / 1e9
         return time.perf_counter() - start
 
     def execute(self, msg: GenerateBatch, control: StepControl) -> BatchResult | None:
@@ -222,6 +276,9 @@ class Worker:
         return 0
 
     def close(self) -> None:
+        if self._source is not None:  # start_reading() without load()
+            self._source.close()
+            self._source = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
