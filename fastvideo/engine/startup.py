@@ -13,6 +13,7 @@ from fastvideo.engine.core import EngineCore
 from fastvideo.engine.model_info import ModelInfo, resolve_model
 from fastvideo.executor.base import create_executor
 from fastvideo.logger import init_logger
+from fastvideo.models.loader import readahead
 
 logger = init_logger(__name__)
 
@@ -72,23 +73,38 @@ def start_engine(
     pipeline_config: PipelineConfig | None,
     overrides: dict[str, Any],
 ) -> EngineCore:
-    """Resolve the model, check the configuration, start the workers and the core."""
+    """Resolve the model, check the configuration, start the workers and the core.
+
+    The worker processes are started first, on a guess of the configuration without the
+    model's defaults, so their imports overlap resolving and checking here; if the final
+    configuration needs other workers, they are replaced.
+    """
     if pipeline_config is not None and not isinstance(pipeline_config, PipelineConfig):
         raise TypeError(
             f"pipeline_config must be a PipelineConfig, got {type(pipeline_config).__name__}"
         )
-    info = resolve_model(model)  # once: the defaults below come from it too
-    if pipeline_config is None:
-        pipeline_config = PipelineConfig(model_path=model).update(**info.variant.pipeline_defaults)
-    config = pipeline_config.copy().update(**overrides)
-    if num_gpus is not None:
-        config.num_gpus = num_gpus
-    config.validate()
-    config.model_path = str(info.path)
-    check_plans(config, info)
-    device = pick_device(config)
-    start = time.perf_counter()
-    executor = create_executor(info.path, config, device)
+    early, spawned = _spawn_early(model, num_gpus, pipeline_config, overrides)
+    try:
+        info = resolve_model(model)  # once: the defaults below come from it too
+        readahead(info.path)  # a cold page cache fills while the workers import
+        if pipeline_config is None:
+            defaults = info.variant.pipeline_defaults
+            pipeline_config = PipelineConfig(model_path=model).update(**defaults)
+        config = pipeline_config.copy().update(**overrides)
+        if num_gpus is not None:
+            config.num_gpus = num_gpus
+        config.validate()
+        config.model_path = str(info.path)
+        check_plans(config, info)
+        device = pick_device(config)
+        if early != (config.executor, config.num_gpus, device):
+            _stop(spawned)  # the guess was wrong (the model's defaults changed it)
+        handed, spawned = spawned, []  # the executor owns them now, failing or not
+        start = time.perf_counter()
+        executor = create_executor(info.path, config, device, handed or None)
+    except BaseException:
+        _stop(spawned)
+        raise
     logger.info(
         "loaded %s (%s) on %d %s worker(s) in %.1fs",
         model,
@@ -98,3 +114,34 @@ def start_engine(
         time.perf_counter() - start,
     )
     return EngineCore(info, config, executor, device)
+
+
+def _spawn_early(
+    model: str,
+    num_gpus: int | None,
+    pipeline_config: PipelineConfig | None,
+    overrides: dict[str, Any],
+) -> tuple[tuple[str, int, str] | None, list]:
+    """Worker processes for the configuration as the caller gave it (executor, count,
+    device), or none where that guess is unusable (the real checks then say why)."""
+    try:
+        guess = (pipeline_config or PipelineConfig(model_path=model)).copy().update(**overrides)
+        if num_gpus is not None:
+            guess.num_gpus = num_gpus
+        if guess.executor == "inproc":
+            return None, []
+        key = (guess.executor, guess.num_gpus, pick_device(guess))
+    except Exception:  # noqa: BLE001 - the real configuration path reports it
+        return None, []
+    from fastvideo.executor.multiproc import spawn_workers
+
+    return key, spawn_workers(guess.num_gpus)
+
+
+def _stop(spawned: list) -> None:
+    """End early workers no executor took (an executor that took them owns them)."""
+    if spawned:
+        from fastvideo.executor.multiproc import stop_spawned
+
+        stop_spawned(spawned)
+        spawned.clear()

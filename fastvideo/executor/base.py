@@ -46,11 +46,14 @@ class Executor(ABC):
     def is_alive(self) -> bool: ...
 
 
-def create_executor(model_dir: Path, config: PipelineConfig, device: str) -> Executor:
+def create_executor(
+    model_dir: Path, config: PipelineConfig, device: str, spawned: list | None = None
+) -> Executor:
+    """``spawned``: worker processes already started (``multiproc.spawn_workers``)."""
     if config.executor == "inproc":
         from fastvideo.executor.inproc import InProcessExecutor
 
         return InProcessExecutor(model_dir, config, device)
     from fastvideo.executor.multiproc import MultiprocExecutor
 
-    return MultiprocExecutor(model_dir, config, device)
+    return MultiprocExecutor(model_dir, config, device, spawned)

@@ -117,8 +117,42 @@ class _Beat:
     progress_since: float = field(default_factory=time.monotonic)
 
 
+def spawn_workers(count: int) -> list[subprocess.Popen]:
+    """Start ``count`` worker processes before their arguments exist: each imports torch
+    and fastvideo meanwhile, then waits for its arguments on stdin, which
+    ``MultiprocExecutor(..., spawned=...)`` writes. ``stop_spawned`` ends unused ones."""
+    env = dict(os.environ)
+    # gloo's pairs and NCCL's bootstrap listen on loopback only (one machine).
+    loopback = loopback_interface()
+    env.setdefault("GLOO_SOCKET_IFNAME", loopback)
+    env.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "fastvideo.worker.main"],
+            stdin=subprocess.PIPE,
+            close_fds=True,
+            start_new_session=True,
+            env=env,
+        )
+        for _ in range(count)
+    ]
+
+
+def stop_spawned(procs: list[subprocess.Popen]) -> None:
+    """End workers that ``spawn_workers`` started and no executor took."""
+    _stop_processes(procs, grace=0.0)
+
+
 class MultiprocExecutor(Executor):
-    def __init__(self, model_dir: Path, config: PipelineConfig, device: str):
+    def __init__(
+        self,
+        model_dir: Path,
+        config: PipelineConfig,
+        device: str,
+        spawned: list[subprocess.Popen] | None = None,
+    ):
+        """``spawned``: ``config.num_gpus`` processes from ``spawn_workers`` to use (they
+        already import while the driver prepares); None: start them here."""
         self.world_size = config.num_gpus
         self.worker_timeout_s = config.engine_config.worker_timeout_s
         self.stall_timeout_s = config.engine_config.stall_timeout_s
@@ -133,11 +167,13 @@ class MultiprocExecutor(Executor):
         self._decoder = Decoder(FromWorker)
         self._dir = tempfile.mkdtemp(prefix="fastvideo-")  # created 0700
         self._ctx = zmq.Context()
-        self._procs: list[subprocess.Popen] = []
+        # Taken at once, so that shutdown() stops them whatever fails from here on.
+        self._procs: list[subprocess.Popen] = list(spawned or [])
         self._beats: dict[int, _Beat] = {}
         self._io_thread: threading.Thread | None = None
         self._shutdown_done = threading.Event()
         self.dropped_messages = 0
+        self.load_breakdown: dict[str, float] = {}  # the slowest rank's WorkerReady's
         try:
             self._start(model_dir, config, device)
         except BaseException:
@@ -160,12 +196,11 @@ class MultiprocExecutor(Executor):
             sock.bind(self._endpoint(f"in{rank}"))
             self._inputs.append(sock)
         config_dict = msgspec.to_builtins(config)
-        env = dict(os.environ)
-        # gloo's pairs and NCCL's bootstrap listen on loopback only (one machine).
-        loopback = loopback_interface()
-        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-        env.setdefault("NCCL_SOCKET_IFNAME", loopback)
-        for rank in range(self.world_size):
+        if not self._procs:
+            self._procs = spawn_workers(self.world_size)
+        if len(self._procs) != self.world_size:
+            raise ValueError(f"{len(self._procs)} spawned workers for num_gpus={self.world_size}")
+        for rank, proc in enumerate(self._procs):
             args = WorkerArgs(
                 rank=rank,
                 world_size=self.world_size,
@@ -181,17 +216,9 @@ class MultiprocExecutor(Executor):
                 arrival_timeout_s=self.worker_timeout_s,
             )
             # stdin carries the arguments, then stays open as the worker's death pipe.
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fastvideo.worker.main"],
-                stdin=subprocess.PIPE,
-                close_fds=True,
-                start_new_session=True,
-                env=env,
-            )
             assert proc.stdin is not None
             proc.stdin.write(encode_args(args))
             proc.stdin.flush()
-            self._procs.append(proc)
         timeout = config.engine_config.ready_timeout_s or envs.worker_ready_timeout_s()
         self._wait_ready(timeout)
         now = time.monotonic()
@@ -228,15 +255,19 @@ class MultiprocExecutor(Executor):
                         f"worker rank {rank} (pid {proc.pid}) exited with code {proc.returncode} "
                         f"during start-up"
                     )
-        slowest = max(r.load_seconds for r in ready.values())
+        slowest = max(ready.values(), key=lambda r: r.load_seconds)
         self.ready = dict(sorted(ready.items()))  # rank -> its WorkerReady (load facts)
         logger.info(
             "%d worker(s) ready on %s (load %.1fs, peak host RSS %s GiB)",
             self.world_size,
             ", ".join(r.device for r in self.ready.values()),
-            slowest,
+            slowest.load_seconds,
             "/".join(f"{r.host_rss_bytes / (1 << 30):.2f}" for r in self.ready.values()),
         )
+        self.load_breakdown = dict(slowest.load_breakdown)
+        if self.load_breakdown:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in self.load_breakdown.items())
+            logger.info("rank %d start-up, seconds from its process start: %s", slowest.rank, parts)
 
     # --- batches -----------------------------------------------------------------------
     def submit(

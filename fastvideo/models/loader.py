@@ -1,30 +1,47 @@
 """Load safetensors checkpoints straight into modules built on the meta device.
 
 No weight is initialised twice: the module is created on ``meta`` (shapes only), every
-tensor is read from safetensors directly onto the target device, cast once to its target
-dtype, and assigned. Missing files, truncated files, missing or unexpected keys and shape
-mismatches raise ``CheckpointError`` naming the file and the keys.
+tensor is read once onto the target device in its file dtype (``weight_reader``: a thread
+pool, single copy), cast once on the device where its target dtype differs, and assigned.
+Missing files, truncated files, missing or unexpected keys and shape mismatches raise
+``CheckpointError`` naming the file and the keys, before any tensor is read.
+
+Reads can start before the modules exist: a ``WeightSource`` reads whole component folders
+in the background (``prefetch``), and ``load_checkpoint`` run inside ``reading_from(source)``
+takes its tensors from there instead of reading again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from fastvideo.logger import init_logger
+from fastvideo.models.weight_reader import CheckpointError, TensorRecord, WeightReader, read_header
 
 logger = init_logger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-class CheckpointError(RuntimeError):
-    """A component's weights are missing, truncated or do not fit its architecture."""
+__all__ = [
+    "DTYPES",
+    "CheckpointError",
+    "WeightSource",
+    "checkpoint_files",
+    "load_checkpoint",
+    "meta_module",
+    "readahead",
+    "reading_from",
+]
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -48,18 +65,127 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
             f"{folder} holds several safetensors files ({', '.join(f.name for f in files)}) "
             f"but no *.safetensors.index.json saying which tensor is where"
         )
-    keys = _file_keys(files[0])
-    return dict.fromkeys(keys, files[0])
+    return dict.fromkeys(read_header(files[0]), files[0])
 
 
-def _file_keys(path: Path) -> list[str]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
+def _by_file(where: dict[str, Path], keys: list[str] | None = None) -> dict[Path, list[str] | None]:
+    """path -> the keys to read from it (None: all of them)."""
+    if keys is None:
+        return dict.fromkeys(sorted(set(where.values())))
+    out: dict[Path, list[str] | None] = {}
+    for key in keys:
+        out.setdefault(where[key], []).append(key)  # type: ignore[union-attr]
+    return out
+
+
+class WeightSource:
+    """Component folders being read in the background, for ``load_checkpoint`` to take.
+
+    ``prefetch(folders)`` plans and starts the reads on a thread of its own (planning
+    allocates every tensor on the device, which also creates the CUDA context: neither
+    should hold up the caller). A folder no loader takes is released by ``close()`` (and
+    logged), so a wrong guess costs reading time, never memory.
+    """
+
+    def __init__(self, reader: WeightReader):
+        self.reader = reader
+        self._pending: dict[Path, Future[dict[str, torch.Tensor]]] = {}
+        self._lock = threading.Lock()
+        self._planner: threading.Thread | None = None
+
+    def prefetch(self, folders: list[Path]) -> None:
+        """Start reading every tensor of ``folders``. A folder that cannot be read is left
+        for its loader to report, in the loader's own words and order."""
+
+        def plan() -> None:
+            for folder in folders:
+                try:
+                    files = _by_file(checkpoint_files(folder))
+                except (CheckpointError, OSError, ValueError, KeyError):
+                    continue
+                future = self.reader.submit(files)
+                with self._lock:
+                    self._pending[Path(folder)] = future
+
+        self._planner = threading.Thread(target=plan, name="fastvideo-read-plan", daemon=True)
+        self._planner.start()
+
+    def take(
+        self, folder: Path, where: dict[str, Path], keys: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of ``folder`` (prefetched, else read now), waiting for them."""
+        if self._planner is not None:
+            self._planner.join()
+        with self._lock:
+            future = self._pending.pop(Path(folder), None)
+        if future is None:
+            future = self.reader.submit(_by_file(where, keys))
+        return future.result()
+
+    def close(self) -> None:
+        if self._planner is not None:
+            self._planner.join()
+        with self._lock:
+            unclaimed, self._pending = list(self._pending), {}
+        if unclaimed:
+            logger.info("read but not loaded by any component: %s", ", ".join(map(str, unclaimed)))
+        self.reader.close()
+
+
+READAHEAD_WINDOW = 1 << 20
+
+
+def readahead(folder: Path, max_fraction: float = 0.5) -> threading.Thread | None:
+    """Have the kernel start reading every safetensors file under ``folder`` into the page
+    cache, so a cold start's disk reads overlap whatever runs before the loaders read.
+
+    ``POSIX_FADV_WILLNEED`` queues the reads and returns; Linux caps one call at the
+    device's readahead size, so it is issued window by window (cheap for cached pages).
+    Skipped where unsupported, or when the files would take more than ``max_fraction`` of
+    the available memory (they would only evict each other)."""
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    files = [p for p in Path(folder).rglob("*.safetensors") if p.is_file()]
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"cannot read {path} (truncated or not safetensors): {e}") from None
+        import psutil
+
+        if sum(p.stat().st_size for p in files) > max_fraction * psutil.virtual_memory().available:
+            return None
+    except (ImportError, OSError):
+        return None
+
+    def run() -> None:
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                for offset in range(0, os.fstat(fd).st_size, READAHEAD_WINDOW):
+                    os.posix_fadvise(fd, offset, READAHEAD_WINDOW, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    thread = threading.Thread(target=run, name="fastvideo-readahead", daemon=True)
+    thread.start()
+    return thread
+
+
+_SOURCE: contextvars.ContextVar[WeightSource | None] = contextvars.ContextVar(
+    "fastvideo_weight_source", default=None
+)
+
+
+@contextlib.contextmanager
+def reading_from(source: WeightSource | None) -> Iterator[None]:
+    """``load_checkpoint`` calls inside this block take their tensors from ``source``."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
 
 
 def _describe(keys: set[str], limit: int = 8) -> str:
@@ -98,12 +224,12 @@ def load_checkpoint(
         parts = [f"missing keys: {_describe(missing)}"] if missing else []
         parts += [f"unexpected keys: {_describe(unexpected)}"] if unexpected else []
         raise CheckpointError(f"{folder} ({files}) does not match the model: " + "; ".join(parts))
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key in sorted(needed | (set(tied) & set(where))):
-        by_file.setdefault(where[key], []).append(key)
-    for path, keys in by_file.items():
-        state.update(_read_file(path, keys, expected, device, dtype_for))
+    keys = sorted(needed | (set(tied) & set(where)))
+    _check_shapes(where, keys, expected)
+    tensors = _read(folder, where, keys, torch.device(device))
+    # Cast once, on the device, where the target dtype differs (a no-op otherwise).
+    state = {key: tensors[key].to(dtype_for(key)) for key in keys}
+    del tensors  # tensors read but not used (ignored keys, pre-cast copies) go now
     for target, source in tied.items():
         state.setdefault(target, state[source])
     module.load_state_dict(state, strict=True, assign=True)
@@ -112,31 +238,33 @@ def load_checkpoint(
     return module
 
 
-def _read_file(
-    path: Path,
-    keys: list[str],
-    expected: dict[str, torch.Tensor],
-    device: torch.device,
-    dtype_for: Callable[[str], torch.dtype],
+def _check_shapes(where: dict[str, Path], keys: list[str], expected: dict) -> None:
+    headers: dict[Path, dict[str, TensorRecord]] = {}
+    for key in keys:
+        path = where[key]
+        if path not in headers:
+            headers[path] = read_header(path)
+        record = headers[path].get(key)
+        if record is None:
+            raise CheckpointError(f"{path} holds no tensor {key!r} (its index says it does)")
+        if record.shape != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {record.shape}, the model expects "
+                f"{tuple(expected[key].shape)}"
+            )
+
+
+def _read(
+    folder: Path, where: dict[str, Path], keys: list[str], device: torch.device
 ) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    out: dict[str, torch.Tensor] = {}
+    source = _SOURCE.get()
+    if source is not None and source.reader.device == device:
+        return source.take(folder, where, keys)
+    reader = WeightReader(device)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in keys:
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[key].shape):
-                    raise CheckpointError(
-                        f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model "
-                        f"expects {tuple(expected[key].shape)}"
-                    )
-                out[key] = tensor.to(dtype_for(key))
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
-    return out
+        return reader.submit(_by_file(where, keys)).result()
+    finally:
+        reader.close()
 
 
 def _retie(module: nn.Module, tied: dict[str, str]) -> None:

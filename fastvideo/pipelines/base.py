@@ -9,10 +9,12 @@ callable), never a family's classes.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -235,7 +237,27 @@ class ComposedPipelineBase(ABC):
     def __init__(self, components: dict[str, Any], env: PipelineRuntime):
         self.components = components
         self.env = env
+        self.load_timings: dict[str, float] = {}  # seconds per component (from_pretrained)
         self.stages = self.create_stages()
+
+    @classmethod
+    def component_names(
+        cls, output_rank: bool = True, every_rank: tuple[str, ...] = ()
+    ) -> list[str]:
+        """The components this rank loads: all, or all but ``output_rank_components``
+        (except those ``every_rank`` asks for on every rank)."""
+        return [
+            n
+            for n in cls.component_loaders
+            if output_rank or n not in cls.output_rank_components or n in every_rank
+        ]
+
+    @classmethod
+    def weight_folders(cls, model_dir: Path, output_rank: bool = True) -> list[Path]:
+        """The folders of this rank's components that hold safetensors weights (what a
+        worker can start reading before any loader runs)."""
+        folders = [model_dir / name for name in cls.component_names(output_rank)]
+        return [f for f in folders if f.is_dir() and any(f.glob("*.safetensors*"))]
 
     @classmethod
     def from_pretrained(
@@ -243,21 +265,35 @@ class ComposedPipelineBase(ABC):
     ) -> ComposedPipelineBase:
         """Load the components; ``output_rank`` ones only where this rank may lead a replica
         (or everywhere, when ``settings.memory`` says so). Offloaded and sharded components
-        are read into host memory and then placed (:func:`place_component`)."""
+        are read into host memory and then placed (:func:`place_component`).
+
+        The loaders run concurrently, one thread each (in a copy of the caller's context,
+        so a ``models.loader.reading_from`` block around this call reaches them): their
+        weight reads overlap each other and the Python work of building modules and
+        tokenizers. The first failing component, in ``component_loaders`` order, raises.
+        """
         memory = env.settings.memory
-        components = {}
-        for name, loader in cls.component_loaders.items():
-            if (
-                name in cls.output_rank_components
-                and not output_rank
-                and name not in memory.every_rank_components
-            ):
-                continue
+        names = cls.component_names(output_rank, memory.every_rank_components)
+        timings: dict[str, float] = {}
+
+        def load(name: str) -> Any:
             start = time.perf_counter()
             load_env = dataclasses.replace(env, device=HOST) if memory.loads_on_host(name) else env
-            components[name] = place_component(name, loader(model_dir / name, load_env), env)
-            logger.debug("loaded %s in %.2fs", name, time.perf_counter() - start)
-        return cls(components, env)
+            loaded = cls.component_loaders[name](model_dir / name, load_env)
+            component = place_component(name, loaded, env)
+            timings[f"load_{name}"] = time.perf_counter() - start
+            logger.debug("loaded %s in %.2fs", name, timings[f"load_{name}"])
+            return component
+
+        with ThreadPoolExecutor(max(1, len(names)), thread_name_prefix="fastvideo-load") as pool:
+            futures = {n: pool.submit(contextvars.copy_context().run, load, n) for n in names}
+        for name in names:  # the first failure in component order, with its traceback
+            error = futures[name].exception()
+            if error is not None:
+                raise error
+        pipeline = cls({name: futures[name].result() for name in names}, env)
+        pipeline.load_timings = timings
+        return pipeline
 
     @abstractmethod
     def create_stages(self) -> list[PipelineStage]: ...

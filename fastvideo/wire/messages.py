@@ -85,6 +85,8 @@ class WorkerReady(msgspec.Struct, tag="ready", **_OPTS):
     memory_bytes: int = 0  # GPU memory allocated after loading (0 on CPU workers)
     token: str = ""
     host_rss_bytes: int = 0  # peak resident host memory of the worker process at load
+    # Start-up seconds by part, from the process's start (imports, reads, components, ...).
+    load_breakdown: dict[str, float] = {}
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", **_OPTS):

@@ -6,8 +6,10 @@ the user's script is never re-imported in the child. Its arguments arrive on std
 length-prefixed msgspec message; stdin then stays open as the death pipe: EOF means the
 driver is gone, and the worker exits at once.
 
-Start-up: decode the arguments, start the death watch and the heartbeat thread, load the
-plugins, join the process group, load, then send ``WorkerReady`` (or ``WorkerFailure``).
+Start-up: decode the arguments, start the death watch and the heartbeat thread, start
+reading this rank's weights (threads), load the plugins, join the process group, build and
+fill the modules, then send ``WorkerReady`` with the seconds each part took (or
+``WorkerFailure``).
 Then serve batches until ``Shutdown``. A message that does not decode, or does not carry
 the engine's token, is dropped and counted; an exception in a batch is reported for that
 batch and the worker keeps serving.
@@ -65,6 +67,13 @@ def _watch_parent(stdin_fd: int, socket_dir: str | None) -> None:
     if socket_dir is not None:
         shutil.rmtree(socket_dir, ignore_errors=True)
     os._exit(1)
+
+
+def _since_exec() -> float:
+    """Seconds since this process started (the interpreter's own start-up included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def encode_args(args: WorkerArgs) -> bytes:
@@ -167,19 +176,31 @@ class _WorkerLoop:
         self._beats.start()
 
     def start(self) -> bool:
-        import torch
-        import torch.distributed as dist
-
-        from fastvideo.config import PipelineConfig
-        from fastvideo.worker.worker import Worker, set_cpu_threads
-
+        """Start-up, in the order that overlaps most: the weight reads start as soon as the
+        worker module is imported and run (in threads) while the plugins load, the process
+        group forms and the modules are built."""
         a = self.args
+        # Python's start, this module's imports (torch), and the wait for the arguments
+        # (the driver spawns workers before it has resolved the model).
+        breakdown = {"until_args": _since_exec()}
+        switch = sys.getswitchinterval()
+        # The read threads need the GIL for a moment per range while the main thread runs
+        # Python for seconds (imports, module building): hand it over sooner.
+        sys.setswitchinterval(min(switch, 0.0005))
         try:
+            import torch
+            import torch.distributed as dist
+
+            from fastvideo.config import PipelineConfig
+            from fastvideo.worker.worker import Worker, set_cpu_threads
+
+            breakdown["import_worker"] = _since_exec() - breakdown["until_args"]
             config = msgspec.convert(a.config, PipelineConfig)
             device = torch.device(a.device)
             if device.type == "cpu":
                 set_cpu_threads(a.world_size)
             self.worker = Worker(a.rank, a.world_size, device, Path(a.model_dir), config)
+            self.worker.start_reading()
             self.worker.load_plugins(a.plugins)
             if a.world_size > 1:
                 self.store = dist.FileStore(a.store_path, a.world_size)
@@ -189,17 +210,21 @@ class _WorkerLoop:
         except BaseException as e:  # report anything, including import errors
             self.send(WorkerFailure(None, a.rank, type(e).__name__, str(e), traceback.format_exc()))
             return False
-        worker = self.worker
-        self.send(
-            WorkerReady(
-                a.rank,
-                os.getpid(),
-                a.device,
-                seconds,
-                worker.memory_bytes(),
-                host_rss_bytes=worker.host_rss_bytes(),
-            )
+        finally:
+            sys.setswitchinterval(switch)
+        breakdown.update(self.worker.breakdown)
+        breakdown["total"] = _since_exec()
+        memory = self.worker.memory_bytes()
+        ready = WorkerReady(
+            a.rank,
+            os.getpid(),
+            a.device,
+            seconds,
+            memory,
+            host_rss_bytes=self.worker.host_rss_bytes(),
+            load_breakdown=breakdown,
         )
+        self.send(ready)
         return True
 
     # --- serving -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,9 +35,10 @@ from fastvideo.layers.offload import (
     unwrapped,
 )
 from fastvideo.logger import init_logger
-from fastvideo.models.loader import DTYPES, checkpoint_files
+from fastvideo.models.loader import DTYPES, WeightSource, checkpoint_files, reading_from
 from fastvideo.models.lora import LoraManager, parse_lora_arg
 from fastvideo.models.registry import family_for_dir
+from fastvideo.models.weight_reader import WeightReader
 from fastvideo.pipelines.base import (
     CompileSettings,
     ComposedPipelineBase,
@@ -147,6 +149,14 @@ def component_dtype(name: str, dtypes: dict[str, torch.dtype]) -> torch.dtype:
     return dtypes["vae"] if name == "vae" else dtypes["text_encoder"]
 
 
+@dataclass(frozen=True)
+class _LoadPlan:
+    spec: ModelSpec
+    plans: list[ParallelPlan]
+    leads: bool  # may lead a replica: loads the output-rank components too
+    pipeline_cls: type[ComposedPipelineBase]
+
+
 class Worker:
     """Runs the pipeline on one rank."""
 
@@ -168,6 +178,10 @@ class Worker:
         self.step_hooks: list[StepHook] = []
         self.store: dist.Store | None = None
         self.loras: dict[str, LoraManager] = {}  # DiT component name -> its LoRAs
+        self.breakdown: dict[str, float] = {}  # start-up seconds by part (WorkerReady)
+        self._load_plan: _LoadPlan | None = None
+        self._memory_settings: MemorySettings | None = None
+        self._source: WeightSource | None = None
 
     def load_plugins(self, modules: list[str]) -> None:
         """Import each plugin module; call its ``register(worker)`` when it has one."""
@@ -187,6 +201,7 @@ class Worker:
         assert store is not None, "several ranks need a rendezvous store"
         self.store = store
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        start = time.perf_counter()
         dist.init_process_group(
             backend,
             store=store,
@@ -194,36 +209,90 @@ class Worker:
             world_size=self.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
+        self.breakdown["init_process_group"] = time.perf_counter() - start
+
+    def _plan_load(self) -> _LoadPlan:
+        """What this rank loads (pure: configs and the family's files; no device work)."""
+        if self._load_plan is None:
+            family = family_for_dir(self.model_dir)
+            spec = family.read_spec(self.model_dir)
+            plans = candidate_plans(
+                self.world_size,
+                spec.num_heads,
+                throughput_replicas=self.config.replicas(),
+                forced=self.config.parallel_config.forced(),
+            )
+            # Text encoder and VAE only where this rank can lead a replica (rank 0 always).
+            leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
+            self._load_plan = _LoadPlan(spec, plans, leads, family.pipeline_class())
+        return self._load_plan
+
+    def start_reading(self) -> None:
+        """Start reading this rank's weights onto its device in the background, so the
+        reads overlap joining the process group and building the modules."""
+        if self._source is not None:
+            return
+        start = time.perf_counter()
+        plan = self._plan_load()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 8
+        threads = max(2, min(8, cores // max(1, min(self.world_size, 8))))
+        self._source = WeightSource(WeightReader(self.device, threads=threads))
+        folders = plan.pipeline_cls.weight_folders(self.model_dir, plan.leads)
+        if self.config.offload_config.dit_sharded_weights:
+            folders = []  # shards are read on the host, then split (and their groups are
+            # collective: the memory plan waits for the process group)
+        else:  # components placed in host memory are read there by their loaders
+            memory = self._memory(plan, component_dtypes(self.config, self.device))
+            folders = [f for f in folders if not memory.loads_on_host(f.name)]
+        self._source.prefetch(folders)
+        self.breakdown["start_reading"] = time.perf_counter() - start
+
+    def _memory(self, plan: _LoadPlan, dtypes: dict[str, torch.dtype]) -> MemorySettings:
+        """This rank's placement, decided once (see ``memory_settings``)."""
+        if self._memory_settings is None:
+            self._memory_settings = self.memory_settings(
+                plan.plans, plan.leads, plan.pipeline_cls, dtypes, plan.spec.num_layers
+            )
+        return self._memory_settings
 
     def load(self) -> float:
         """Load this rank's components and create every plan's process groups; returns the
-        seconds it took."""
+        seconds it took (``breakdown`` gets the parts)."""
         start = time.perf_counter()
-        family = family_for_dir(self.model_dir)
-        spec = family.read_spec(self.model_dir)
+        self.start_reading()
+        plan = self._plan_load()
         dtypes = component_dtypes(self.config, self.device)
+        mark = time.perf_counter()
         backend = attention_bridge.resolve_backend(
             self.config.attention_config.resolved_backend(), self.device, dtypes["transformer"]
         )
-        plans = candidate_plans(
-            self.world_size,
-            spec.num_heads,
-            throughput_replicas=self.config.replicas(),
-            forced=self.config.parallel_config.forced(),
-        )
-        self.runtime.prepare(plans)
-        # Text encoder and VAE only where this rank can lead a replica (rank 0 always).
-        leads = self.rank == 0 or any(self.rank % p.replica_size == 0 for p in plans)
-        pipeline_cls = family.pipeline_class()
-        memory = self.memory_settings(plans, leads, pipeline_cls, dtypes, spec.num_layers)
+        self.breakdown["backend_probe"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        self.runtime.prepare(plan.plans)
+        self.breakdown["process_groups"] = time.perf_counter() - mark
+        memory = self._memory(plan, dtypes)
         env = PipelineRuntime(
             runtime=self.runtime,
             device=self.device,
-            spec=spec,
+            spec=plan.spec,
             dtypes=dtypes,
-            settings=pipeline_settings(self.config, spec, backend, memory),
+            settings=pipeline_settings(self.config, plan.spec, backend, memory),
         )
-        self.pipeline = pipeline_cls.from_pretrained(self.model_dir, env, output_rank=leads)
+        mark = time.perf_counter()
+        assert self._source is not None
+        try:
+            with reading_from(self._source):
+                self.pipeline = plan.pipeline_cls.from_pretrained(
+                    self.model_dir, env, output_rank=plan.leads
+                )
+        finally:
+            reader = self._source.reader
+            self._source.close()
+            self._source = None
+        self.breakdown["components"] = time.perf_counter() - mark
+        self.breakdown.update(self.pipeline.load_timings)
+        self.breakdown["weights_read"] = reader.busy_s
+        self.breakdown["weights_gb"] = reader.bytes_read / 1e9
         for spec in self.config.lora:
             path, scale = parse_lora_arg(spec)
             self.control("lora_load", {"path": path, "scale": scale, "name": None})
@@ -431,6 +500,9 @@ class Worker:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
     def close(self) -> None:
+        if self._source is not None:  # start_reading() without load()
+            self._source.close()
+            self._source = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
