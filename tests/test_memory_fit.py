@@ -43,7 +43,7 @@ from fastvideo.layers.offload import (
     unpark,
 )
 from fastvideo.layers.vae_tiling import TileSizes, decode_grid, encode_grid
-from fastvideo.models import loader
+from fastvideo.models import loader, weight_reader
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.stages.decoding import to_uint8_frames
 from tests.tiny_models import TinyWan, build_diffusers_pipeline
@@ -384,8 +384,9 @@ def test_parallel_decode_equals_single_rank_tiled_decode(tiny_a, num_gpus, monke
     folder, _ = tiny_a
     with monkeypatch.context() as patch:
         # The driver never reads weights: only the workers do, straight from the files.
-        for module in (safetensors, loader):
-            patch.setattr(module, "safe_open", _no_weights_in_the_driver)
+        patch.setattr(safetensors, "safe_open", _no_weights_in_the_driver)
+        for module in (weight_reader, loader):
+            patch.setattr(module, "read_header", _no_weights_in_the_driver)
         with VideoGenerator.from_pretrained(
             str(folder), num_gpus=num_gpus, device="cpu", vae_tiling=True, **TILE_FIELDS
         ) as gen:
