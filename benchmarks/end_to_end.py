@@ -3,7 +3,7 @@ model's default size (or --height/--width/--frames), on N GPUs, after a 2-step w
 request (as a server runs at start-up).
 
     python -m benchmarks.common /tmp/fastvideo-bench-wan-1.3B 1.3B
-    python -m benchmarks.end_to_end --model /tmp/fastvideo-bench-wan-1.3B --gpus 4 --out /tmp/e2e.json
+    python -m benchmarks.end_to_end --model /tmp/fastvideo-bench-wan-1.3B --gpus 4 --out e2e.json
     python -m benchmarks.end_to_end --model fastvideo/wan2.1-t2v-tiny-random --device cpu --steps 2
 """
 

@@ -119,8 +119,8 @@ def part_dit(args, res: dict, device: torch.device, compiled: bool) -> None:
     if compiled:
         ref.compile_repeated_blocks(backend=args.compile_backend)
 
-    def call(*a):
-        return ref(*a, return_dict=False)[0]
+    def call(*a, model=ref):
+        return model(*a, return_dict=False)[0]
 
     out_ref = _time_dit(f"DiT {tag} diffusers", call, inputs, device, args, res,
                         f"diffusers_dit_{tag}", warmup=1)  # fmt: skip
@@ -202,8 +202,8 @@ def part_e2e(args, res: dict, device: torch.device, save) -> None:
     )
     for name in videos:
         res[f"e2e_{name}"]["speedup_vs_diffusers"] = ref_s / res[f"e2e_{name}"]["seconds"]
-    print(f"e2e diffusers {ref_s:8.1f} s; speed-ups: " + ", ".join(
-        f"{n} {res[f'e2e_{n}']['speedup_vs_diffusers']:.2f}x" for n in videos), flush=True)  # fmt: skip
+    ups = ", ".join(f"{n} {res[f'e2e_{n}']['speedup_vs_diffusers']:.2f}x" for n in videos)
+    print(f"e2e diffusers {ref_s:8.1f} s; speed-ups: {ups}", flush=True)
 
 
 def _diffusers_video(args, device: torch.device, size: dict) -> dict[str, Any]:
@@ -244,14 +244,14 @@ def part_floor(args, res: dict, device: torch.device) -> None:
     cfg = _dit_config(args.model)
     tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
     heads, d = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    q, k, v = (torch.randn(1, heads, tokens, d, device=device, dtype=torch.bfloat16)
-               for _ in range(3))  # fmt: skip
+    qkv = [torch.randn(1, heads, tokens, d, device=device, dtype=torch.bfloat16) for _ in "qkv"]
     rates = {}
     for name, why in runnable_backends(device, torch.bfloat16).items():
         if why is None and not (name == "sdpa_math" and tokens > 8192):
-            ms = _time(lambda f=bridge._BACKENDS[name].forward: f(q, k, v), device, 2, 5)
+            fwd = bridge._BACKENDS[name].forward
+            ms = _time(lambda f=fwd, x=qkv: f(*x), device, 2, 5)
             rates[name] = 4 * tokens * tokens * d * heads / ms / 1e9
-    del q, k, v
+    del qkv
     best = max(rates, key=rates.get)
     flops = wan_forward_flops(cfg, tokens)
     floor = flops.record(rates[best])
@@ -262,7 +262,7 @@ def part_floor(args, res: dict, device: torch.device) -> None:
     print(f"bf16 floor per DiT forward at {tokens} tokens: {floor['floor_ms']:.1f} ms "
           f"(attention {floor['attention_floor_ms']:.1f} ms at {rates[best]:.0f} TFLOP/s "
           f"[{best}] + linear {floor['linear_floor_ms']:.1f} ms at 790 TFLOP/s); "
-          f"{2 * args.steps} forwards: {floor['video_denoising_floor_s']:.1f} s", flush=True)  # fmt: skip
+          f"{2 * args.steps} forwards: {floor['video_denoising_floor_s']:.1f} s")  # fmt: skip
 
 
 def _ensure_model(args, device: torch.device) -> None:

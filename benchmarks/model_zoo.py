@@ -216,13 +216,18 @@ def step_inputs(case: ModelCase, device: torch.device, dtype: torch.dtype, seed:
         t = t[:, None].expand(1, grid.num_tokens).contiguous()
     image = randn(1, case.image_tokens, case.config["image_dim"]) if case.image_tokens else None
     ours: dict[str, Any] = {
-        "tokens": tokens.repeat(branches, 1, 1), "timestep": t.repeat(branches, *[1] * (t.ndim - 1)),
-        "text": torch.cat(text), "grid": grid,
-    }  # fmt: skip
+        "tokens": tokens.repeat(branches, 1, 1),
+        "timestep": t.repeat(branches, *[1] * (t.ndim - 1)),
+        "text": torch.cat(text),
+        "grid": grid,
+    }
     if image is not None:
         ours["image"] = image.repeat(branches, 1, 1)
-    theirs = [{"hidden_states": x, "timestep": t, "encoder_hidden_states": c,
-               "encoder_hidden_states_image": image, "return_dict": False} for c in text]  # fmt: skip
+    theirs = [
+        {"hidden_states": x, "timestep": t, "encoder_hidden_states": c,
+         "encoder_hidden_states_image": image, "return_dict": False}
+        for c in text
+    ]  # fmt: skip
     return StepInputs(ours, theirs)
 
 

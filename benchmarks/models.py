@@ -113,10 +113,11 @@ def move_cost(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
         views.append(host[offset : offset + n].view(p.dtype).view(p.shape))
         offset += n
     seconds = {}
-    for name, pairs in (("to_host_s", zip(views, params)), ("to_device_s", zip(params, views))):
+    directions = (("to_host_s", views, params), ("to_device_s", params, views))
+    for name, targets, sources in directions:
         synchronize(device)
         start = time.perf_counter()
-        for dst, src in pairs:
+        for dst, src in zip(targets, sources, strict=True):
             dst.copy_(src, non_blocking=True)
         synchronize(device)
         seconds[name] = time.perf_counter() - start
