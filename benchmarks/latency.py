@@ -315,6 +315,7 @@ def main() -> None:
     def save() -> None:
         write_result(args.out, res)
 
+    save()  # a run stopped during its first part still records what it was
     for part in PARTS:
         if part in skip:
             continue

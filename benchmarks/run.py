@@ -43,7 +43,7 @@ RUN_ENV = {
 RUN_DEFAULTS = {"FASTVIDEO_CACHE_DIR": "/tmp/fastvideo-cache", "HF_HUB_OFFLINE": "1"}
 MIN_START_S = {"cuda": 30.0, "cpu": 5.0}  # less budget than this left: skip the step
 KILL_GRACE_S = 15.0
-NOISE = re.compile(r"it/s\]|s/it\]|Loading|Writing model|[Ww]arning|deprecat|^\s*$")
+NOISE = re.compile(r"it/s\]|s/it\]|Loading|Writing model|[Ww]arning|deprecat|^wrote |^\s*$")
 
 
 def result_path(out_dir: Path, suite: str, kind: str) -> Path:
