@@ -11,7 +11,7 @@ the relative error of the step's outputs is reported. Each model is built direct
 device and freed before the next; the JSON is rewritten after every model.
 
     python -m benchmarks.models --out /tmp/models.json
-    python -m benchmarks.models --only wan2.2-ti2v-5b,hunyuanvideo --reps 1
+    python -m benchmarks.models --only wan2.2-ti2v-5b,hunyuanvideo --reps 2
     python -m benchmarks.models --device cpu --smoke
 """
 
@@ -91,27 +91,28 @@ def _one_call_ms(step: Step, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def switch_cost(first: Step, second: Step, device: torch.device) -> dict[str, float]:
-    """A step of ``second`` right after one of ``first`` (the switch), then another of
-    ``second`` (steady): their difference is what switching experts costs."""
-    first()
+def switch_cost(second: Step, steady_ms: float, device: torch.device) -> dict[str, float]:
+    """One step of ``second`` right after the timed steps of the first expert: minus the
+    first expert's steady step time (the experts have the same shape) it is what switching
+    experts costs. One extra step per implementation (a step at 720p is ~30 s)."""
     after_switch = _one_call_ms(second, device)
-    steady = _one_call_ms(second, device)
-    return {"after_switch_ms": after_switch, "steady_ms": steady,
-            "switch_ms": after_switch - steady}  # fmt: skip
+    return {"after_switch_ms": after_switch, "steady_ms": steady_ms,
+            "switch_ms": after_switch - steady_ms}  # fmt: skip
 
 
+@torch.no_grad()
 def move_cost(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
     """Seconds to copy ``model``'s weights device -> pinned host -> device: what a switch
     costs when the idle expert does not stay on the GPU."""
     params = [p for p in model.parameters()]
-    total = sum(p.numel() * p.element_size() for p in params)
-    host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    sizes = [p.numel() * p.element_size() for p in params]
+    padded = [-(-n // 64) * 64 for n in sizes]  # each view starts aligned for any dtype
+    host = torch.empty(sum(padded), dtype=torch.uint8, pin_memory=device.type == "cuda")
     views, offset = [], 0
-    for p in params:
-        n = p.numel() * p.element_size()
+    for p, n, step in zip(params, sizes, padded, strict=True):
         views.append(host[offset : offset + n].view(p.dtype).view(p.shape))
-        offset += n
+        offset += step
+    total = sum(sizes)
     seconds = {}
     directions = (("to_host_s", views, params), ("to_device_s", params, views))
     for name, targets, sources in directions:
@@ -149,7 +150,11 @@ def run_case(case: ModelCase, args, device: torch.device, dtype: torch.dtype) ->
     inputs = step_inputs(case, device, dtype, args.seed)
     steps = [_steps(case, o, r, inputs) for o, r in zip(ours, refs, strict=True)]
     out_ours, res["ours"] = _time_impl(steps[0][0], device, args)
+    if case.experts == 2:  # right after the first expert's timed steps
+        res["switch"] = {"ours": switch_cost(steps[1][0], res["ours"]["step_ms"], device)}
     out_ref, res["diffusers"] = _time_impl(steps[0][1], device, args)
+    if case.experts == 2:
+        res["switch"]["diffusers"] = switch_cost(steps[1][1], res["diffusers"]["step_ms"], device)
     res["rel_err_vs_diffusers"] = rel_err(out_ours.float(), out_ref.float())
     res["outputs_finite"] = bool(torch.isfinite(out_ours).all() and torch.isfinite(out_ref).all())
     del out_ours, out_ref
@@ -157,10 +162,6 @@ def run_case(case: ModelCase, args, device: torch.device, dtype: torch.dtype) ->
     for side in ("ours", "diffusers"):
         res[side]["tflops"] = res["flops"]["total"] / res[side]["step_ms"] / 1e9
     if case.experts == 2:
-        res["switch"] = {
-            side: switch_cost(steps[0][i], steps[1][i], device)
-            for i, side in enumerate(("ours", "diffusers"))
-        }
         res["switch"]["move"] = (
             move_cost(ours[1], device) if args.expert_move and device.type == "cuda"
             else "both experts resident on the GPU: no weights move (--expert-move times "
@@ -192,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(CASES), help=f"comma list of: {', '.join(CASES)}")
     p.add_argument("--smoke", action="store_true", help="toy sizes of the same models (CPU)")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps after the first call")
-    p.add_argument("--reps", type=int, default=2, help="timed steps per implementation")
+    p.add_argument("--reps", type=int, default=1, help="timed steps per implementation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", default="auto", help="our attention backend")
     p.add_argument("--diffusers-attention", help="diffusers attention backend, e.g. _native_cudnn")
