@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from benchmarks.provenance import REPO, gpu_kind, gpu_names
-from benchmarks.suites import SUITES, Context, Step
+from benchmarks.suites import CHECKPOINT_ARCH, SUITES, Context, Step
 
 RUN_ENV = {
     "NCCL_NVLS_ENABLE": "0",
@@ -112,8 +112,9 @@ def _stop(proc: subprocess.Popen) -> None:
 class Runner:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.device = args.device or ("cuda" if gpu_names() else "cpu")
-        gpus = gpu_names() if self.device == "cuda" else []
+        names = gpu_names()
+        self.device = args.device or ("cuda" if names else "cpu")
+        gpus = names if self.device == "cuda" else []
         self.ctx = Context(self.device, len(gpus))
         self.kind = args.gpu_kind or ("cpu" if self.device == "cpu" else gpu_kind(gpus))
         self.deadline = time.monotonic() + args.budget_s if args.budget_s else None
@@ -162,7 +163,7 @@ class Runner:
         if self._checkpoint_ready:
             return True
         argv = [sys.executable, "-m", "benchmarks.common", str(self.ctx.checkpoint),
-                {"cuda": "1.3B", "cpu": "tiny"}[self.device], self.device]  # fmt: skip
+                CHECKPOINT_ARCH[self.device], self.device]  # fmt: skip
         log = self.args.out_dir / "logs" / f"checkpoint_{self.kind}.log"
         code, tail = run_step(argv, self.remaining(), log)
         if code != 0:
