@@ -150,12 +150,15 @@ class Runner:
         argv = [a.replace("{out}", str(out)) for a in step.argv]
         code, tail = run_step(argv, self.remaining(), out.with_suffix(".log"))
         result = json.loads(out.read_text()) if out.is_file() else None
-        status = "complete" if code == 0 else "partial" if result is not None else "failed"
+        status = "failed" if result is None else "complete" if code == 0 else "partial"
         entry = {"status": status, "seconds": time.monotonic() - start,
                  "command": " ".join(argv[1:]), "result": result}  # fmt: skip
-        if code != 0:
+        if status != "complete":
             self.failed = True
-            entry["reason"] = "stopped at the time budget" if code is None else f"exit code {code}"
+            entry["reason"] = (
+                "stopped at the time budget" if code is None
+                else f"exit code {code}" if code else "it wrote no result"
+            )  # fmt: skip
             entry["log_tail"] = tail
         return entry
 
