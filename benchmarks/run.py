@@ -10,7 +10,10 @@ Suites: gpu-tests, kernels, latency, models, scaling, throughput, load, memory (
 its status (complete / partial / failed / skipped), beside the environment of the run
 (commit and dirty flag, GPUs, torch, date, command). A step that outlives the budget is
 stopped (its process group: SIGTERM, then SIGKILL) and what it had written is kept as
-``partial``. Full logs go to ``<out-dir>/logs/``.
+``partial``. Each step's own JSON and full log go to ``--log-dir`` (default
+``/tmp/fastvideo-bench-logs``), so the out-dir holds only the suite files (a lent machine
+sends back few files); a step that did not complete keeps its last lines of output in
+the suite file.
 
 The runner sets the lent machines' NCCL rules (NVLink multicast off) and unbuffered
 output in its own environment, so every process it starts, and theirs, inherit them.
@@ -145,7 +148,7 @@ class Runner:
             return {**entry, "reason": f"time budget spent ({self.args.budget_s} s)"}
         if step.checkpoint and not self._ensure_checkpoint():
             return {**entry, "status": "failed", "reason": "writing the random checkpoint failed"}
-        out = self.args.out_dir / "logs" / f"{suite}_{self.kind}_{step.name}.json"
+        out = self.args.log_dir / f"{suite}_{self.kind}_{step.name}.json"
         out.unlink(missing_ok=True)
         argv = [a.replace("{out}", str(out)) for a in step.argv]
         code, tail = run_step(argv, self.remaining(), out.with_suffix(".log"))
@@ -167,7 +170,7 @@ class Runner:
             return True
         argv = [sys.executable, "-m", "benchmarks.common", str(self.ctx.checkpoint),
                 CHECKPOINT_ARCH[self.device], self.device]  # fmt: skip
-        log = self.args.out_dir / "logs" / f"checkpoint_{self.kind}.log"
+        log = self.args.log_dir / f"checkpoint_{self.kind}.log"
         code, tail = run_step(argv, self.remaining(), log)
         if code != 0:
             print(tail, flush=True)
@@ -181,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"one or more of: {', '.join(SUITES)}")  # fmt: skip
     p.add_argument("--budget-s", type=float, help="wall-clock budget for all suites together")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--log-dir", type=Path, default=Path("/tmp/fastvideo-bench-logs"),
+                   help="each step's own JSON and full log")  # fmt: skip
     p.add_argument("--device", choices=["cuda", "cpu"], help="cpu: smoke run at toy sizes")
     p.add_argument("--gpu-kind", help="machine name in the file names (default: from the GPUs)")
     return p.parse_args(argv)
@@ -188,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out_dir = args.out_dir.resolve()
+    args.out_dir, args.log_dir = args.out_dir.resolve(), args.log_dir.resolve()
     os.environ.update(RUN_ENV)
     for key, value in RUN_DEFAULTS.items():
         os.environ.setdefault(key, value)

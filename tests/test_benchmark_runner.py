@@ -19,7 +19,8 @@ from benchmarks.suites import Step
 
 
 def _runner(tmp_path: Path, budget: float | None = None) -> run.Runner:
-    args = run.parse_args(["kernels", "--device", "cpu", "--out-dir", str(tmp_path)])
+    args = run.parse_args(["kernels", "--device", "cpu", "--out-dir", str(tmp_path),
+                           "--log-dir", str(tmp_path / "logs")])  # fmt: skip
     args.budget_s = budget
     runner = run.Runner(args)
     runner.deadline = None if budget is None else time.monotonic() + budget
@@ -69,7 +70,9 @@ def test_children_inherit_the_nccl_rules(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "run_step", _capture_env(tmp_path))
     monkeypatch.setattr(sys, "argv", ["run"])
     monkeypatch.setattr(run, "SUITES", {"kernels": lambda ctx: [_step("pass")]})
-    run.main(["kernels", "--device", "cpu", "--out-dir", str(tmp_path)])
+    run.main(["kernels", "--device", "cpu", "--out-dir", str(tmp_path), "--log-dir",
+              str(tmp_path / "logs")])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["env.json", "kernels_cpu.json"]
     seen = json.loads((tmp_path / "env.json").read_text())
     assert {k: seen[k] for k in run.RUN_ENV} == run.RUN_ENV
 
