@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import environment, measure_cuda, rel_err, write_random_wan, write_result
+from benchmarks.common import environment, measure, rel_err, write_random_wan, write_result
+
+
+def measure_cuda(fn, warmup: int, reps: int) -> tuple[float, float]:
+    """(median ms, peak GiB above what was allocated before) on the current GPU."""
+    out = measure(fn, warmup, reps, torch.device("cuda"))
+    return out["ms"], out["peak_gib"]
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,275 +1,334 @@
 """Latency of one video, ours vs diffusers, in one process on one GPU.
 
-Full-size Wan2.1-T2V-1.3B architecture with seeded random weights (or a local checkpoint
-via --model), 480x832x81 by default. Reports, each with peak GPU memory above the weights:
-text encoding, one DiT forward (batch 1), VAE decode, and with --e2e the whole 50-step CFG
-video through the engine. --compare-diffusers loads the same weights into diffusers'
-WanTransformer3DModel and AutoencoderKLWan (and, with --e2e, WanPipeline) and prints the
-ratios. --attention / --teacache / --compile select our optimisations; --compile-diffusers
-compiles diffusers' transformer (torch.compile of the whole model).
+The full-size Wan2.1-T2V-1.3B architecture with seeded random weights (or a checkpoint via
+--model), 480x832x81 by default. Parts (``--skip`` any of them):
 
-With random weights TeaCache's skip count is NOT what real weights give (the timestep
-embedding's change per step depends on the weights); the count used is reported.
+- ``dit``: one DiT forward (batch 1), ours vs diffusers' WanTransformer3DModel, eager;
+- ``compile``: the same with regional compile (ours: ``compile_blocks``; diffusers:
+  ``compile_repeated_blocks``), first call (compile) and steady state;
+- ``vae``: VAE decode of the video's latents in fp32 and bf16, ours vs AutoencoderKLWan;
+- ``e2e``: one 50-step CFG video through the engine (``VideoGenerator``): exact, then with
+  TeaCache and with MagCache at their default thresholds (skip counts, PSNR vs exact),
+  and diffusers' WanPipeline with the same checkpoint, prompt, seed and size;
+- ``floor``: the bf16 floor of one DiT forward at this shape (attention FLOPs at the
+  fastest dense kernel measured here + linear FLOPs at ~790 TFLOP/s), and of the video.
 
-    python -m benchmarks.latency --compare-diffusers --out benchmarks/results/x.json
-    python -m benchmarks.latency --attention sta --teacache --e2e --compare-diffusers
+Each part's time comes with the peak GPU memory above what was allocated before it. The
+JSON is rewritten after every part.
+
+    python -m benchmarks.latency --out /tmp/latency.json
+    python -m benchmarks.latency --device cpu --arch tiny --height 32 --width 32 --frames 5 \
+        --steps 3 --reps 1 --compile-backend aot_eager --executor inproc
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from benchmarks.common import environment, measure_cuda, rel_err, write_result
+from benchmarks.common import (
+    ARCHS,
+    WEIGHTS_NOTE,
+    args_record,
+    default_device,
+    environment,
+    free_memory,
+    measure,
+    psnr,
+    rel_err,
+    timed_first_call,
+    write_result,
+)
+from benchmarks.flops import wan_forward_flops
 
-GIB = 2**30
+PARTS = ("dit", "compile", "vae", "e2e", "floor")
+PROMPT = "a red fox running through a snowy forest, cinematic"
+CACHE_NOTE = (
+    "step-cache skip counts depend on the weights (TeaCache compares the timestep "
+    "modulation between steps); these are random, so the counts are not those of the "
+    "released checkpoint"
+)
 
 
-def _free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def _env(model: Path, dtypes: dict, compile_blocks: bool = False):
-    from fastvideo.distributed.runtime import ParallelRuntime
-    from fastvideo.models.wan.registration import read_wan_spec
-    from fastvideo.pipelines.base import PipelineRuntime
-
-    dev = torch.device("cuda")
-    options = {"compile": {"backend": "inductor", "mode": None}} if compile_blocks else {}
-    return PipelineRuntime(ParallelRuntime(0, 1, dev), dev, read_wan_spec(model), dtypes, options)
-
-
-def _set_attention(model: Path, name: str) -> str:
+def _runtime(model: Path, device: torch.device, dtypes: dict, args, compiled: bool = False):
+    """The PipelineRuntime our loaders read (one rank), with this run's attention."""
     from fastvideo.config import PipelineConfig
-    from fastvideo.kernels_bridge import attention as bridge
+    from fastvideo.distributed.runtime import ParallelRuntime
+    from fastvideo.kernels_bridge.attention import resolve_backend
     from fastvideo.models.wan.registration import read_wan_spec
+    from fastvideo.pipelines.base import CompileSettings, PipelineRuntime, PipelineSettings
     from fastvideo.worker.worker import sta_config
 
-    config = PipelineConfig.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    chosen = bridge.resolve_backend(name, torch.device("cuda"), torch.bfloat16)
-    bridge.set_backend(chosen, sta_config(config, read_wan_spec(model)))
-    return chosen
+    spec = read_wan_spec(model)
+    backend = resolve_backend(args.attention, device, dtypes.get("transformer", torch.bfloat16))
+    config = PipelineConfig.from_pretrained(str(model))
+    settings = PipelineSettings(
+        attention_backend=backend,
+        sta=sta_config(config, spec),
+        compile=CompileSettings(args.compile_backend) if compiled else None,
+    )
+    return PipelineRuntime(ParallelRuntime(0, 1, device), device, spec, dtypes, settings)
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+def _dit_inputs(args, cfg: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    lat = (cfg["in_channels"], (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    x = torch.randn(1, *lat, device=device, dtype=torch.bfloat16)
+    t = torch.tensor([999], device=device)
+    text = torch.randn(1, 512, cfg["text_dim"], device=device, dtype=torch.bfloat16)
+    return x, t, text
 
 
-@torch.no_grad()
-def main() -> None:
+def _time_dit(name: str, model, inputs, device, args, res: dict, key: str, warmup: int) -> Any:
+    """First call and steady-state forward of one DiT; returns its output."""
+    out, first = timed_first_call(lambda: model(*inputs), device)
+    m = measure(lambda: model(*inputs), warmup, args.reps, device)
+    res[f"{key}_first_call_s"] = first
+    res[f"{key}_ms"], res[f"{key}_peak_gib"] = m["ms"], m["peak_gib"]
+    peak = f"  peak +{m['peak_gib']:.2f} GiB" if m["peak_gib"] is not None else ""
+    print(f"{name:<28} {m['ms']:9.1f} ms{peak}  (first call {first:.1f} s)", flush=True)
+    return out
+
+
+def part_dit(args, res: dict, device: torch.device, compiled: bool) -> None:
+    """Ours vs diffusers, one forward; ``compiled``: both with regional compile."""
+    from diffusers import WanTransformer3DModel
+
+    from fastvideo.models.wan.components import load_transformer
+
+    bf16 = torch.bfloat16
+    inputs = _dit_inputs(args, _dit_config(args.model), device)
+    tag = "compiled" if compiled else "eager"
+    env = _runtime(args.model, device, {"transformer": bf16}, args, compiled)
+    res["attention_backend"] = env.settings.attention_backend
+    ours = load_transformer(args.model / "transformer", env)
+    out_ours = _time_dit(f"DiT {tag} ours", ours, inputs, device, args, res,
+                         f"ours_dit_{tag}", warmup=1)  # fmt: skip
+    del ours
+    free_memory()
+    ref = WanTransformer3DModel.from_pretrained(str(args.model / "transformer"), torch_dtype=bf16)
+    ref = ref.to(device).eval()
+    if args.diffusers_attention:
+        ref.set_attention_backend(args.diffusers_attention)
+    if compiled:
+        ref.compile_repeated_blocks(backend=args.compile_backend)
+
+    def call(*a, model=ref):
+        return model(*a, return_dict=False)[0]
+
+    out_ref = _time_dit(f"DiT {tag} diffusers", call, inputs, device, args, res,
+                        f"diffusers_dit_{tag}", warmup=1)  # fmt: skip
+    res[f"dit_{tag}_ratio_ours_over_diffusers"] = (
+        res[f"ours_dit_{tag}_ms"] / res[f"diffusers_dit_{tag}_ms"]
+    )
+    res[f"dit_{tag}_rel_err_vs_diffusers"] = rel_err(out_ours.float(), out_ref.float())
+    print(f"  ratio {res[f'dit_{tag}_ratio_ours_over_diffusers']:.3f}, output rel.err "
+          f"{res[f'dit_{tag}_rel_err_vs_diffusers']:.2e}", flush=True)  # fmt: skip
+    del ref, out_ref, out_ours
+    free_memory()
+    if compiled:
+        torch._dynamo.reset()
+
+
+def _dit_config(model: Path) -> dict:
+    from fastvideo.models.registry import read_json
+
+    return read_json(model / "transformer" / "config.json")
+
+
+def part_vae(args, res: dict, device: torch.device) -> None:
+    from diffusers import AutoencoderKLWan
+
+    from fastvideo.models.loader import DTYPES
+    from fastvideo.models.wan.components import load_vae
+
+    torch.manual_seed(0)
+    lat = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    z = torch.randn(1, *lat, device=device)
+    for prec in args.vae_precisions.split(","):
+        dtype = DTYPES[prec]
+        vae = load_vae(args.model / "vae", _runtime(args.model, device, {"vae": dtype}, args))
+        m = measure(lambda v=vae, d=dtype: v.decode(z.to(d)), 1, args.vae_reps, device)
+        del vae
+        free_memory()
+        ref = AutoencoderKLWan.from_pretrained(str(args.model / "vae"), torch_dtype=dtype)
+        ref = ref.to(device).eval()
+        r = measure(lambda v=ref, d=dtype: v.decode(z.to(d), return_dict=False)[0], 1,
+                    args.vae_reps, device)  # fmt: skip
+        del ref
+        free_memory()
+        res[f"vae_{prec}"] = {"ours_ms": m["ms"], "ours_peak_gib": m["peak_gib"],
+                              "diffusers_ms": r["ms"], "diffusers_peak_gib": r["peak_gib"],
+                              "ratio_ours_over_diffusers": m["ms"] / r["ms"]}  # fmt: skip
+        print(f"VAE decode {prec:<5} ours {m['ms']:9.1f} ms | diffusers {r['ms']:9.1f} ms"
+              f"  ratio {m['ms'] / r['ms']:.3f}", flush=True)  # fmt: skip
+
+
+def part_e2e(args, res: dict, device: torch.device, save) -> None:
+    """Our engine: exact, TeaCache, MagCache (one engine, a 2-step warm-up first, as a
+    server would run at start-up); then diffusers' WanPipeline."""
+    from fastvideo import VideoGenerator
+
+    size = dict(height=args.height, width=args.width, num_frames=args.frames, seed=0)
+    videos: dict[str, Any] = {}
+    with VideoGenerator.from_pretrained(
+        str(args.model), device=device.type, executor=args.executor
+    ) as gen:
+        gen.generate_video(PROMPT, num_inference_steps=2, **size)
+        for name, cache in (("exact", None), ("teacache", "teacache"), ("magcache", "magcache")):
+            out = gen.generate_video(PROMPT, num_inference_steps=args.steps, cache=cache, **size)
+            videos[name] = out.frames
+            entry = {"cache": cache, "timings_s": out.timings, "stats": out.stats,
+                     "seconds": out.timings["end_to_end"], "plan": out.plan,
+                     "peak_gib": [b / 2**30 for b in out.peak_memory_bytes]}  # fmt: skip
+            if cache is not None:
+                entry["thresh"] = gen.config.cache_config.default_thresh(cache)
+                entry["psnr_vs_exact_db"] = psnr(out.frames, videos["exact"])
+                entry["skipped"] = {k: v for k, v in out.stats.items() if "_skipped_" in k}
+            res[f"e2e_{name}"] = entry
+            print(f"e2e {name:<9} ours {entry['seconds']:8.1f} s  {out.stats or ''}", flush=True)
+            save()
+    res["e2e_note"] = CACHE_NOTE
+    res["e2e_diffusers"] = _diffusers_video(args, device, size)
+    ref_s = res["e2e_diffusers"]["seconds"]
+    res["e2e_diffusers"]["psnr_vs_ours_exact_db"] = psnr(
+        res["e2e_diffusers"].pop("frames"), videos["exact"]
+    )
+    for name in videos:
+        res[f"e2e_{name}"]["speedup_vs_diffusers"] = ref_s / res[f"e2e_{name}"]["seconds"]
+    ups = ", ".join(f"{n} {res[f'e2e_{n}']['speedup_vs_diffusers']:.2f}x" for n in videos)
+    print(f"e2e diffusers {ref_s:8.1f} s; speed-ups: {ups}", flush=True)
+
+
+def _diffusers_video(args, device: torch.device, size: dict) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    from fastvideo.models.wan.registration import WAN_NEGATIVE_PROMPT
+
+    vae = AutoencoderKLWan.from_pretrained(str(args.model / "vae"), torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(str(args.model), vae=vae, torch_dtype=torch.bfloat16)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPT, negative_prompt=WAN_NEGATIVE_PROMPT, guidance_scale=5.0,
+                  height=size["height"], width=size["width"], num_frames=size["num_frames"],
+                  output_type="np")  # fmt: skip
+    pipe(**kwargs, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    frames = pipe(**kwargs, num_inference_steps=args.steps,
+                  generator=torch.Generator("cpu").manual_seed(0)).frames[0]  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del pipe, vae
+    free_memory()
+    # diffusers' np frames are float in [0, 1]; ours uint8.
+    frames_u8 = (frames * 255).round().clip(0, 255).astype("uint8")
+    return {"seconds": seconds, "peak_gib": peak, "frames": frames_u8}
+
+
+def part_floor(args, res: dict, device: torch.device) -> None:
+    """bf16 floor: attention FLOPs at the fastest dense kernel's rate at this shape."""
+    from benchmarks.attention_kernels import _time, runnable_backends
+    from fastvideo.kernels_bridge import attention as bridge
+
+    cfg = _dit_config(args.model)
+    tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
+    heads, d = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    qkv = [torch.randn(1, heads, tokens, d, device=device, dtype=torch.bfloat16) for _ in "qkv"]
+    rates = {}
+    for name, why in runnable_backends(device, torch.bfloat16).items():
+        if why is None and not (name == "sdpa_math" and tokens > 8192):
+            fwd = bridge._BACKENDS[name].forward
+            ms = _time(lambda f=fwd, x=qkv: f(*x), device, 2, 5)
+            rates[name] = 4 * tokens * tokens * d * heads / ms / 1e9
+    del qkv
+    best = max(rates, key=rates.get)
+    flops = wan_forward_flops(cfg, tokens)
+    floor = flops.record(rates[best])
+    floor.update(best_kernel=best, kernel_tflops=rates, tokens=tokens,
+                 video_forwards=2 * args.steps,
+                 video_denoising_floor_s=2 * args.steps * floor["floor_ms"] / 1e3)  # fmt: skip
+    res["floor"] = floor
+    print(f"bf16 floor per DiT forward at {tokens} tokens: {floor['floor_ms']:.1f} ms "
+          f"(attention {floor['attention_floor_ms']:.1f} ms at {rates[best]:.0f} TFLOP/s "
+          f"[{best}] + linear {floor['linear_floor_ms']:.1f} ms at 790 TFLOP/s); "
+          f"{2 * args.steps} forwards: {floor['video_denoising_floor_s']:.1f} s")  # fmt: skip
+
+
+def _ensure_model(args, device: torch.device) -> None:
+    if args.model is not None:
+        return
+    args.model = Path(f"/tmp/fastvideo-bench-wan-{args.arch}")
+    # Written in its own process, so this one's GPU memory starts clean.
+    cmd = [sys.executable, "-m", "benchmarks.common", str(args.model), args.arch, device.type]
+    subprocess.run(cmd, check=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, help="checkpoint folder (default: random 1.3B)")
+    p.add_argument("--device", help="cuda (default when available) or cpu")
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: random --arch)")
+    p.add_argument("--arch", default="1.3B", choices=sorted(ARCHS), help="random checkpoint")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--attention", default="auto")
-    p.add_argument("--teacache", action="store_true")
-    p.add_argument("--teacache-thresh", type=float, default=0.08)
-    p.add_argument("--compile", action="store_true", help="regional compile of our DiT blocks")
-    p.add_argument(
-        "--compile-diffusers", action="store_true", help="torch.compile diffusers' transformer"
-    )
-    p.add_argument("--compare-diffusers", action="store_true")
+    p.add_argument("--reps", type=int, default=5, help="timed DiT forwards")
+    p.add_argument("--vae-reps", type=int, default=2)
+    p.add_argument("--attention", default="auto", help="our attention backend")
     p.add_argument("--diffusers-attention", help="diffusers attention backend, e.g. _native_cudnn")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: text,dit,vae")
+    p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--vae-precisions", default="fp32,bf16")
-    p.add_argument("--e2e", action="store_true", help="also the whole video through the engine")
-    p.add_argument("--e2e-exact", action="store_true", help="with --e2e: also our exact path")
-    p.add_argument(
-        "--e2e-teacache-dense", action="store_true", help="with --e2e: also dense + TeaCache"
-    )
+    p.add_argument("--executor", default="mp", choices=["mp", "inproc"], help="engine executor")
+    p.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)}")
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def main() -> None:
+    args = parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    if args.model is None:
-        args.model = Path("/tmp/wan13b")
-        subprocess.run([sys.executable, "-m", "benchmarks.common", str(args.model)], check=True)
-    from fastvideo.models.wan import components
+    if skip - set(PARTS):
+        raise SystemExit(f"--skip: unknown parts {sorted(skip - set(PARTS))}; allowed: {PARTS}")
+    device = default_device(args.device)
+    _ensure_model(args, device)
+    lat_frames = (args.frames - 1) // 4 + 1
+    res: dict[str, Any] = {
+        "benchmark": "latency", **environment(), "args": args_record(args),
+        "weights": WEIGHTS_NOTE, "model": str(args.model),
+        "size": {"height": args.height, "width": args.width, "frames": args.frames},
+        "tokens": lat_frames * (args.height // 16) * (args.width // 16), "steps": args.steps,
+        "parts_done": [],
+    }  # fmt: skip
 
-    torch.manual_seed(0)
-    lat = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    x = torch.randn(1, *lat, device="cuda", dtype=torch.bfloat16)
-    t = torch.tensor([999], device="cuda")
-    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-    res: dict = {"latent_shape": list(lat), "tokens": lat[1] * lat[2] * lat[3] // 4}
-    res["attention_backend"] = _set_attention(args.model, args.attention)
-    print(f"attention backend: {res['attention_backend']}")
-    bf16 = torch.bfloat16
+    def save() -> None:
+        write_result(args.out, res)
 
-    if "text" not in skip:
-        env = _env(args.model, {"text_encoder": bf16})
-        tok = components.load_wan_tokenizer(args.model / "tokenizer", env)
-        enc = components.load_wan_text_encoder(args.model / "text_encoder", env)
-        from fastvideo.models.text_encoders import encode_prompts
-
-        fn = lambda: encode_prompts(tok, enc, ["a red fox"] * 2, 512, bf16)  # noqa: E731
-        res["ours_text_ms"], res["ours_text_peak_gib"] = measure_cuda(fn, 1, args.reps)
-        res["text_note"] = "1-layer UMT5 of the real width: not UMT5-XXL's time"
-        print(f"text encoding (1-layer UMT5): {res['ours_text_ms']:.1f} ms")
-        del enc, tok
-        _free()
-
-    if "dit" not in skip:
-        env = _env(args.model, {"transformer": bf16}, compile_blocks=args.compile)
-        start = time.perf_counter()
-        ours = components.load_transformer(args.model / "transformer", env)
-        out_ours = ours(x, t, text)
-        torch.cuda.synchronize()
-        res["ours_dit_first_call_s"] = time.perf_counter() - start
-        res["ours_dit_ms"], res["ours_dit_peak_gib"] = measure_cuda(
-            lambda: ours(x, t, text), 2, args.reps
-        )
-        ms, peak, first = res["ours_dit_ms"], res["ours_dit_peak_gib"], res["ours_dit_first_call_s"]
-        print(f"DiT forward   ours      {ms:8.1f} ms  peak +{peak:.2f} GiB"
-              f"  (load+first call {first:.1f} s)")  # fmt: skip
-        del ours
-        _free()
-        if args.compare_diffusers:
-            from diffusers import WanTransformer3DModel
-
-            ref = WanTransformer3DModel.from_pretrained(
-                str(args.model / "transformer"), torch_dtype=bf16
-            )
-            ref = ref.to("cuda").eval()
-            if args.diffusers_attention:
-                ref.set_attention_backend(args.diffusers_attention)
-            if args.compile_diffusers:
-                ref = torch.compile(ref)
-            start = time.perf_counter()
-            out_ref = ref(x, t, text, return_dict=False)[0]
-            torch.cuda.synchronize()
-            res["diffusers_dit_first_call_s"] = time.perf_counter() - start
-            fwd = lambda: ref(x, t, text, return_dict=False)[0]  # noqa: E731
-            res["diffusers_dit_ms"], res["diffusers_dit_peak_gib"] = measure_cuda(fwd, 2, args.reps)
-            res["dit_ratio_ours_over_diffusers"] = res["ours_dit_ms"] / res["diffusers_dit_ms"]
-            res["dit_output_rel_err"] = rel_err(out_ours.float(), out_ref.float())
-            ratio = res["dit_ratio_ours_over_diffusers"]
-            print(f"DiT forward   diffusers {res['diffusers_dit_ms']:8.1f} ms  peak "
-                  f"+{res['diffusers_dit_peak_gib']:.2f} GiB  ratio {ratio:.3f}"
-                  f"  rel.err {res['dit_output_rel_err']:.2e}"
-                  f"  (load+first call {res['diffusers_dit_first_call_s']:.1f} s)")  # fmt: skip
-            del ref, out_ref
-        del out_ours
-        _free()
-
-    if "vae" not in skip:
-        from fastvideo.models.loader import DTYPES
-
-        z = torch.randn(1, *lat, device="cuda")
-        for prec in args.vae_precisions.split(","):
-            dtype = DTYPES[prec]
-            env = _env(args.model, {"vae": dtype})
-            vae = components.load_vae(args.model / "vae", env)
-            ms, peak = measure_cuda(lambda v=vae, d=dtype: v.decode(z.to(d)), 1, 2)
-            res[f"ours_vae_{prec}_ms"], res[f"ours_vae_{prec}_peak_gib"] = ms, peak
-            line = f"VAE decode {prec:<5} ours {ms:8.1f} ms  peak +{peak:.2f} GiB"
-            del vae
-            _free()
-            if args.compare_diffusers:
-                from diffusers import AutoencoderKLWan
-
-                ref_vae = AutoencoderKLWan.from_pretrained(
-                    str(args.model / "vae"), torch_dtype=dtype
-                )
-                ref_vae = ref_vae.to("cuda").eval()
-                fn = lambda v=ref_vae, d=dtype: v.decode(z.to(d), return_dict=False)[0]  # noqa: E731
-                ms_r, peak_r = measure_cuda(fn, 1, 2)
-                res[f"diffusers_vae_{prec}_ms"], res[f"diffusers_vae_{prec}_peak_gib"] = (
-                    ms_r,
-                    peak_r,
-                )
-                res[f"vae_{prec}_ratio_ours_over_diffusers"] = ms / ms_r
-                line += (
-                    f" | diffusers {ms_r:8.1f} ms  peak +{peak_r:.2f} GiB  ratio {ms / ms_r:.3f}"
-                )
-                del ref_vae
-                _free()
-            print(line)
-
-    if args.e2e:
-        _e2e(args, res)
-    if args.out:
-        write_result(args.out, {"benchmark": "latency", **environment(),
-                                "args": {k: str(v) for k, v in vars(args).items()},
-                                "weights": "seeded random bf16 DiT, fp32 VAE, 1-layer UMT5",
-                                **res})  # fmt: skip
-
-
-def _e2e(args, res: dict) -> None:
-    """Whole videos: our engine (fast path as flagged, and optionally exact) and diffusers'
-    WanPipeline, same checkpoint, prompt, seed, size and steps."""
-    from fastvideo import VideoGenerator
-
-    prompt, seed = "a red fox running through a snowy forest", 0
-    size = dict(height=args.height, width=args.width, num_frames=args.frames)
-    videos = {}
-    runs = [("fast", args.attention, args.teacache, args.compile)]
-    if args.e2e_exact:
-        runs.insert(0, ("exact", "auto", False, False))
-    if args.e2e_teacache_dense:
-        runs.append(("teacache_dense", "auto", True, args.compile))
-    for name, attention, teacache, compiled in runs:
-        with VideoGenerator.from_pretrained(
-            str(args.model), attention_backend=attention, enable_torch_compile=compiled
-        ) as gen:
-            # A 2-step warm-up request first (kernel selection, compile), as a server
-            # would run at start-up; the timed request is the second.
-            gen.generate_video(prompt, num_inference_steps=2, seed=seed, **size)
-            out = gen.generate_video(
-                prompt, num_inference_steps=args.steps, seed=seed, enable_teacache=teacache,
-                teacache_thresh=args.teacache_thresh, **size,
-            )  # fmt: skip
-        videos[name] = out.frames
-        res[f"e2e_{name}"] = {
-            "attention": attention, "teacache": teacache, "compile": compiled,
-            "timings_s": out.timings, "stats": out.stats,
-            "peak_gib": [b / GIB for b in out.peak_memory_bytes],
-        }  # fmt: skip
-        print(f"e2e {name:<6} ours {out.timings['end_to_end']:7.1f} s  {out.stats or ''}")
-    for name in videos:
-        if name != "exact" and "exact" in videos:
-            res[f"e2e_{name}_psnr_vs_exact_db"] = _psnr(videos[name], videos["exact"])
-            print(f"{name} vs exact PSNR {res[f'e2e_{name}_psnr_vs_exact_db']:.2f} dB")
-    if args.compare_diffusers:
-        from diffusers import AutoencoderKLWan, WanPipeline
-
-        vae = AutoencoderKLWan.from_pretrained(str(args.model / "vae"), torch_dtype=torch.float32)
-        pipe = WanPipeline.from_pretrained(str(args.model), vae=vae, torch_dtype=torch.bfloat16)
-        pipe.to("cuda")
-        pipe.set_progress_bar_config(disable=True)
-        gen = torch.Generator("cpu").manual_seed(seed)
-        from fastvideo.models.wan.registration import WAN_NEGATIVE_PROMPT
-
-        pipe(prompt=prompt, negative_prompt=WAN_NEGATIVE_PROMPT, guidance_scale=5.0,
-             num_inference_steps=2, generator=gen, output_type="np", **size)  # fmt: skip
-        gen = torch.Generator("cpu").manual_seed(seed)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        pipe(prompt=prompt, negative_prompt=WAN_NEGATIVE_PROMPT, guidance_scale=5.0,
-             num_inference_steps=args.steps, generator=gen, output_type="np", **size)  # fmt: skip
-        torch.cuda.synchronize()
-        res["e2e_diffusers_s"] = time.perf_counter() - start
-        for name in videos:
-            res[f"e2e_{name}_speedup_vs_diffusers"] = (
-                res["e2e_diffusers_s"] / res[f"e2e_{name}"]["timings_s"]["end_to_end"]
-            )
-        print(
-            f"e2e diffusers {res['e2e_diffusers_s']:7.1f} s  speed-ups: "
-            + ", ".join(f"{n} {res[f'e2e_{n}_speedup_vs_diffusers']:.2f}x" for n in videos)
-        )
-        del pipe
-        _free()
+    save()  # a run stopped during its first part still records what it was
+    for part in PARTS:
+        if part in skip:
+            continue
+        if part in ("dit", "compile"):
+            part_dit(args, res, device, compiled=part == "compile")
+        elif part == "vae":
+            part_vae(args, res, device)
+        elif part == "e2e":
+            part_e2e(args, res, device, save)
+        else:
+            part_floor(args, res, device)
+        res["parts_done"].append(part)
+        save()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """DiT time per denoising step on 1..N GPUs, and equality of the latents across plans.
 
-    python -m benchmarks.parallel_scaling --model /tmp/wan13b --configs 1,2,2:ulysses,2:ring
+    python -m benchmarks.parallel_scaling --model /tmp/fastvideo-bench-wan-1.3B \
+        --configs 1,2,2:ulysses,2:ring --out /tmp/scaling.json
+    python -m benchmarks.parallel_scaling --model fastvideo/wan2.1-t2v-tiny-random \
+        --device cpu --configs 1,2,2:ring --height 32 --width 32 --frames 5 --steps 2
 
 Each config is ``GPUS[:PLAN]`` with PLAN one of auto (default), ulysses, ring, cfg.
 For each: a 2-step request (also the warm-up) whose latents are compared with the first
@@ -13,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import environment, rel_err, write_result
+from benchmarks.common import WEIGHTS_NOTE, args_record, environment, rel_err, write_result
 
 PLANS = {
     "auto": {},
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
         gpus, plan = int(gpus_s), plan or "auto"
         start = time.perf_counter()
         with VideoGenerator.from_pretrained(
-            args.model, num_gpus=gpus, **_overrides(gpus, plan)
+            args.model, num_gpus=gpus, device=args.device, **_overrides(gpus, plan)
         ) as gen:
             load_s = time.perf_counter() - start
             check = gen.generate_video(args.prompt, num_inference_steps=2, **size)
@@ -86,8 +89,8 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     payload = {
         "benchmark": "parallel_scaling",
         **environment(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "weights": "seeded random bf16 (speed does not depend on them)",
+        "args": args_record(args),
+        "weights": WEIGHTS_NOTE,
         "rows": rows,
     }
     write_result(args.out, payload)
@@ -104,7 +107,7 @@ def _profile(args: argparse.Namespace, item: str, gpus: int, plan: str, size: di
     )
     try:
         with VideoGenerator.from_pretrained(
-            args.model, num_gpus=gpus, **_overrides(gpus, plan)
+            args.model, num_gpus=gpus, device=args.device, **_overrides(gpus, plan)
         ) as gen:
             gen.generate_video(args.prompt, num_inference_steps=2, **size)
     finally:
@@ -114,6 +117,7 @@ def _profile(args: argparse.Namespace, item: str, gpus: int, plan: str, size: di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder (see benchmarks.common)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--configs", default="1,2,2:ulysses")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)

@@ -1,8 +1,10 @@
 """Offline throughput: N requests submitted at once, videos per hour per engine setting,
 and the engine's own overhead per request.
 
-    python -m benchmarks.throughput --model /tmp/wan13b \
+    python -m benchmarks.throughput --model /tmp/fastvideo-bench-wan-1.3B \
         --configs 1:b1,1:b4,2:latency,2:throughput --height 256 --width 256 --frames 17
+    python -m benchmarks.throughput --model fastvideo/wan2.1-t2v-tiny-random --device cpu \
+        --configs 1:b1,1:b4 --height 32 --width 32 --frames 5 --steps 2 --num-requests 4
 
 Each config is ``GPUS:SETTING`` with SETTING one of b1/b4 (latency mode, max batch 1/4),
 latency, throughput, throughput-b4. One warm-up request runs first (not timed). The
@@ -17,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import environment, write_result
+from benchmarks.common import WEIGHTS_NOTE, args_record, environment, write_result
 
 SETTINGS = {
     "b1": {"parallel_mode": "latency", "max_batch_size": 1},
@@ -35,7 +37,9 @@ def run_config(args: argparse.Namespace, gpus: int, setting: str) -> dict:
         height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps
     )
     prompts = [f"{args.prompt}, variation {i}" for i in range(args.num_requests)]
-    with VideoGenerator.from_pretrained(args.model, num_gpus=gpus, **SETTINGS[setting]) as gen:
+    with VideoGenerator.from_pretrained(
+        args.model, num_gpus=gpus, device=args.device, **SETTINGS[setting]
+    ) as gen:
         gen.generate_video("warm-up", **size)
         start = time.perf_counter()
         outputs = gen.generate_video(prompts, seed=0, **size)
@@ -59,6 +63,7 @@ def run_config(args: argparse.Namespace, gpus: int, setting: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--configs", default="1:b1,1:b4")
     p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--height", type=int, default=256)
@@ -95,8 +100,8 @@ def main() -> None:
             {
                 "benchmark": "throughput",
                 **environment(),
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "weights": "seeded random bf16 (speed does not depend on them)",
+                "args": args_record(args),
+                "weights": WEIGHTS_NOTE,
                 "rows": rows,
             },
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,59 @@ import torch
 from tests.tiny_models import TINY_A, TINY_B, build_diffusers_pipeline
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--results-json",
+        metavar="PATH",
+        help="write each test's outcome and duration, and the commit, as JSON to PATH",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Keep the demo model out of the user's real cache, and never reach for the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = config.getoption("--results-json", default=None)
+    if path:
+        config.pluginmanager.register(ResultsJson(Path(path)), "results-json")
+
+
+class ResultsJson:
+    """``--results-json PATH``: one record per test (outcome, seconds, skip reason or
+    failure summary) and the commit it ran on, written when the session ends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.time()
+        self.tests: dict[str, dict] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record = self.tests.setdefault(
+            report.nodeid, {"test": report.nodeid, "outcome": "passed", "duration_s": 0.0}
+        )
+        record["duration_s"] += report.duration
+        if report.skipped:
+            record["outcome"] = "skipped"
+            if isinstance(report.longrepr, tuple):  # (file, line, "Skipped: reason")
+                record["reason"] = str(report.longrepr[2]).removeprefix("Skipped: ")
+        elif report.failed:
+            record["outcome"] = "failed" if report.when == "call" else "error"
+            record["reason"] = str(report.longrepr).strip().splitlines()[-1][:500]
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        from benchmarks.provenance import git_state, gpu_names
+
+        tests = list(self.tests.values())
+        counts: dict[str, int] = {}
+        for t in tests:
+            counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+        payload = {
+            "benchmark": "gpu_tests", **git_state(), "gpus": gpu_names(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start)),
+            "torch": torch.__version__, "exit_status": int(exitstatus),
+            "duration_s": time.time() - self.start, "counts": counts, "tests": tests,
+        }  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
