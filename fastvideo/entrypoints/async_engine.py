@@ -133,6 +133,11 @@ class AsyncVideoEngine:
     def model_name(self) -> str:
         return self.core.info.name
 
+    @property
+    def image_input(self) -> str:
+        """What the model does with an input image: "none", "optional" or "required"."""
+        return self.core.info.spec.image_input
+
     async def abort(self, request_id: str) -> bool:
         """Abort a waiting request now, a running one at its next step boundary."""
         return self.core.abort(request_id)

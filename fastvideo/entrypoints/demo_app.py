@@ -9,7 +9,6 @@ extra (gradio). Binds 127.0.0.1 unless told otherwise; never opens a share link.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import tempfile
 import uuid
@@ -42,8 +41,7 @@ _STAGES = {
 
 
 def _takes_images(engine: Any) -> bool:
-    fields = dataclasses.fields(engine.default_sampling_param)
-    return any(f.name == "image" for f in fields)
+    return getattr(engine, "image_input", "none") != "none"
 
 
 def _sizes(width: int, height: int) -> list[str]:

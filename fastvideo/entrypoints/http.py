@@ -151,9 +151,8 @@ def _validation_message(error: ValidationError | RequestValidationError) -> tupl
 
 
 def _takes_images(engine: Any) -> bool:
-    """Whether the engine's sampling parameters have an ``image`` field (image-to-video)."""
-    fields = dataclasses.fields(engine.default_sampling_param)
-    return any(f.name == "image" for f in fields)
+    """Whether the served model takes an input image (image-to-video)."""
+    return getattr(engine, "image_input", "none") != "none"
 
 
 def _engine_alive(engine: Any) -> bool:
