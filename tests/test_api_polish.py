@@ -102,7 +102,8 @@ def test_logging_reaches_the_application_handlers():
     code = (
         "import logging, io\n"
         "stream = io.StringIO()\n"
-        "logging.basicConfig(stream=stream, level=logging.INFO, format='APP %(name)s %(message)s')\n"
+        "logging.basicConfig(stream=stream, level=logging.INFO,\n"
+        "                    format='APP %(name)s %(message)s')\n"
         "from fastvideo import VideoGenerator, DEMO_MODEL_ID\n"
         "with VideoGenerator.from_pretrained(DEMO_MODEL_ID, executor='inproc') as g:\n"
         "    g.generate_video('a fox', height=16, width=16, num_frames=1, num_inference_steps=1)\n"
