@@ -624,6 +624,9 @@ class SamplingParam:
     max_sequence_length: int | None = _help(
         "Text tokens the prompt is padded/cut to; None: the model's default.", None
     )
+    num_videos_per_prompt: int = _help(
+        "Videos per prompt (seeds seed, seed+1, ...); more than 1 returns a list.", 1
+    )
 
     @classmethod
     def from_pretrained(cls, model: str, **overrides: Any) -> SamplingParam:

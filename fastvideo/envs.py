@@ -15,6 +15,12 @@ def logging_level() -> str:
     return os.environ.get("FASTVIDEO_LOGGING_LEVEL", "INFO").upper()
 
 
+def logging_handler() -> bool:
+    """FASTVIDEO_LOGGING_HANDLER: 0 turns off the stderr handler fastvideo uses while the
+    application configures no logging (records still propagate to its handlers)."""
+    return os.environ.get("FASTVIDEO_LOGGING_HANDLER", "1").lower() not in ("0", "false", "no")
+
+
 def attention_backend() -> str | None:
     """FASTVIDEO_ATTENTION_BACKEND: default for ``PipelineConfig.attention_backend``."""
     return os.environ.get("FASTVIDEO_ATTENTION_BACKEND") or None

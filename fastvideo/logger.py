@@ -1,4 +1,10 @@
-"""Logging set-up: one ``fastvideo`` logger tree, configured once, lazy ``%s`` formatting."""
+"""Logging set-up: one ``fastvideo`` logger tree, lazy ``%s`` formatting.
+
+Records propagate to the application's handlers. Until the application configures logging
+(the root logger has no handlers), a fallback handler prints them to stderr, so a script
+that sets nothing still sees the engine's lines, and one that does sees them once, in its
+own format. ``FASTVIDEO_LOGGING_HANDLER=0`` turns the fallback off.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,14 @@ _FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
 _configured = False
 
 
+class _FallbackHandler(logging.StreamHandler):
+    """Prints only while the application has configured no logging of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 def _configure_root() -> None:
     global _configured
     if _configured:
@@ -18,11 +32,11 @@ def _configure_root() -> None:
     _configured = True
     root = logging.getLogger("fastvideo")
     root.setLevel(envs.logging_level())
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if envs.logging_handler() and not any(isinstance(h, _FallbackHandler) for h in root.handlers):
+        handler = _FallbackHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
-    root.propagate = False
+    root.propagate = True
 
 
 def init_logger(name: str) -> logging.Logger:

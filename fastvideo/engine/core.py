@@ -23,7 +23,13 @@ from fastvideo.config import PipelineConfig, SamplingParam
 from fastvideo.distributed.plan import ParallelPlan, choose_plan
 from fastvideo.engine.images import load_image, request_size
 from fastvideo.engine.model_info import ModelInfo
-from fastvideo.engine.output import VideoOutput, check_fps, plan_output_file, release_output_file
+from fastvideo.engine.output import (
+    VideoOutput,
+    check_fps,
+    plan_output_file,
+    release_output_file,
+    to_frames,
+)
 from fastvideo.executor.base import Executor
 from fastvideo.logger import init_logger
 from fastvideo.scheduler import (
@@ -482,7 +488,7 @@ def to_video_output(result: BatchResult, index: int, request: Request) -> VideoO
         )
     latents = result.latents[index] if result.latents is not None else None
     return VideoOutput(
-        frames=frames,
+        frames=None if frames is None else to_frames(frames, item.output_type),
         fps=request.fps,
         seed=item.seed,
         prompt=item.prompt,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from fastvideo.config import PipelineConfig, SamplingParam
 from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent
-from fastvideo.engine.output import VideoOutput, release_output_file, write_mp4
+from fastvideo.engine.output import VideoOutput, release_output_file, write_video
 from fastvideo.engine.startup import start_engine
 
 T = TypeVar("T")
@@ -112,7 +112,9 @@ class AsyncVideoEngine:
             release_output_file(path)
             return
         try:
-            output.output_path = await asyncio.to_thread(write_mp4, output.frames, path, output.fps)
+            output.output_path = await asyncio.to_thread(
+                write_video, output.numpy(), path, output.fps
+            )
         finally:
             release_output_file(path)
 

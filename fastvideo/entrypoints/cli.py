@@ -227,7 +227,7 @@ def _report(output) -> None:
     t = output.timings
     where = output.output_path or "(not saved)"
     if output.frames is not None:
-        frames, height, width = output.frames.shape[:3]
+        frames, height, width = output.numpy().shape[:3]
         shape = f"{frames} frames, {width}x{height}"
     else:
         shape = "latents"

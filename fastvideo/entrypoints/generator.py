@@ -15,7 +15,7 @@ from typing import Any, overload
 from fastvideo.config import PipelineConfig, SamplingParam
 from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent, Request
 from fastvideo.engine.model_info import ModelInfo
-from fastvideo.engine.output import VideoOutput, release_output_file, write_mp4
+from fastvideo.engine.output import VideoOutput, release_output_file, write_video
 from fastvideo.engine.startup import start_engine
 from fastvideo.executor.base import Executor
 from fastvideo.logger import init_logger
@@ -24,6 +24,8 @@ from fastvideo.wire.errors import OutputSaveError
 logger = init_logger(__name__)
 
 __all__ = ["VideoGenerator"]
+
+MAX_VIDEOS_PER_PROMPT = 64
 
 
 class VideoGenerator:
@@ -77,21 +79,29 @@ class VideoGenerator:
         self,
         prompt: str | list[str],
         sampling_param: SamplingParam | list[SamplingParam] | None = None,
+        callback_on_step_end: Callable[[ProgressEvent], None] | None = None,
         **overrides: Any,
     ) -> VideoOutput | list[VideoOutput]:
         """Generate one video, or a list of videos for a list of prompts (in input order).
 
         ``overrides`` set ``SamplingParam`` fields for this call. With a list of prompts and
         one param, video i gets seed ``param.seed + i`` (logged); with a list of params,
-        each keeps its own. Every request is validated, and every output file planned,
-        before any is queued. Ctrl-C (KeyboardInterrupt) aborts this call's requests and
-        re-raises.
+        each keeps its own; ``num_videos_per_prompt=n`` repeats each prompt n times with
+        consecutive seeds (and returns a list). ``callback_on_step_end(event)`` is called in
+        this thread after every denoising step of every request (a ``ProgressEvent``); if
+        it raises, this call's requests are aborted and the error is raised. Every request
+        is validated, and every output file planned, before any is queued. Ctrl-C
+        (KeyboardInterrupt) aborts this call's requests and re-raises.
         """
         single = isinstance(prompt, str)
         if not single and not isinstance(prompt, (list, tuple)):
             raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError("callback_on_step_end must be callable")
         prompts = [prompt] if single else list(prompt)
         params = self._params(prompts, sampling_param, overrides)
+        prompts, params = _repeat(prompts, params)
+        single = single and len(prompts) == 1
         events: queue.Queue = queue.Queue()
         requests: list[Request] = []
         try:
@@ -114,7 +124,9 @@ class VideoGenerator:
                 self.core.abort(r.request_id)
 
         steps = requests[0].item.num_inference_steps
-        outputs, errors = _collect(events, len(requests), steps, feed, interrupted)
+        outputs, errors = _collect(
+            events, len(requests), steps, feed, interrupted, callback_on_step_end
+        )
         _save(outputs, requests)  # the videos that were made are saved even if one failed
         first_error = next((e for e in errors if e is not None), None)
         if first_error is not None:
@@ -197,6 +209,25 @@ def lora_load(core: EngineCore, path: object, scale: object, name: object) -> st
     return name
 
 
+def _repeat(
+    prompts: list[str], params: list[SamplingParam]
+) -> tuple[list[str], list[SamplingParam]]:
+    """Each prompt ``num_videos_per_prompt`` times, with seeds seed, seed+1, ..."""
+    out_prompts, out_params = [], []
+    for prompt, param in zip(prompts, params, strict=True):
+        n = param.num_videos_per_prompt
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_VIDEOS_PER_PROMPT:
+            raise ValueError(
+                f"num_videos_per_prompt must be an int in [1, {MAX_VIDEOS_PER_PROMPT}], got {n!r}"
+            )
+        if n > 1 and (isinstance(param.seed, bool) or not isinstance(param.seed, int)):
+            raise TypeError(f"seed must be an int, got {type(param.seed).__name__}")
+        for i in range(n):
+            out_prompts.append(prompt)
+            out_params.append(param if n == 1 else param.copy().update(seed=param.seed + i))
+    return out_prompts, out_params
+
+
 def _check_param(param: object) -> None:
     if not isinstance(param, SamplingParam):
         raise TypeError(f"sampling_param must be a SamplingParam, got {type(param).__name__}")
@@ -212,7 +243,7 @@ def _save(outputs: list[VideoOutput | None], requests: list[Request]) -> None:
             release_output_file(path)
             continue
         try:
-            out.output_path = write_mp4(out.frames, path, out.fps)
+            out.output_path = write_video(out.numpy(), path, out.fps)
             logger.info("saved %s", path)
         except Exception as e:  # noqa: BLE001 - reported below, with every output
             errors.append(f"{path}: {type(e).__name__}: {e}")
@@ -231,6 +262,7 @@ def _collect(
     steps: int,
     feed: Callable[[], None],
     interrupted: Callable[[], None],
+    callback: Callable[[ProgressEvent], None] | None = None,
 ) -> tuple[list[VideoOutput | None], list[BaseException | None]]:
     """Wait for ``count`` requests' outputs (in index order), calling ``feed`` to queue
     more whenever one finishes (the queue is bounded); a tqdm bar counts denoising steps
@@ -255,6 +287,8 @@ def _collect(
                 if event.stage == "denoising" and event.total_steps:
                     done_steps[index] = event.step
                     bar.update(sum(done_steps) - bar.n)
+                    if callback is not None and event.step > 0:
+                        callback(event)
                 continue
             finished += 1
             feed()
@@ -264,7 +298,7 @@ def _collect(
                 outputs[index] = event
             if count > 1:
                 bar.set_postfix(videos=f"{finished}/{count}")
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or the caller's callback raised: stop this call's work
         interrupted()
         raise
     finally:

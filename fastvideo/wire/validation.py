@@ -14,7 +14,7 @@ from fastvideo.wire.messages import RequestItem
 from fastvideo.wire.spec import ModelSpec
 
 MAX_SEED = 2**63 - 1
-OUTPUT_TYPES = ("np", "latent")
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")  # all but "latent" decode frames
 STEP_CACHES = ("teacache", "magcache")
 
 
