@@ -92,7 +92,10 @@ def _frames(n: int, item) -> torch.Tensor:
 def test_a_result_missing_an_item_fails_that_item_alone(core):
     core, executor = core
     sinks = [Sink(), Sink()]
-    ids = [_submit(core, f"p{i}", s) for i, s in enumerate(sinks)]
+    param = core.default_sampling_param.update(**TINY)
+    requests = [core.new_request(f"p{i}", param.copy(), s) for i, s in enumerate(sinks)]
+    assert core.submit_many(requests, partial=False) == 2  # queued together: one batch
+    ids = [r.request_id for r in requests]
     batch, future = executor.next_batch()
     assert [i.request_id for i in batch.items] == ids  # one batch of both
     first = batch.items[0]

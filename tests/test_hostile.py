@@ -92,7 +92,9 @@ CASES = [
     ("max-sequence-length", "a fox", {"max_sequence_length": 10**6}, ValueError,
      ["max_sequence_length"]),
     ("output-path-int", "a fox", {"output_path": 42}, TypeError, ["output_path"]),
-    ("output-path-gif", "a fox", {"output_path": "clip.gif"}, ValueError, ["output_path", ".gif"]),
+    ("output-path-avi", "a fox", {"output_path": "clip.avi"}, ValueError, ["output_path", ".avi"]),
+    ("output-path-png-not-a-sequence", "a fox", {"output_path": "still.png"}, ValueError,
+     ["output_path", "%05d"]),
 ]  # fmt: skip
 
 PATH_CASES = [

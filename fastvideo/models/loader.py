@@ -280,3 +280,43 @@ def meta_module(factory: Callable[[], nn.Module]) -> nn.Module:
     """Build ``factory()`` on the meta device: shapes only, no memory, no init."""
     with torch.device("meta"):
         return factory()
+
+
+_meta_parameters = threading.local()  # per thread: component loaders run concurrently
+_plain_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _plain_register_parameter(module, name, param)
+    if param is not None and getattr(_meta_parameters, "active", False):
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+
+nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """In this thread only: parameters go to meta as soon as they are registered (their
+    initialisation then costs nothing), buffers stay real."""
+    _meta_parameters.active = True
+    try:
+        yield
+    finally:
+        _meta_parameters.active = False
+
+
+def fill_meta_buffers(model: nn.Module, factory: Callable[[], nn.Module]) -> nn.Module:
+    """Buffers a checkpoint does not hold (rotary frequencies, position ids) are still on
+    meta after loading: take them from a second ``factory()`` built on the CPU with its
+    parameters on meta (no weight memory), and move them to the model's device."""
+    missing = [name for name, buf in model.named_buffers() if buf.is_meta]
+    if not missing:
+        return model
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    with _parameters_on_meta(), torch.device("cpu"):
+        fresh = dict(factory().named_buffers())
+    for name in missing:
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = fresh[name].to(device)
+    return model

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fastvideo.models.loader import load_checkpoint, meta_module
+from fastvideo.models.loader import fill_meta_buffers, load_checkpoint, meta_module
 from fastvideo.models.registry import read_json
 
 
@@ -32,7 +32,8 @@ def load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype, device:
     def dtype_for(name: str) -> torch.dtype:
         return torch.float32 if any(f".{m}." in f".{name}" for m in keep_fp32) else dtype
 
-    return load_checkpoint(model, folder, device, dtype_for, tied=_tied_keys(model))
+    model = load_checkpoint(model, folder, device, dtype_for, tied=_tied_keys(model))
+    return fill_meta_buffers(model, lambda: cls(config))
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:

@@ -267,10 +267,10 @@ class ComposedPipelineBase(ABC):
         (or everywhere, when ``settings.memory`` says so). Offloaded and sharded components
         are read into host memory and then placed (:func:`place_component`).
 
-        The loaders run concurrently, one thread each (in a copy of the caller's context,
-        so a ``models.loader.reading_from`` block around this call reaches them): their
-        weight reads overlap each other and the Python work of building modules and
-        tokenizers. The first failing component, in ``component_loaders`` order, raises.
+        The loaders run on a loader thread (in a copy of the caller's context, so a
+        ``models.loader.reading_from`` block around this call reaches them), one after the
+        other, while the weights stream in the background. The first failing component,
+        in ``component_loaders`` order, raises.
         """
         memory = env.settings.memory
         names = cls.component_names(output_rank, memory.every_rank_components)
@@ -285,7 +285,10 @@ class ComposedPipelineBase(ABC):
             logger.debug("loaded %s in %.2fs", name, timings[f"load_{name}"])
             return component
 
-        with ThreadPoolExecutor(max(1, len(names)), thread_name_prefix="fastvideo-load") as pool:
+        # One loader at a time: transformers' lazy module imports are not thread-safe (a
+        # class looked up from two threads at once can come back missing). The weights
+        # still stream in the background (models.loader.reading_from) meanwhile.
+        with ThreadPoolExecutor(1, thread_name_prefix="fastvideo-load") as pool:
             futures = {n: pool.submit(contextvars.copy_context().run, load, n) for n in names}
         for name in names:  # the first failure in component order, with its traceback
             error = futures[name].exception()

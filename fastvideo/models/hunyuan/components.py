@@ -3,9 +3,8 @@ and the prompt encoder the text-encoding stage runs."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,26 +86,6 @@ def load_sampler(folder: Path, env: PipelineRuntime) -> Callable[[], object]:
 
 
 # --- text ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device but their buffers for
-    real (computed by their constructors, e.g. rotary frequencies, position ids)."""
-    register = nn.Module.register_parameter
-
-    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(
-                param.to("meta"), requires_grad=param.requires_grad
-            )
-
-    nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
 def load_encoder(folder: Path, class_name: str, env: PipelineRuntime) -> nn.Module:
     """A transformers encoder loaded by our loader, with its non-persistent buffers filled.
 
@@ -114,20 +93,9 @@ def load_encoder(folder: Path, class_name: str, env: PipelineRuntime) -> nn.Modu
     (Llama's rotary ``inv_freq``, CLIP's ``position_ids``) would stay there: they are
     taken from a second construction whose parameters are on meta (no weight memory).
     """
-    import transformers
 
-    dtype, device = env.dtypes["text_encoder"], env.device
-    model = load_text_encoder(folder, class_name, dtype, device)
-    missing = [name for name, buf in model.named_buffers() if buf.is_meta]
-    if not missing:
-        return model
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    with _parameters_on_meta(), torch.device("cpu"):
-        fresh = dict(getattr(transformers, class_name)(config).named_buffers())
-    for name in missing:
-        owner, _, attr = name.rpartition(".")
-        model.get_submodule(owner)._buffers[attr] = fresh[name].to(device)
-    return model
+    # The shared loader fills the buffers the checkpoint does not hold.
+    return load_text_encoder(folder, class_name, env.dtypes["text_encoder"], env.device)
 
 
 class HunyuanPromptEncoder:

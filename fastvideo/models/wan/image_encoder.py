@@ -100,9 +100,14 @@ def load_image_encoder(folder: Path, env: PipelineRuntime) -> WanImageEncoder | 
         folder, component_class(model_dir, "image_encoder"), env.dtypes["text_encoder"], env.device
     )
     processor_class = component_class(model_dir, "image_processor")
-    processor_cls = getattr(transformers, processor_class, None)
-    if processor_cls is None:
-        raise ValueError(f"{model_dir}: transformers has no image processor {processor_class!r}")
-    processor = processor_cls.from_pretrained(str(model_dir / "image_processor"))
+    # The class model_index.json names may be one transformers exports only lazily or under
+    # another name (e.g. CLIPImageProcessorPil); its own config names the processor type.
+    processor_cls = getattr(transformers, processor_class, None) or transformers.AutoImageProcessor
+    try:
+        processor = processor_cls.from_pretrained(str(model_dir / "image_processor"))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{model_dir}: cannot load the image processor {processor_class!r}: {e}"
+        ) from None
     # The DiT takes the states in its own dtype (diffusers casts them to it).
     return WanImageEncoder(processor, model, env.dtypes["transformer"])
