@@ -54,16 +54,15 @@ def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: st
     width, so the DiT sees real shapes; its own speed is therefore NOT the real UMT5-XXL's.
     The "tiny" arch also gets a tiny VAE (CPU smoke runs). An existing checkpoint is kept.
     """
-    from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
 
+    from fastvideo.models.checkpoint_writer import save_module, write_json
     from fastvideo.models.wan.demo import (
         WAN_SCHEDULER,
-        _write_json,
         _write_tokenizer,
+        random_transformer,
         wan_model_index,
     )
-    from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
     from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 
     folder = Path(folder)
@@ -73,20 +72,10 @@ def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: st
     cfg = ARCHS[arch]
     vae_cfg = TINY_VAE if arch == "tiny" else {}
     with torch.device(device):
-        dit = WanTransformer3D(WanTransformerConfig.from_dict(cfg))
-        for name, p in dit.named_parameters():
-            if name.endswith("scale_shift_table"):  # created empty: init as the reference
-                p.data.normal_().div_(dit.config.inner_dim**0.5)
+        dit = random_transformer(cfg)
         vae = WanVAE(WanVAEConfig.from_dict(vae_cfg))
-    for sub, module, dtype, cls, conf in (
-        ("transformer", dit, torch.bfloat16, "WanTransformer3DModel", cfg),
-        ("vae", vae, torch.float32, "AutoencoderKLWan", vae_cfg),
-    ):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(folder / sub / "diffusion_pytorch_model.safetensors"))
-        _write_json(folder / sub / "config.json", {"_class_name": cls, **conf})
-        del state
+    save_module(dit, folder / "transformer", "WanTransformer3DModel", cfg, dtype=torch.bfloat16)
+    save_module(vae, folder / "vae", "AutoencoderKLWan", vae_cfg, dtype=torch.float32)
     del dit, vae
     tokenizer = _write_tokenizer(folder / "tokenizer")
     width = cfg["text_dim"]
@@ -95,8 +84,8 @@ def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: st
         d_ff=1024 if width >= 1024 else 64, num_layers=1, num_heads=64 if width >= 1024 else 4,
     ))  # fmt: skip
     te.to(torch.bfloat16).save_pretrained(str(folder / "text_encoder"))
-    _write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
-    _write_json(folder / "model_index.json", wan_model_index())
+    write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
+    write_json(folder / "model_index.json", wan_model_index())
     free_memory()
     return folder
 

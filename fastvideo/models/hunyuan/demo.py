@@ -10,7 +10,6 @@ for the checkpoints they write with diffusers' classes.
 
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fastvideo.models.checkpoint_writer import save_module, write_pipeline
 from fastvideo.models.hunyuan.text import DEFAULT_PROMPT_TEMPLATE
 
 DEMO_MODEL_ID = "fastvideo/hunyuanvideo-tiny-random"
@@ -53,19 +53,17 @@ HUNYUAN_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 
 
 def write_demo_model(folder: Path) -> Path:
     """Write the tiny random HunyuanVideo checkpoint (diffusers layout) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
+
+    def components(folder: Path) -> None:
         _write_transformer(folder / "transformer")
         _write_vae(folder / "vae")
         llama_tok = llama_tokenizer(folder / "tokenizer", DEMO_CORPUS)
         clip_tok = clip_tokenizer(folder / "tokenizer_2")
         tiny_llama(llama_tok).save_pretrained(str(folder / "text_encoder"))
         tiny_clip(clip_tok).save_pretrained(str(folder / "text_encoder_2"))
-    _write_json(folder / "scheduler" / "scheduler_config.json", HUNYUAN_SCHEDULER)
-    _write_json(folder / "model_index.json", hunyuan_model_index(DEMO_VARIANT))
-    return folder
+
+    index = hunyuan_model_index(DEMO_VARIANT)
+    return write_pipeline(folder, _SEED, components, HUNYUAN_SCHEDULER, index)
 
 
 def hunyuan_model_index(variant: str | None = None) -> dict:
@@ -151,23 +149,6 @@ def tiny_clip(tokenizer) -> nn.Module:
 
 
 # --- our own modules -------------------------------------------------------------------------
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _save_module(module: nn.Module, folder: Path, class_name: str, config: dict) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-    _write_json(
-        folder / "config.json",
-        {"_class_name": class_name, "_diffusers_version": "0.32.0", **config},
-    )
-
-
 def _write_transformer(folder: Path) -> None:
     from fastvideo.models.hunyuan.transformer import (
         HunyuanTransformer3D,
@@ -179,11 +160,11 @@ def _write_transformer(folder: Path) -> None:
         for name, param in model.named_parameters():
             if "norm" in name and param.ndim == 1:
                 param.normal_(1.0, 0.2)
-    _save_module(model, folder, "HunyuanVideoTransformer3DModel", TINY_TRANSFORMER)
+    save_module(model, folder, "HunyuanVideoTransformer3DModel", TINY_TRANSFORMER, "0.32.0")
 
 
 def _write_vae(folder: Path) -> None:
     from fastvideo.models.hunyuan.vae import HunyuanVAE, HunyuanVAEConfig
 
     vae = HunyuanVAE(HunyuanVAEConfig.from_dict(TINY_VAE))
-    _save_module(vae, folder, "AutoencoderKLHunyuanVideo", TINY_VAE)
+    save_module(vae, folder, "AutoencoderKLHunyuanVideo", TINY_VAE, "0.32.0")

@@ -8,12 +8,12 @@ it on first use (``fastvideo.models.hub.ensure_built``).
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+
+from fastvideo.models.checkpoint_writer import save_module, write_pipeline
 
 DEMO_MODEL_ID = "fastvideo/wan2.1-t2v-tiny-random"
 DEMO_VERSION = "2"
@@ -39,17 +39,15 @@ WAN_SCHEDULER = {
 
 def write_demo_model(folder: Path) -> Path:
     """Write the tiny random Wan2.1 checkpoint (diffusers layout) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
+
+    def components(folder: Path) -> None:
         _write_transformer(folder / "transformer")
         _write_vae(folder / "vae")
         tokenizer = _write_tokenizer(folder / "tokenizer")
         _write_text_encoder(folder / "text_encoder", vocab_size=len(tokenizer))
-    _write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
-    _write_json(folder / "model_index.json", wan_model_index("wan2.1-t2v-tiny-random"))
-    return folder
+
+    index = wan_model_index("wan2.1-t2v-tiny-random")
+    return write_pipeline(folder, _SEED, components, WAN_SCHEDULER, index)
 
 
 def wan_model_index(variant: str | None = None) -> dict:
@@ -67,38 +65,27 @@ def wan_model_index(variant: str | None = None) -> dict:
     return index
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _save_module(module: nn.Module, folder: Path, class_name: str, config: dict) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-    _write_json(
-        folder / "config.json",
-        {"_class_name": class_name, "_diffusers_version": "0.33.0", **config},
-    )
-
-
-def _write_transformer(folder: Path) -> None:
+def random_transformer(config: dict):
+    """Our Wan DiT with seeded random weights (the modulation tables, which the classes
+    create empty, initialised as the reference does)."""
     from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
 
-    model = WanTransformer3D(WanTransformerConfig.from_dict(TINY_TRANSFORMER))
+    model = WanTransformer3D(WanTransformerConfig.from_dict(config))
     dim = model.config.inner_dim
     for name, param in model.named_parameters():
-        if name.endswith("scale_shift_table"):  # created empty; init as the reference does
-            param.data.copy_(torch.randn(param.shape) / dim**0.5)
-    _save_module(model, folder, "WanTransformer3DModel", TINY_TRANSFORMER)
+        if name.endswith("scale_shift_table"):
+            param.data.copy_(torch.randn(param.shape, device=param.device) / dim**0.5)
+    return model
+
+
+def _write_transformer(folder: Path, config: dict = TINY_TRANSFORMER) -> None:
+    save_module(random_transformer(config), folder, "WanTransformer3DModel", config)
 
 
 def _write_vae(folder: Path) -> None:
     from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 
-    _save_module(WanVAE(WanVAEConfig.from_dict(TINY_VAE)), folder, "AutoencoderKLWan", TINY_VAE)
+    save_module(WanVAE(WanVAEConfig.from_dict(TINY_VAE)), folder, "AutoencoderKLWan", TINY_VAE)
 
 
 def _write_tokenizer(folder: Path):

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from fastvideo.models.checkpoint_writer import write_pipeline
 from fastvideo.models.wan.demo import (
     TINY_TRANSFORMER,
     WAN_SCHEDULER,
-    _save_module,
-    _write_json,
     _write_text_encoder,
     _write_tokenizer,
+    _write_transformer,
     _write_vae,
     wan_model_index,
 )
@@ -52,29 +50,16 @@ def i2v_model_index(variant: str | None = None) -> dict:
 
 def write_i2v_demo_model(folder: Path) -> Path:
     """Write the tiny random Wan2.1 I2V checkpoint (diffusers layout) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
-        _write_transformer(folder / "transformer")
+
+    def components(folder: Path) -> None:
+        _write_transformer(folder / "transformer", TINY_I2V_TRANSFORMER)
         _write_vae(folder / "vae")
         tokenizer = _write_tokenizer(folder / "tokenizer")
         _write_text_encoder(folder / "text_encoder", vocab_size=len(tokenizer))
         _write_image_encoder(folder / "image_encoder", folder / "image_processor")
-    _write_json(folder / "scheduler" / "scheduler_config.json", WAN_SCHEDULER)
-    _write_json(folder / "model_index.json", i2v_model_index("wan2.1-i2v-tiny-random"))
-    return folder
 
-
-def _write_transformer(folder: Path) -> None:
-    from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
-
-    model = WanTransformer3D(WanTransformerConfig.from_dict(TINY_I2V_TRANSFORMER))
-    dim = model.config.inner_dim
-    for name, param in model.named_parameters():
-        if name.endswith("scale_shift_table"):  # created empty; init as the reference does
-            param.data.copy_(torch.randn(param.shape) / dim**0.5)
-    _save_module(model, folder, "WanTransformer3DModel", TINY_I2V_TRANSFORMER)
+    index = i2v_model_index("wan2.1-i2v-tiny-random")
+    return write_pipeline(folder, _SEED, components, WAN_SCHEDULER, index)
 
 
 def _write_image_encoder(encoder_folder: Path, processor_folder: Path) -> None:
