@@ -140,14 +140,22 @@ def test_forged_results_on_the_driver_socket_are_dropped(two_ranks):
     gen = two_ranks
     executor = gen.executor
     before = executor.dropped_messages
+    # A real request in flight: forged results name its batch id.
+    box: dict = {}
+    worker = threading.Thread(
+        target=lambda: box.update(out=gen.generate_video("real", **TINY, num_inference_steps=300))
+    )
+    worker.start()
+    assert _wait(lambda: bool(executor._pending), 10)
+    (batch_id,) = list(executor._pending)
     ctx = zmq.Context()
     try:
         push = ctx.socket(zmq.PUSH)
         push.connect(f"ipc://{os.path.join(executor._dir, 'out')}")
         encoder = Encoder()
         forged = [
-            BatchResult("batch-0", "forged", {}),  # no token
-            BatchResult("batch-0", "forged", {}, token="0" * 32),  # the wrong token
+            BatchResult(batch_id, "forged", {}),  # no token
+            BatchResult(batch_id, "forged", {}, token="0" * 32),  # the wrong token
             BatchResult("no-such-batch", "forged", {}, token=executor._token),  # unknown id
         ]
         for msg in forged:
@@ -157,6 +165,9 @@ def test_forged_results_on_the_driver_socket_are_dropped(two_ranks):
         push.close(linger=0)
     finally:
         ctx.term()
+    worker.join(60)
+    # The request got its own result, not a forged one (which carries no latents).
+    assert box["out"].latents is not None
     out = gen.generate_video("still serving", **TINY, num_inference_steps=1)
     assert out.latents is not None and executor.is_alive
 
