@@ -179,10 +179,16 @@ def test_queue_full_is_immediate(engine):
     param = engine.default_sampling_param.update(**{**GOOD, "num_inference_steps": 50})
     prompts = [f"a kite {i}" for i in range(8)]
     start = time.perf_counter()
+    queued = []
     with pytest.raises(QueueFullError):
         for p in prompts:  # submit without waiting: the 4-deep queue fills
-            engine.core.submit(engine.core.new_request(p, param, _Null()))
+            request = engine.core.new_request(p, param, _Null())
+            engine.core.submit(request)
+            queued.append(request.request_id)
     assert time.perf_counter() - start < 1.0
+    assert len(queued) >= 4
+    for request_id in queued:  # no need to sit through them
+        engine.core.abort(request_id)
     engine.generate_video("a fox", **GOOD)
 
 

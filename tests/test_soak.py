@@ -137,8 +137,8 @@ def test_soak_every_request_ends_and_memory_stays_bounded(monkeypatch):
         gc.collect()
         before = {pid: _rss([pid]) for pid in pids}
         start = time.monotonic()
-        blocking = _blocking_wave(gen, rng, 160)
-        async_counts = asyncio.run(_async_wave(engine, rng, 80))
+        blocking = _blocking_wave(gen, rng, 96)
+        async_counts = asyncio.run(_async_wave(engine, rng, 48))
         elapsed = time.monotonic() - start
         gc.collect()
         growth = {pid: _rss([pid]) - before[pid] for pid in pids}
@@ -149,7 +149,7 @@ def test_soak_every_request_ends_and_memory_stays_bounded(monkeypatch):
     mib = {pid: round(g / 2**20, 1) for pid, g in growth.items()}
     print(f"\nsoak: {blocking} blocking, {async_counts} async in {elapsed:.1f}s; RSS growth "
           f"driver {mib[pids[0]]} MiB, worker {mib[pids[1]]} MiB")  # fmt: skip
-    assert blocking["finished"] > 80 and blocking["failed"] > 0 and blocking["aborted"] > 0
+    assert blocking["finished"] > 48 and blocking["failed"] > 0 and blocking["aborted"] > 0
     assert blocking["refused"] > 0
-    assert async_counts["finished"] > 40 and async_counts["left_early"] > 0
+    assert async_counts["finished"] > 24 and async_counts["left_early"] > 0
     assert all(g < RSS_GROWTH_LIMIT for g in growth.values()), growth
