@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import msgspec
+import torch.distributed as dist
 import zmq
 
 from fastvideo.logger import init_logger
@@ -166,9 +167,11 @@ class _WorkerLoop:
         self._beats = threading.Thread(target=beat, name="fastvideo-heartbeat", daemon=True)
         self._beats.start()
 
-    def start(self) -> bool:
+    def start(self, store: dist.Store | None = None) -> bool:
+        """Join the process group and load; False (the failure already reported) if that
+        failed. ``store``: a rendezvous the caller made (the TCPStore a Ray actor hosts for
+        rank 0); else the one ``args.store_path`` names."""
         import torch
-        import torch.distributed as dist
 
         from fastvideo.config import PipelineConfig
         from fastvideo.worker.worker import Worker, set_cpu_threads
@@ -182,7 +185,7 @@ class _WorkerLoop:
             self.worker = Worker(a.rank, a.world_size, device, Path(a.model_dir), config)
             self.worker.load_plugins(a.plugins)
             if a.world_size > 1:
-                self.store = dist.FileStore(a.store_path, a.world_size)
+                self.store = store if store is not None else self._open_store()
                 self.store.set_timeout(timedelta(seconds=max(60.0, a.arrival_timeout_s)))
             self.worker.init_distributed(self.store)
             seconds = self.worker.load()
@@ -191,6 +194,16 @@ class _WorkerLoop:
             return False
         self.send(WorkerReady(a.rank, os.getpid(), a.device, seconds, self.worker.memory_bytes()))
         return True
+
+    def _open_store(self) -> dist.Store:
+        """``tcp://HOST:PORT``: a client of the TCPStore another rank hosts (Ray actors,
+        possibly on other nodes); otherwise the FileStore at that path (one machine)."""
+        a = self.args
+        if a.store_path.startswith("tcp://"):
+            host, _, port = a.store_path.removeprefix("tcp://").rpartition(":")
+            timeout = timedelta(seconds=max(60.0, a.arrival_timeout_s))
+            return dist.TCPStore(host.strip("[]"), int(port), a.world_size, False, timeout)
+        return dist.FileStore(a.store_path, a.world_size)
 
     # --- serving -----------------------------------------------------------------------
     def serve(self) -> None:
