@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
@@ -88,6 +89,57 @@ class _Replicas:
     def __call__(self, batch, on_progress=None):
         self.used.append(batch.replica)
         return self._submit(batch, on_progress)
+
+
+class _LongRequests:
+    """``count`` 1000-step requests, each on its own thread; ``denoising`` is set once each
+    of their batches has passed denoising step 2; ``outcomes`` holds (error, when) each."""
+
+    def __init__(self, gen: VideoGenerator, count: int):
+        self.denoising = threading.Event()
+        self.outcomes: list[tuple[BaseException | None, float]] = []
+        stepping: set[str] = set()
+        submit = gen.executor.submit
+
+        def observed_submit(batch, progress=None):
+            def on_progress(event):
+                if event.stage == "denoising" and event.step >= 2:
+                    stepping.add(event.batch_id)
+                    if len(stepping) >= count:
+                        self.denoising.set()
+                if progress is not None:
+                    progress(event)
+
+            return submit(batch, on_progress)
+
+        gen.executor.submit = observed_submit
+        self.threads = [
+            threading.Thread(target=self._run, args=(gen, seed), daemon=True)
+            for seed in range(count)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, gen: VideoGenerator, seed: int) -> None:
+        error = None
+        try:
+            gen.generate_video(PROMPT, height=128, width=128, num_frames=17,
+                               num_inference_steps=1000, seed=seed)  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - the tests check it
+            error = e
+        self.outcomes.append((error, time.monotonic()))
+
+    def join(self, timeout: float) -> bool:
+        for thread in self.threads:
+            thread.join(timeout=timeout)
+        return not any(t.is_alive() for t in self.threads)
+
+    def check_dead_within(self, since: float, limit: float, needle: str) -> None:
+        for error, at in self.outcomes:
+            print(f"\n{needle} -> {type(error).__name__} after {(at - since) * 1000:.0f} ms")
+            assert isinstance(error, EngineDeadError), repr(error)
+            assert needle in str(error), str(error)
+            assert at - since < limit
 
 
 @pytest.fixture(scope="module")
@@ -170,42 +222,12 @@ class TestOnALocalRay:
         try:
             executor = gen.executor
             pids = dict(executor._pids)
-            denoising = threading.Event()
-            submit = executor.submit
-
-            def observed_submit(batch, progress=None):
-                def on_progress(event):
-                    if event.stage == "denoising" and event.step >= 2:
-                        denoising.set()
-                    if progress is not None:
-                        progress(event)
-
-                return submit(batch, on_progress)
-
-            executor.submit = observed_submit
-            outcome: dict[str, object] = {}
-
-            def long_request() -> None:
-                try:
-                    gen.generate_video(PROMPT, height=64, width=64, num_frames=9,
-                                       num_inference_steps=1000)  # fmt: skip
-                    outcome["error"] = None
-                except BaseException as e:  # noqa: BLE001 - checked below
-                    outcome["error"] = e
-                outcome["at"] = time.monotonic()
-
-            thread = threading.Thread(target=long_request, daemon=True)
-            thread.start()
-            assert denoising.wait(timeout=60), "the long request never reached step 2"
+            long = _LongRequests(gen, 1)
+            assert long.denoising.wait(timeout=60), "the long request never reached step 2"
             killed_at = time.monotonic()
             ray.kill(executor._actors[1])
-            thread.join(timeout=30)
-            assert not thread.is_alive(), "generate_video did not return after an actor died"
-            error, latency = outcome["error"], outcome["at"] - killed_at
-            print(f"\nray.kill-to-EngineDeadError latency: {latency * 1000:.0f} ms ({error!r:.90})")
-            assert isinstance(error, EngineDeadError), repr(error)
-            assert "rank 1" in str(error)
-            assert latency < KILL_TO_ERROR_LIMIT_S
+            assert long.join(30), "generate_video did not return after an actor died"
+            long.check_dead_within(killed_at, KILL_TO_ERROR_LIMIT_S, "rank 1")
             gen.shutdown()
             # Nothing left: no actor processes, no placement group, no reserved CPUs.
             assert all(_gone(pid) for pid in pids.values()), pids
@@ -246,6 +268,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class _Cluster:
+    address: str
+    sessions: list[int]  # head's, then the second node's: each node's processes
+
+
 @pytest.fixture
 def two_ray_nodes():
     """A head node (resource node_a) and a second node (node_b), 2 CPUs each, each its own
@@ -279,12 +307,12 @@ def two_ray_nodes():
         assert _wait_until(lambda: _started(nodes[0][1]), 60), "the head node did not start"
         start("node_b", [f"--address=127.0.0.1:{port}"])
         assert _wait_until(lambda: _started(nodes[1][1]), 60), "the second node did not start"
-        yield f"127.0.0.1:{port}"
+        yield _Cluster(f"127.0.0.1:{port}", [proc.pid for proc, _ in nodes])
     finally:
         if ray.is_initialized():
             ray.shutdown()
         for proc, _ in nodes:
-            os.killpg(proc.pid, signal.SIGKILL)  # the sessions started here, and only those
+            _kill_session(proc.pid)
         for proc, temp in nodes:
             proc.wait(timeout=10)
             sid = proc.pid
@@ -298,6 +326,16 @@ def _started(temp: str) -> bool:
         return "Ray runtime started" in f.read()
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of a session started here (Ray puts workers in process groups
+    of their own, so killing the leader's group would miss them)."""
+    for pid in _session_members(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _session_members(sid: int) -> list[int]:
     members = []
     for p in psutil.process_iter(["pid", "status"]):
@@ -309,9 +347,13 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def test_two_nodes_serve_one_replica_each(tiny_a, inproc_list, two_ray_nodes):
-    with _ray_gen(tiny_a[0], num_gpus=2, parallel_mode="throughput",
-                  ray_address=two_ray_nodes) as gen:  # fmt: skip
+def test_two_nodes_serve_one_replica_each_then_one_node_is_lost(tiny_a, inproc_list, two_ray_nodes):
+    """A replica on each node, both serving an offline list; then the second node's
+    processes are killed mid-request: every request fails fast with EngineDeadError and
+    shutdown does not hang on the lost node."""
+    gen = _ray_gen(tiny_a[0], num_gpus=2, parallel_mode="throughput",
+                   ray_address=two_ray_nodes.address)  # fmt: skip
+    try:
         executor = gen.executor
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         resources = {n["NodeID"]: n["Resources"] for n in ray.nodes()}
@@ -326,8 +368,27 @@ def test_two_nodes_serve_one_replica_each(tiny_a, inproc_list, two_ray_nodes):
         assert not executor._store_path.startswith("tcp://127.0.0.1:"), "actors span nodes"
         replicas = _Replicas(executor)
         outputs = gen.generate_video(PROMPTS, **SMALL)
-    assert sorted(set(replicas.used)) == [0, 1], replicas.used
-    _check_against(outputs, inproc_list)
+        assert sorted(set(replicas.used)) == [0, 1], replicas.used
+        _check_against(outputs, inproc_list)
+
+        remote = next(
+            r for r, n in enumerate(executor._nodes) if n.node_id != executor._driver_node
+        )
+        session = os.getsid(executor._pids[remote])
+        # The driver joins the first node registered at its address: the head.
+        assert session == two_ray_nodes.sessions[1], "expected the second node off the driver's"
+        long = _LongRequests(gen, 2)
+        assert long.denoising.wait(timeout=60), "the long requests never reached step 2"
+        lost_at = time.monotonic()
+        _kill_session(session)  # the second node's raylet, its workers, everything
+        assert long.join(30), "generate_video did not return after a node was lost"
+        long.check_dead_within(lost_at, KILL_TO_ERROR_LIMIT_S, f"rank {remote}")
+    finally:
+        start = time.monotonic()
+        gen.shutdown()
+        stopped_in = time.monotonic() - start
+    print(f"shutdown after the node loss took {stopped_in:.1f}s")
+    assert stopped_in < 15, "shutdown hung on the lost node"
     assert not ray.is_initialized(), "the engine must leave the cluster it joined"
 
 

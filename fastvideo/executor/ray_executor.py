@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 try:
     import ray
@@ -43,13 +42,8 @@ except ImportError as e:  # an optional extra
 
 from fastvideo import envs
 from fastvideo.config import PipelineConfig
-from fastvideo.executor.multiproc import (
-    HEARTBEAT_S,
-    MultiprocExecutor,
-    _Beat,
-    _live_executors,
-    loopback_interface,
-)
+from fastvideo.executor.multiproc import HEARTBEAT_S, MultiprocExecutor, _Beat, _live_executors
+from fastvideo.executor.ray_actor import RayWorker
 from fastvideo.logger import init_logger
 from fastvideo.wire.errors import WorkerStartupError
 from fastvideo.wire.messages import Shutdown, WorkerArgs, WorkerFailure, WorkerReady
@@ -60,6 +54,10 @@ logger = init_logger(__name__)
 # reports the death a moment later. Wait this long before blaming the batch alone.
 PEER_DEATH_GRACE_S = 1.5
 STOP_WAIT_S = 5.0  # after ray.kill, wait this long for every actor to be gone
+# ZeroMQ heartbeats on tcp:// batch sockets: a node that stops answering for this long has
+# its connection closed, which fails the engine (see _Connections).
+ZMQ_HEARTBEAT_MS = 1000
+ZMQ_HEARTBEAT_TIMEOUT_MS = 5000
 
 
 # --- placement (pure) --------------------------------------------------------------------
@@ -97,6 +95,11 @@ class _RaySession:
     _lock = threading.Lock()
     _users = 0
     _ours = False
+    _local = False  # a Ray of this machine only: no node will ever join it
+
+    @classmethod
+    def started_locally(cls) -> bool:
+        return cls._ours and cls._local
 
     @classmethod
     def acquire(cls, address: str | None, num_cpus: int) -> None:
@@ -106,7 +109,7 @@ class _RaySession:
                     ray.init(address=address)
                 else:  # "local": never attach to some other cluster of this machine
                     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
-                cls._ours = True
+                cls._ours, cls._local = True, not address
             elif cls._users == 0:
                 logger.info("using this process's existing Ray connection")
             cls._users += 1
@@ -119,76 +122,6 @@ class _RaySession:
                 cls._ours = False
                 if ray.is_initialized():
                     ray.shutdown()
-
-
-# --- the actor -----------------------------------------------------------------------------
-class RayWorker:
-    """One rank: hosts the rendezvous (rank 0), then runs the worker loop until Shutdown.
-
-    Its only data argument is ``WorkerArgs`` encoded with msgspec (bytes)."""
-
-    def __init__(self) -> None:
-        self._store = None
-
-    def host_store(self, host: str, world_size: int, timeout_s: float) -> int:
-        """Rank 0: a TCPStore listening on ``host`` only (a socket bound here and handed
-        over; the store itself would listen on every interface); returns its port."""
-        import torch.distributed as dist
-
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.bind((host, 0))
-        listener.listen(max(128, 4 * world_size))
-        port = listener.getsockname()[1]
-        self._store = dist.TCPStore(
-            host, port, world_size, True, timedelta(seconds=timeout_s),
-            wait_for_workers=False, master_listen_fd=listener.detach(),
-        )  # fmt: skip
-        return port
-
-    def run(self, encoded_args: bytes) -> int:
-        """The worker process's loop, in this actor; returns its exit code."""
-        from fastvideo.worker.main import _WorkerLoop
-
-        args = msgspec.msgpack.decode(encoded_args, type=WorkerArgs)
-        if args.world_size > 1:
-            _use_interface_towards(_store_host(args.store_path))
-        loop = _WorkerLoop(args)
-        loop.start_heartbeat()
-        try:
-            if loop.start(self._store):
-                loop.serve()
-        finally:
-            loop.close()
-            self._store = None
-        return loop.exit_code
-
-
-def _store_host(store_path: str) -> str:
-    return store_path.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-
-
-def _use_interface_towards(host: str) -> None:
-    """Point gloo and NCCL at the interface this node reaches ``host`` (rank 0's store)
-    through, unless the user chose one: loopback on one node, the cluster network
-    otherwise."""
-    name = loopback_interface() if host in ("127.0.0.1", "::1") else _interface_for(host)
-    if name is not None:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
-
-
-def _interface_for(host: str) -> str | None:
-    import psutil
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))  # UDP: picks the route, sends nothing
-        local = probe.getsockname()[0]
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address.split("%")[0] == local for a in addrs):
-            return name
-    return None
 
 
 def _wait_exited(pids: list[int], timeout: float) -> None:
@@ -208,6 +141,47 @@ class _Node:
     ip: str
 
 
+class _Connections:
+    """Each rank's batch socket has one peer, its actor: once that connection closes the
+    actor's process or its node is gone (on tcp://, ZeroMQ's own heartbeats close it when a
+    node stops answering). Used by the monitor thread only, which closes it.
+
+    Counted from the socket's events: a connection that fails its handshake (a stranger
+    refused by the allow-list, a port scan) reports that failure before it disconnects, so
+    open = handshakes that succeeded - (disconnects - failed handshakes)."""
+
+    FAILED = (
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
+
+    def __init__(self, sockets: list[zmq.Socket]):
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | self.FAILED
+        self._monitors = [sock.get_monitor_socket(events) for sock in sockets]
+        self._counts = [[0, 0] for _ in sockets]  # per rank: [succeeded, disconnects - failed]
+
+    def lost(self) -> int | None:
+        """A rank whose actor's connection closed, else None."""
+        for rank, monitor in enumerate(self._monitors):
+            counts = self._counts[rank]
+            while monitor.poll(0):
+                event = recv_monitor_message(monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    counts[0] += 1
+                elif event == zmq.EVENT_DISCONNECTED:
+                    counts[1] += 1
+                else:
+                    counts[1] -= 1
+            if counts[0] > 0 and counts[0] <= counts[1]:
+                return rank
+        return None
+
+    def close(self) -> None:
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+
+
 # --- the executor ----------------------------------------------------------------------------
 class RayExecutor(MultiprocExecutor):
     """The multi-process executor's sockets, futures and heartbeats over Ray actors."""
@@ -221,6 +195,8 @@ class RayExecutor(MultiprocExecutor):
         self._pids: dict[int, int] = {}
         self._auth = None
         self._store_path = ""
+        self._connections: _Connections | None = None
+        self._watch_done = threading.Event()  # the monitor thread closed its sockets
         self._stop_lock = threading.RLock()  # a future's callback may shut down too
         super().__init__(model_dir, config, device)
 
@@ -273,14 +249,7 @@ class RayExecutor(MultiprocExecutor):
         self._pg = placement_group(
             placement.bundles, strategy=placement.strategy, name=f"fastvideo-{self._token[:8]}"
         )
-        ready, _ = ray.wait([self._pg.ready()], timeout=timeout)
-        if not ready:
-            raise WorkerStartupError(
-                f"Ray could not place {len(placement.bundles)} bundle(s) of "
-                f"{placement.bundles[0]} ({placement.strategy}) within {timeout:.0f}s; the "
-                f"cluster has {ray.available_resources()} free (a replica must fit on one "
-                f"node unless ray_allow_cross_node=True)"
-            )
+        self._wait_placement(placement, timeout)
         bundle_nodes = placement_group_table(self._pg)["bundles_to_node_id"]
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
         for rank in range(self.world_size):
@@ -293,6 +262,29 @@ class RayExecutor(MultiprocExecutor):
             "Ray placement %s: %d rank(s) on %d node(s) (rank@node: %s)",
             placement.strategy, self.world_size, len({n.node_id for n in self._nodes}), where,
         )  # fmt: skip
+
+    def _wait_placement(self, placement: Placement, timeout: float) -> None:
+        """Until Ray has reserved every bundle; fails at once when a local Ray can never
+        hold them (a cluster's autoscaler may still add a node: warn, keep waiting)."""
+        deadline = time.monotonic() + timeout
+        warned, pause = False, 0.5
+        while not ray.wait([self._pg.ready()], timeout=pause)[0]:
+            pause = min(5.0, pause * 2)
+            table = placement_group_table(self._pg)
+            state = table.get("stats", {}).get("scheduling_state", "?")
+            why = (
+                f"Ray cannot place {len(placement.bundles)} bundle(s) of {placement.bundles[0]} "
+                f"({placement.strategy}: a replica stays on one node unless "
+                f"ray_allow_cross_node=True; scheduling state {state}); the cluster has "
+                f"{ray.cluster_resources()}, free {ray.available_resources()}"
+            )
+            if state == "INFEASIBLE" and _RaySession.started_locally():
+                raise WorkerStartupError(f"{why}: this machine's Ray can never hold them")
+            if time.monotonic() > deadline:
+                raise WorkerStartupError(f"{why}; gave up after {timeout:.0f}s")
+            if not warned:
+                logger.warning("%s; waiting up to %.0fs", why, timeout)
+                warned = True
 
     def _rendezvous(self, timeout: float) -> str:
         """Rank 0's actor hosts the TCPStore: on loopback when every rank shares its node,
@@ -336,8 +328,11 @@ class RayExecutor(MultiprocExecutor):
                 sock.bind(addrs[-1])
             else:
                 sock.zap_domain = b"fastvideo"  # the allow-list above applies
+                sock.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HEARTBEAT_MS)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HEARTBEAT_TIMEOUT_MS)
                 addrs.append(self._bind_tcp(sock))
             self._inputs.append(sock)
+        self._connections = _Connections(self._inputs)
         return addrs, [out_ipc if here else out_tcp for here in local]
 
     def _bind_tcp(self, sock: zmq.Socket) -> str:
@@ -414,19 +409,34 @@ class RayExecutor(MultiprocExecutor):
         super()._on_failure(msg)
 
     def _monitor(self) -> None:
-        reason = None
-        while not self._closed and reason is None:
-            try:
-                ended = self._ended_rank(0.25)
-            except Exception as e:  # noqa: BLE001 - Ray itself is gone (shut down at exit)
-                ended, reason = None, f"the Ray connection failed ({type(e).__name__}: {e})"
-            if ended is not None:
-                reason = self._why_ended(ended)
-            reason = reason or self._check_beats()
+        try:
+            reason = self._watch()
+        finally:  # before anyone terminates the ZeroMQ context
+            if self._connections is not None:
+                self._connections.close()
+            self._watch_done.set()
         if self._closed:
             return
         self._fail_all(f"{reason}; the engine has shut down. Create a new generator to continue.")
         self.shutdown(grace=1.0)  # the others are likely stuck in a collective
+
+    def _watch(self) -> str | None:
+        """Until an actor is gone (its task ended, its connection closed, its heartbeats
+        stopped or its progress stalled): why; None once the engine is closed."""
+        while not self._closed:
+            try:
+                ended = self._ended_rank(0.25)
+            except Exception as e:  # noqa: BLE001 - Ray itself is gone (shut down at exit)
+                return f"the Ray connection failed ({type(e).__name__}: {e})"
+            if ended is not None:
+                return self._why_ended(ended)
+            lost = self._connections.lost() if self._connections is not None else None
+            if lost is not None:
+                return f"{self._who(lost)} lost its connection: its process or its node is gone"
+            reason = self._check_beats()
+            if reason is not None:
+                return reason
+        return None
 
     def _check_beats(self) -> str | None:
         """Why a worker counts as dead by its heartbeats (None while all are healthy)."""
@@ -456,29 +466,38 @@ class RayExecutor(MultiprocExecutor):
                 first, self._closed = not self._closed, True
             if not first:
                 return
-            self._fail_all("the engine was shut down")
-            frames = self._encoder.encode(Shutdown(self._token))
-            for sock in getattr(self, "_inputs", []):
-                try:
-                    sock.send_multipart(frames, flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            self._stop_actors(grace)
-            io = self._io_thread
-            if io is not None and io is not threading.current_thread():
-                io.join(timeout=2.0)  # it owns the output socket until it sees _closed
-            for sock in [*getattr(self, "_inputs", []), getattr(self, "_output", None)]:
-                if sock is not None:
-                    sock.close(linger=0)
-            if self._auth is not None:
-                self._auth.stop()
-            self._ctx.term()
-            shutil.rmtree(self._dir, ignore_errors=True)
-            _live_executors.discard(self)
-            if self._session:
-                self._session = False
-                _RaySession.release()
-            self._shutdown_done.set()
+            try:
+                self._stop_all(grace)
+            finally:
+                _live_executors.discard(self)
+                if self._session:
+                    self._session = False
+                    _RaySession.release()
+                self._shutdown_done.set()
+
+    def _stop_all(self, grace: float) -> None:
+        self._fail_all("the engine was shut down")
+        frames = self._encoder.encode(Shutdown(self._token))
+        for sock in getattr(self, "_inputs", []):
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self._stop_actors(grace)
+        io = self._io_thread
+        if io is not None and io is not threading.current_thread():
+            io.join(timeout=2.0)  # it owns the output socket until it sees _closed
+        if self._io_thread is not None:  # the monitor thread was started too: it closes
+            self._watch_done.wait(timeout=5.0)  # its sockets once it sees _closed
+        elif self._connections is not None:
+            self._connections.close()
+        for sock in [*getattr(self, "_inputs", []), getattr(self, "_output", None)]:
+            if sock is not None:
+                sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def _stop_actors(self, grace: float) -> None:
         """Let the actors leave on Shutdown within ``grace``, then kill them all and wait
