@@ -1,12 +1,15 @@
 """The Ray executor (``executor="ray"``) with CPU actors: the same latents and frames as the
-worker processes for every kind of plan, throughput replicas, an actor killed mid-request,
-and two Ray nodes on one machine serving one replica each.
+worker processes for CFG, Ulysses and ring plans on 2 and 3 actors; an actor killed
+mid-request (EngineDeadError within seconds, nothing left behind, then a new engine serves
+an offline list on two throughput replicas); a local Ray the engine starts and stops; two
+Ray nodes on one machine serving one replica each, then the second node lost mid-request.
+Those start Ray and are marked slow; placement and configuration checks are not.
 
-Tolerance: the Ray actors run the worker processes' loop with the same plan and the same
-thread count, so latents match within relative error 1e-6 (L2 norm of the difference over
-the reference's) and uint8 frames within one level; each comparison also checks that a
-different seed is far outside that tolerance. Throughput-mode outputs (one rank per
-replica) are compared with the in-process executor with test_parallel's tolerance.
+Tolerance: the actors run the worker processes' loop with the same plan and the same thread
+count, so latents match within relative error 1e-6 (L2 norm of the difference over the
+reference's; measured: 0, bit-identical) and uint8 frames within one level; a different
+seed is checked to be far outside that tolerance. Throughput-mode outputs (one rank per
+replica) are compared with the in-process executor (frames within one level).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pytest
 import torch
 import zmq
 
-from fastvideo import EngineDeadError, VideoGenerator
+from fastvideo import EngineDeadError, PipelineConfig, VideoGenerator
 
 # Token authentication for every Ray of this module (a local ray.init turns it on anyway);
 # Ray reads the mode once, at import, so it is set before.
@@ -37,8 +40,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 ray = pytest.importorskip(
     "ray", reason="executor='ray' needs the optional extra: pip install 'fastvideo[ray]'"
 )
-
-pytestmark = pytest.mark.slow
 
 PROMPT = "a red fox walking through a snowy forest at dawn"
 SMALL = dict(height=48, width=80, num_frames=5, num_inference_steps=3, seed=7,
@@ -174,6 +175,7 @@ def _generate(gen: VideoGenerator, runs, seed: int = SMALL["seed"]) -> list:
     ]
 
 
+@pytest.mark.slow
 class TestOnALocalRay:
     @pytest.fixture(scope="class", autouse=True)
     def local_ray(self):
@@ -251,6 +253,7 @@ class TestOnALocalRay:
 
 
 # --- a Ray the engine starts (and stops) itself ------------------------------------------------
+@pytest.mark.slow
 def test_engine_starts_and_stops_its_own_local_ray(tiny_a, inproc_list):
     assert not ray.is_initialized(), "a previous test left Ray running"
     with _ray_gen(tiny_a[0], num_gpus=1) as gen:
@@ -347,6 +350,7 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
+@pytest.mark.slow
 def test_two_nodes_serve_one_replica_each_then_one_node_is_lost(tiny_a, inproc_list, two_ray_nodes):
     """A replica on each node, both serving an offline list; then the second node's
     processes are killed mid-request: every request fails fast with EngineDeadError and
@@ -398,3 +402,44 @@ def test_missing_ray_is_named(monkeypatch):
     monkeypatch.delitem(sys.modules, "fastvideo.executor.ray_executor", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'fastvideo\[ray\]'"):
         import fastvideo.executor.ray_executor  # noqa: F401
+
+
+# --- pure: placement and configuration (no Ray started) --------------------------------------
+@pytest.mark.parametrize(
+    "fields, gpu, strategy, bundles, bundle_of_rank",
+    [
+        # latency (and auto) plans span every rank: one node
+        (dict(num_gpus=4), True, "STRICT_PACK", [{"CPU": 1.0, "GPU": 1.0}] * 4, [0, 1, 2, 3]),
+        # throughput: a bundle per replica (never split), spread over the nodes
+        (dict(num_gpus=4, parallel_mode="throughput", throughput_replicas=2), True, "SPREAD",
+         [{"CPU": 2.0, "GPU": 2.0}] * 2, [0, 0, 1, 1]),
+        (dict(num_gpus=3, parallel_mode="throughput"), False, "SPREAD", [{"CPU": 1.0}] * 3,
+         [0, 1, 2]),
+        (dict(num_gpus=2, ray_allow_cross_node=True), True, "PACK",
+         [{"CPU": 1.0, "GPU": 1.0}] * 2, [0, 1]),
+        (dict(num_gpus=2), False, "STRICT_PACK", [{"CPU": 1.0}] * 2, [0, 1]),
+    ],
+)  # fmt: skip
+def test_placement_keeps_each_replica_on_one_node(fields, gpu, strategy, bundles, bundle_of_rank):
+    from fastvideo.executor.ray_executor import plan_placement
+
+    placement = plan_placement(PipelineConfig(**fields), gpu=gpu)
+    assert placement.strategy == strategy
+    assert placement.bundles == bundles
+    assert placement.bundle_of_rank == bundle_of_rank
+
+
+@pytest.mark.parametrize(
+    "address, error, match",
+    [
+        ("ray://10.0.0.1:10001", ValueError, "Ray Client"),
+        ("", TypeError, "ray_address must be"),
+        (6379, TypeError, "ray_address must be"),
+    ],
+)
+def test_bad_ray_address_is_refused_before_anything_starts(address, error, match):
+    with pytest.raises(error, match=match):
+        PipelineConfig(executor="ray", ray_address=address).validate()
+    PipelineConfig(executor="ray", ray_address="10.0.0.1:6379").validate()
+    with pytest.raises(TypeError, match="ray_allow_cross_node"):
+        PipelineConfig(ray_allow_cross_node="yes").validate()
