@@ -201,6 +201,9 @@ class TestOnALocalRay:
             assert executor._store_path.startswith("tcp://127.0.0.1:")
             got = _generate(gen, runs)
             other_seed = _generate(gen, runs[:1], seed=SMALL["seed"] + 1)[0]
+            # Control messages reach every rank and come back in rank order.
+            replies = executor.control("lora_list", {}).result(timeout=30)
+            assert [(r.rank, r.error) for r in replies] == [(r, "") for r in range(num_gpus)]
         for (g, kind, plan), ours, ref in zip(runs, got, expected, strict=True):
             assert ours.plan == ref.plan == plan, (ours.plan, ref.plan, plan)
             if kind == "latent":
