@@ -12,7 +12,9 @@ in a private 0700 folder; actors on other nodes over tcp:// to the driver's node
 where each rank's batch socket admits that rank's node only. The rendezvous is a TCPStore
 hosted by rank 0's actor on 127.0.0.1, or on rank 0's node address when the actors span
 nodes. An actor whose long-running ``run`` task ends (a crash, ``ray.kill``, a lost node)
-fails every pending batch with ``EngineDeadError``, as do silent or stalled heartbeats.
+or whose connection to the driver closes (ZeroMQ heartbeats close a tcp:// one whose node
+stops answering) fails every pending batch with ``EngineDeadError``, as do silent or
+stalled worker heartbeats. Shutdown kills every actor and removes the placement group.
 """
 
 from __future__ import annotations
