@@ -27,7 +27,7 @@ from fastvideo.layers.vae_tiling import TileSizes
 from fastvideo.wire.validation import STEP_CACHES, RequestLimits, is_int, require_int
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-EXECUTORS = ("mp", "inproc")
+EXECUTORS = ("mp", "inproc", "ray")
 DEVICES = ("cuda", "cpu")
 PARALLEL_MODES = ("auto", "latency", "throughput")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -94,8 +94,14 @@ class ParallelConfig:
         "auto",
     )
     throughput_replicas: int | None = _help("Replicas in throughput mode; None: one per GPU.", None)
+    ray_allow_cross_node: bool = _help(
+        "executor='ray': let one replica's ranks span nodes (its sequence-parallel "
+        "collectives then cross the network); False: every replica stays on one node.",
+        False,
+    )
 
     def validate(self) -> None:
+        _check_bool("ray_allow_cross_node", self.ray_allow_cross_node)
         if self.cfg_parallel is not None:
             _check_bool("cfg_parallel", self.cfg_parallel)
         for name in ("sp_degree", "ulysses_degree", "ring_degree", "throughput_replicas"):
@@ -410,7 +416,16 @@ class PipelineConfig:
         1,
     )
     device: str | None = _help("'cuda' or 'cpu'; None: cuda when available.", None)
-    executor: str = _help("'mp' (worker processes, default) or 'inproc' (debugging).", "mp")
+    executor: str = _help(
+        "'mp' (worker processes, default), 'ray' (Ray actors, possibly on several nodes) or "
+        "'inproc' (debugging).",
+        "mp",
+    )
+    ray_address: str | None = _help(
+        "executor='ray': the Ray cluster to join ('HOST:PORT' or 'auto'); None: $RAY_ADDRESS, "
+        "else a local Ray started and stopped with the engine.",
+        None,
+    )
     dit_precision: str | None = _help("DiT precision; None: bf16 on GPU, fp32 on CPU.", None)
     text_encoder_precision: str | None = _help(
         "Text encoder precision; None: bf16 on GPU, fp32 on CPU.", None
@@ -484,6 +499,7 @@ class PipelineConfig:
             _check_choice("device", self.device, DEVICES)
         if self.executor == "inproc" and self.num_gpus != 1:
             raise ValueError("executor='inproc' runs one rank: num_gpus must be 1")
+        _check_ray_address(self.ray_address)
         if self.flow_shift is not None and (
             isinstance(self.flow_shift, bool)
             or not isinstance(self.flow_shift, (int, float))
@@ -544,6 +560,19 @@ def _init(self: PipelineConfig, *args: Any, **kwargs: Any) -> None:
 
 
 PipelineConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+def _check_ray_address(address: Any) -> None:
+    if address is None:
+        return
+    if not isinstance(address, str) or not address.strip():
+        raise TypeError(f"ray_address must be 'HOST:PORT', 'auto' or None, got {address!r}")
+    if address.startswith("ray://"):
+        raise ValueError(
+            f"ray_address={address!r}: Ray Client (ray://) is not supported, the workers "
+            f"connect back to the driver; run the driver on a cluster node and give the "
+            f"cluster's 'HOST:PORT' (or 'auto')"
+        )
 
 
 def _check_loras(specs: Any) -> None:

@@ -47,6 +47,12 @@ def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def ray_address() -> str | None:
+    """RAY_ADDRESS (Ray's own variable): the cluster ``executor='ray'`` joins when
+    ``PipelineConfig.ray_address`` is not set."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 def torch_profile_dir() -> str | None:
     """FASTVIDEO_TORCH_PROFILE_DIR: rank 0 writes a torch.profiler op table per request here."""
     return os.environ.get("FASTVIDEO_TORCH_PROFILE_DIR") or None

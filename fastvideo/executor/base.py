@@ -1,7 +1,8 @@
 """The executor interface: four methods, results as futures.
 
 Executors run batches on the workers: in this process (debugging, fast tests), in one
-worker process per GPU (the default; ``multiproc.py``), later on Ray actors.
+worker process per GPU (the default; ``multiproc.py``), or one Ray actor per GPU
+(``ray_executor.py``, also across nodes).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def create_executor(
         from fastvideo.executor.inproc import InProcessExecutor
 
         return InProcessExecutor(model_dir, config, device)
+    if config.executor == "ray":
+        from fastvideo.executor.ray_executor import RayExecutor
+
+        return RayExecutor(model_dir, config, device)
     from fastvideo.executor.multiproc import MultiprocExecutor
 
     return MultiprocExecutor(model_dir, config, device, spawned)

@@ -416,9 +416,15 @@ class MultiprocExecutor(Executor):
     def _on_failure(self, msg: WorkerFailure) -> None:
         if msg.batch_id is None:
             return
-        dead = [r for r, p in enumerate(self._procs) if p.poll() is not None]
+        dead = self._dead_ranks(grace_s=0.5 if msg.fatal else 0.0)
         if dead:  # a peer's death surfaced here first (e.g. a reset connection)
             self._fail_all(f"worker rank {dead[0]} died; the engine has shut down")
+            return
+        if msg.fatal:  # the rank exits after this failure: so does the engine
+            self._fail_all(
+                f"worker rank {msg.rank} stopped ({msg.error_type}: {msg.message}); "
+                "the engine has shut down"
+            )
             return
         pending = self._pop(msg.batch_id)
         if pending is not None:
@@ -428,6 +434,16 @@ class MultiprocExecutor(Executor):
                     msg.batch_id, msg.rank, msg.error_type, msg.message, msg.traceback
                 )  # fmt: skip
             )
+
+    def _dead_ranks(self, grace_s: float = 0.0) -> list[int]:
+        """Ranks whose process has exited, waiting up to ``grace_s`` for one (a killed
+        peer's sockets close a moment before its exit status is there)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            dead = [r for r, p in enumerate(self._procs) if p.poll() is not None]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.01)
 
     def _pop(self, batch_id: str) -> _Pending | None:
         with self._lock:

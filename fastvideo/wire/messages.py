@@ -135,6 +135,7 @@ class WorkerFailure(msgspec.Struct, tag="failure", **_OPTS):
     message: str
     traceback: str = ""
     token: str = ""
+    fatal: bool = False  # the rank exits after this (ranks out of step): the engine is dead
 
 
 class ControlReply(msgspec.Struct, tag="control_reply", **_OPTS):

@@ -27,6 +27,7 @@ import traceback
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -48,6 +49,9 @@ from fastvideo.wire.messages import (
     WorkerFailure,
     WorkerReady,
 )
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 logger = init_logger(__name__)
 
@@ -175,10 +179,12 @@ class _WorkerLoop:
         self._beats = threading.Thread(target=beat, name="fastvideo-heartbeat", daemon=True)
         self._beats.start()
 
-    def start(self) -> bool:
+    def start(self, store: dist.Store | None = None) -> bool:
         """Start-up, in the order that overlaps most: the weight reads start as soon as the
         worker module is imported and run (in threads) while the plugins load, the process
-        group forms and the modules are built."""
+        group forms and the modules are built. ``store``: a rendezvous the caller made (the
+        TCPStore a Ray actor hosts for rank 0); else the one ``args.store_path`` names.
+        False (the failure already reported) if start-up failed."""
         a = self.args
         # Python's start, this module's imports (torch), and the wait for the arguments
         # (the driver spawns workers before it has resolved the model).
@@ -189,7 +195,6 @@ class _WorkerLoop:
         sys.setswitchinterval(min(switch, 0.0005))
         try:
             import torch
-            import torch.distributed as dist
 
             from fastvideo.config import PipelineConfig
             from fastvideo.worker.worker import Worker, set_cpu_threads
@@ -203,7 +208,7 @@ class _WorkerLoop:
             self.worker.start_reading()
             self.worker.load_plugins(a.plugins)
             if a.world_size > 1:
-                self.store = dist.FileStore(a.store_path, a.world_size)
+                self.store = store if store is not None else self._open_store()
                 self.store.set_timeout(timedelta(seconds=max(60.0, a.arrival_timeout_s)))
             self.worker.init_distributed(self.store)
             seconds = self.worker.load()
@@ -226,6 +231,18 @@ class _WorkerLoop:
         )
         self.send(ready)
         return True
+
+    def _open_store(self) -> dist.Store:
+        """``tcp://HOST:PORT``: a client of the TCPStore another rank hosts (Ray actors,
+        possibly on other nodes); otherwise the FileStore at that path (one machine)."""
+        import torch.distributed as dist
+
+        a = self.args
+        if a.store_path.startswith("tcp://"):
+            host, _, port = a.store_path.removeprefix("tcp://").rpartition(":")
+            timeout = timedelta(seconds=max(60.0, a.arrival_timeout_s))
+            return dist.TCPStore(host.strip("[]"), int(port), a.world_size, False, timeout)
+        return dist.FileStore(a.store_path, a.world_size)
 
     # --- serving -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -281,7 +298,7 @@ class _WorkerLoop:
             cause = e.__cause__ or e
             logger.error("rank %d: %s; exiting (ranks out of step)", self.args.rank, e)
             message = f"{e} (fatal on a multi-rank engine: it shuts down)"
-            self._fail(msg, type(cause).__name__, message)
+            self._fail(msg, type(cause).__name__, message, fatal=True)
             self.running, self.exit_code = False, 1
             return
         except Exception as e:
@@ -352,9 +369,12 @@ class _WorkerLoop:
             reply = ControlReply(msg.command_id, self.args.rank, f"{type(e).__name__}: {e}")
         self.send(reply)
 
-    def _fail(self, msg: GenerateBatch, error_type: str, message: str) -> None:
+    def _fail(
+        self, msg: GenerateBatch, error_type: str, message: str, fatal: bool = False
+    ) -> None:
         tb = traceback.format_exc()
-        self.send(WorkerFailure(msg.batch_id, self.args.rank, error_type, message, tb))
+        failure = WorkerFailure(msg.batch_id, self.args.rank, error_type, message, tb, fatal=fatal)
+        self.send(failure)
 
     def _shutdown(self, _: Shutdown) -> None:
         self.running = False
