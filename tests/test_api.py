@@ -2,7 +2,7 @@
 request validation, model resolution errors, GPU-count checks, saving, and seeding.
 
 Everything runs on CPU. Only the seed example (2 worker processes, CFG-parallel, a
-1024x576 video of the demo model) uses the multi-process executor; the rest runs
+512x288 video of the demo model) uses the multi-process executor; the rest runs
 in-process.
 """
 

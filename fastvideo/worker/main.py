@@ -369,9 +369,7 @@ class _WorkerLoop:
             reply = ControlReply(msg.command_id, self.args.rank, f"{type(e).__name__}: {e}")
         self.send(reply)
 
-    def _fail(
-        self, msg: GenerateBatch, error_type: str, message: str, fatal: bool = False
-    ) -> None:
+    def _fail(self, msg: GenerateBatch, error_type: str, message: str, fatal: bool = False) -> None:
         tb = traceback.format_exc()
         failure = WorkerFailure(msg.batch_id, self.args.rank, error_type, message, tb, fatal=fatal)
         self.send(failure)
