@@ -412,3 +412,62 @@ def test_lora_through_the_engine_matches_diffusers(tiny_a, ckpt, loras):
     assert _rel(at_load, ref) < 1e-5 and _rel(live, ref) < 1e-5
     assert _rel(plain, ref) > 1e-3, "the LoRA must change the output"
     assert torch.equal(after, plain) and _rel(zero, plain) < 1e-6
+
+
+def test_loras_over_http_match_diffusers(tiny_a, ckpt, loras):
+    """/v1/loras on a real server: loaded from the server's LoRA folder only (403 without
+    one, 400 outside it), listed, rescaled, unloaded; what the engine then generates is
+    diffusers' fused-LoRA output, and the plain model exactly after unloading."""
+    import httpx
+
+    from fastvideo import AsyncVideoEngine, VideoGenerator
+    from fastvideo.entrypoints.http import build_app
+    from tests.test_http import ServerThread
+
+    ref = _diffusers_latents(tiny_a, ckpt, loras["a"], 0.7)
+    root = loras["a"].parent.parent
+    engine = AsyncVideoEngine.from_pretrained(str(tiny_a[0]), executor="inproc")
+    gen = VideoGenerator(engine.core)  # the same engine, blocking, for the latents
+    try:
+        plain = gen.generate_video("a fox", **ENGINE_RUN).latents
+        locked = build_app(engine, output_dir=root / "out-locked")
+        with ServerThread(locked) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.get("/v1/loras").json() == {"object": "list", "data": []}
+            for call in (lambda: c.post("/v1/loras", json={"path": "a/x.safetensors"}),
+                         lambda: c.patch("/v1/loras/x", json={"scale": 1.0}),
+                         lambda: c.delete("/v1/loras/x")):  # fmt: skip
+                r = call()
+                assert r.status_code == 403 and "--lora-dir" in r.json()["error"]["message"]
+        app = build_app(engine, output_dir=root / "out", lora_dir=root)
+        with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            a_file = loras["a"].relative_to(root).as_posix()
+            for body, status, param in (
+                ({"path": "../" + root.name + "/" + a_file}, 200, None),  # inside, via ..
+                ({"path": "/etc/hostname"}, 400, "path"),
+                ({"path": "../../outside.safetensors"}, 400, "path"),
+                ({"path": "a/missing.safetensors"}, 404, "path"),
+                ({"path": a_file, "scale": "big"}, 422, "scale"),
+                ({"path": a_file, "rank": 4}, 422, "rank"),
+            ):
+                r = c.post("/v1/loras", json={**body, "name": "probe"})
+                assert r.status_code == status, (body, r.text)
+                if param is not None:
+                    assert r.json()["error"]["param"] == param, r.text
+            assert c.delete("/v1/loras/probe").json()["deleted"] is True
+            r = c.post("/v1/loras", json={"path": a_file, "scale": 0.7, "name": "style"})
+            assert r.status_code == 200 and r.json()["name"] == "style", r.text
+            assert c.post("/v1/loras", json={"path": a_file, "name": "style"}).status_code == 409
+            listed = c.get("/v1/loras").json()["data"]
+            assert listed == [{"object": "lora", "name": "style", "scale": 0.7}]
+            live = gen.generate_video("a fox", **ENGINE_RUN).latents
+            assert c.patch("/v1/loras/style", json={"scale": 0.0}).status_code == 200
+            zero = gen.generate_video("a fox", **ENGINE_RUN).latents
+            assert c.patch("/v1/loras/nope", json={"scale": 1.0}).status_code == 404
+            assert c.delete("/v1/loras/style").status_code == 200
+            assert c.delete("/v1/loras/style").status_code == 404
+            assert c.get("/v1/loras").json()["data"] == []
+        after = gen.generate_video("a fox", **ENGINE_RUN).latents
+    finally:
+        engine.shutdown()
+    assert _rel(live, ref) < 1e-5 and _rel(plain, ref) > 1e-3
+    assert _rel(zero, plain) < 1e-6 and torch.equal(after, plain)

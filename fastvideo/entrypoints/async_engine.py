@@ -124,8 +124,18 @@ class AsyncVideoEngine:
 
         return await asyncio.to_thread(lora_load, self.core, path, scale, name)
 
+    async def set_lora_scale(self, name: str, scale: float) -> None:
+        from fastvideo.entrypoints.generator import lora_scale
+
+        args = {"name": name, "scale": lora_scale(scale)}
+        await asyncio.to_thread(self.core.control, "lora_set_scale", args)
+
     async def unload_lora(self, name: str) -> None:
         await asyncio.to_thread(self.core.control, "lora_unload", {"name": name})
+
+    async def loras(self) -> dict[str, float]:
+        """Loaded LoRAs: name -> scale."""
+        return await asyncio.to_thread(self.core.control, "lora_list", {})
 
     @property
     def is_alive(self) -> bool:

@@ -130,6 +130,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="keep the videos here (default: a temporary folder)")
     p.add_argument("--max-jobs", type=int, default=256, help="jobs (and files) kept at most")
     p.add_argument("--max-age-s", type=float, default=3600.0, help="finished jobs kept this long")
+    p.add_argument("--lora-dir", help="let clients load LoRA files from this folder (/v1/loras)")
     _add_engine_flags(p)
 
 
@@ -212,7 +213,8 @@ def _serve(args: argparse.Namespace) -> int:
     from fastvideo.entrypoints.http import serve
 
     serve(args.model, args.host, args.port, args.api_key, output_dir=args.output_dir,
-          max_jobs=args.max_jobs, max_age_s=args.max_age_s, **_engine_options(args))  # fmt: skip
+          max_jobs=args.max_jobs, max_age_s=args.max_age_s, lora_dir=args.lora_dir,
+          **_engine_options(args))  # fmt: skip
     return 0
 
 

@@ -16,6 +16,11 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <key>`` when a key i
   (the mp4), ``GET /v1/videos/{id}/events`` (server-sent events: progress, then the final
   status), ``DELETE /v1/videos/{id}`` (cancel a queued/running job; delete a finished one
   and its file), ``GET /v1/models``, ``GET /health`` (503 once the engine is dead).
+- ``GET /v1/loras`` (name -> scale); with ``lora_dir`` set also ``POST /v1/loras``
+  (``path`` inside ``lora_dir``, ``scale``, ``name``: merged into the DiT between batches,
+  so running jobs finish as they started and later jobs use it), ``PATCH
+  /v1/loras/{name}`` (``scale``) and ``DELETE /v1/loras/{name}``. Without ``lora_dir``
+  these answer 403: a client never names an arbitrary file on the server.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for a value the engine
 rejects (its own validation, run at submission), 422 for a body that does not parse (a
@@ -114,6 +119,50 @@ class CreateVideoRequest(BaseModel):
     image: str | None = None  # base64, or a data: URL
 
 
+class LoadLoraRequest(BaseModel):
+    """The body of ``POST /v1/loras``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # relative to the server's lora_dir (or absolute inside it)
+    scale: float = 1.0
+    name: str | None = None
+
+
+class LoraScaleRequest(BaseModel):
+    """The body of ``PATCH /v1/loras/{name}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float
+
+
+def lora_root(lora_dir: Path | None) -> Path:
+    """The server's LoRA folder; without one, changing LoRAs over HTTP is refused (403)."""
+    if lora_dir is None:
+        raise APIError(
+            403,
+            "changing LoRAs over HTTP is off: start the server with a LoRA folder "
+            "(--lora-dir DIR) to allow the files in it",
+            code="lora_loading_disabled",
+            type="permission_error",
+        )
+    return lora_dir.resolve()
+
+
+def lora_file(lora_dir: Path | None, path: str) -> Path:
+    """``path`` resolved inside ``lora_dir`` (links followed), or an APIError."""
+    root = lora_root(lora_dir)
+    target = (root / path).resolve()
+    if not target.is_relative_to(root):
+        raise APIError(400, f"path {path!r} is outside the LoRA folder", param="path")
+    if target.suffix != ".safetensors" or not target.is_file():
+        raise APIError(
+            404, f"no .safetensors file {path!r} in the LoRA folder", param="path", code="not_found"
+        )
+    return target
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """'832x480' -> (width 832, height 480)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
@@ -170,6 +219,7 @@ class _State:
     model_name: str
     api_key: str | None
     cancel_wait_s: float
+    lora_dir: Path | None = None
     started_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
     dead: str | None = None
 
@@ -312,6 +362,7 @@ def build_app(
     max_age_s: float = 3600.0,
     model_name: str | None = None,
     cancel_wait_s: float = 5.0,
+    lora_dir: str | Path | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``engine`` (owned by the caller: shut it down after the app).
 
@@ -323,6 +374,8 @@ def build_app(
         max_age_s: finished jobs (and their files) are dropped this long after finishing.
         model_name: the model id clients see (``GET /v1/models``, the ``model`` field).
         cancel_wait_s: how long ``DELETE`` of a running job waits for it to stop.
+        lora_dir: the folder ``POST /v1/loras`` may load ``.safetensors`` files from;
+            without it LoRAs can be listed over HTTP but not changed.
     """
     info = getattr(getattr(engine, "core", None), "info", None)  # no public name yet
     name = model_name or getattr(info, "name", None) or "fastvideo"
@@ -333,6 +386,7 @@ def build_app(
         model_name=str(name),
         api_key=api_key or None,
         cancel_wait_s=cancel_wait_s,
+        lora_dir=Path(lora_dir).expanduser() if lora_dir is not None else None,
     )
     state.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -507,6 +561,55 @@ def build_app(
         }
         return {"object": "list", "data": [model]}
 
+    async def lora_call(call, *args: Any) -> Any:
+        state.check_alive()
+        try:
+            return await call(*args)
+        except EngineDeadError as e:
+            state.on_dead(e)
+            raise APIError(
+                503, f"the engine is dead: {state.dead}", code="engine_dead", type="server_error"
+            ) from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise APIError(400, str(e), code="lora_error") from None
+
+    async def find_lora(name: str) -> str:
+        if name not in await lora_call(state.engine.loras):
+            raise APIError(404, f"no LoRA named {name!r} is loaded", param="name", code="not_found")
+        return name
+
+    def loras_page(loras: dict[str, float]) -> dict[str, Any]:
+        data = [{"object": "lora", "name": n, "scale": s} for n, s in loras.items()]
+        return {"object": "list", "data": data}
+
+    @api.get("/loras")
+    async def list_loras() -> dict[str, Any]:
+        return loras_page(await lora_call(state.engine.loras))
+
+    @api.post("/loras")
+    async def load_lora(body: LoadLoraRequest) -> dict[str, Any]:
+        path = lora_file(state.lora_dir, body.path)
+        name = body.name or path.stem
+        if name in await lora_call(state.engine.loras):
+            raise APIError(409, f"a LoRA named {name!r} is loaded already", param="name")
+        name = await lora_call(state.engine.load_lora, str(path), body.scale, name)
+        logger.info("LoRA %s loaded from %s at scale %s", name, path, body.scale)
+        return {"object": "lora", "name": name, "scale": body.scale}
+
+    @api.patch("/loras/{name}")
+    async def set_lora_scale(name: str, body: LoraScaleRequest) -> dict[str, Any]:
+        lora_root(state.lora_dir)
+        await find_lora(name)
+        await lora_call(state.engine.set_lora_scale, name, body.scale)
+        return {"object": "lora", "name": name, "scale": body.scale}
+
+    @api.delete("/loras/{name}")
+    async def unload_lora(name: str) -> dict[str, Any]:
+        lora_root(state.lora_dir)
+        await find_lora(name)
+        await lora_call(state.engine.unload_lora, name)
+        return {"object": "lora.deleted", "name": name, "deleted": True}
+
     app.include_router(api)
 
     @app.get("/health")
@@ -538,6 +641,7 @@ def serve(
     max_jobs: int = 256,
     max_age_s: float = 3600.0,
     log_level: str = "info",
+    lora_dir: str | Path | None = None,
     **engine_options: Any,
 ) -> None:
     """Load ``model`` and serve it over HTTP until interrupted (blocking).
@@ -569,6 +673,7 @@ def serve(
             max_jobs=max_jobs,
             max_age_s=max_age_s,
             model_name=model,
+            lora_dir=lora_dir,
         )
         # Open event streams must not hold the shutdown until their jobs end.
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
