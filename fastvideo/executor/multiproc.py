@@ -456,21 +456,25 @@ class MultiprocExecutor(Executor):
         self._fail_all(f"{reason}; the engine has shut down. Create a new generator to continue.")
         self.shutdown(grace=1.0)  # the others are likely stuck in a collective
 
+    SILENT_MEANS = "stopped or hung"  # what a rank without heartbeats may be
+
+    def _who(self, rank: int) -> str:
+        return f"worker rank {rank} (pid {self._procs[rank].pid})"
+
     def _check_beats(self) -> str | None:
         """Why a worker counts as dead by its heartbeats (None while all are healthy)."""
         now = time.monotonic()
         for rank, beat in self._beats.items():
             if now - beat.last > self.worker_timeout_s:
                 return (
-                    f"worker rank {rank} (pid {self._procs[rank].pid}) sent no heartbeat for "
-                    f"{now - beat.last:.1f}s (worker_timeout_s={self.worker_timeout_s:g}): "
-                    f"stopped or hung"
+                    f"{self._who(rank)} sent no heartbeat for {now - beat.last:.1f}s "
+                    f"(worker_timeout_s={self.worker_timeout_s:g}): {self.SILENT_MEANS}"
                 )
             if beat.busy and now - beat.progress_since > self.stall_timeout_s:
                 return (
-                    f"worker rank {rank} (pid {self._procs[rank].pid}) made no progress for "
-                    f"{now - beat.progress_since:.1f}s (stall_timeout_s="
-                    f"{self.stall_timeout_s:g}): stuck in a kernel or a collective"
+                    f"{self._who(rank)} made no progress for {now - beat.progress_since:.1f}s "
+                    f"(stall_timeout_s={self.stall_timeout_s:g}): stuck in a kernel or a "
+                    f"collective"
                 )
         return None
 

@@ -378,6 +378,8 @@ class RayExecutor(MultiprocExecutor):
         )  # fmt: skip
 
     # --- liveness ----------------------------------------------------------------------
+    SILENT_MEANS = "stopped, hung or its node is unreachable"
+
     def _who(self, rank: int) -> str:
         pid = f" pid {self._pids[rank]}" if rank in self._pids else ""
         return f"worker rank {rank} (Ray actor{pid} on {self._nodes[rank].ip})"
@@ -438,24 +440,6 @@ class RayExecutor(MultiprocExecutor):
             reason = self._check_beats()
             if reason is not None:
                 return reason
-        return None
-
-    def _check_beats(self) -> str | None:
-        """Why a worker counts as dead by its heartbeats (None while all are healthy)."""
-        now = time.monotonic()
-        for rank, beat in self._beats.items():
-            if now - beat.last > self.worker_timeout_s:
-                return (
-                    f"{self._who(rank)} sent no heartbeat for {now - beat.last:.1f}s "
-                    f"(worker_timeout_s={self.worker_timeout_s:g}): stopped, hung or its "
-                    f"node is unreachable"
-                )
-            if beat.busy and now - beat.progress_since > self.stall_timeout_s:
-                return (
-                    f"{self._who(rank)} made no progress for {now - beat.progress_since:.1f}s "
-                    f"(stall_timeout_s={self.stall_timeout_s:g}): stuck in a kernel or a "
-                    f"collective"
-                )
         return None
 
     # --- shutdown ----------------------------------------------------------------------
