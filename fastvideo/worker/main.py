@@ -148,6 +148,7 @@ class _WorkerLoop:
         # Messages that arrived while a batch ran (read at step boundaries for aborts).
         self.backlog: deque[msgspec.Struct] = deque()
         self.aborts: set[str] = set()
+        self.running_items: list[str] = []  # the items of the batch being run
         self.dropped = 0
         self.busy = False
         self.progress_count = 0
@@ -271,13 +272,17 @@ class _WorkerLoop:
         return msg
 
     def poll_aborts(self) -> set[str]:
-        """Called at step boundaries: take in what arrived, keep all but aborts for later."""
+        """Called at step boundaries: take in what arrived, keep all but aborts for later.
+        A Shutdown aborts the running batch (every rank gets it; the ranks agree on aborts
+        at the boundary), so the worker exits at its next step, not after the batch."""
         while self.requests.poll(0):
             msg = self._receive(0)
             if isinstance(msg, AbortItems):
                 self.aborts.update(msg.item_ids)
             elif msg is not None:
                 self.backlog.append(msg)
+                if isinstance(msg, Shutdown):
+                    self.aborts.update(self.running_items)
         return self.aborts
 
     def _abort(self, msg: AbortItems) -> None:
@@ -291,7 +296,7 @@ class _WorkerLoop:
             if not self._arrived(msg, ranks):
                 return
             control = _BatchControl(self, msg.batch_id, ranks[0] == self.args.rank)
-            self.busy = True
+            self.busy, self.running_items = True, item_ids
             result = self.worker.execute(msg, control)
         except RanksOutOfStepError as e:
             # Peers may wait in a collective this rank will never join: report, then exit,
@@ -307,7 +312,7 @@ class _WorkerLoop:
             self._fail(msg, type(e).__name__, str(e))
             return
         finally:
-            self.busy = False
+            self.busy, self.running_items = False, []
             self.aborts.difference_update(item_ids)
         if result is not None:
             self.send(result)
