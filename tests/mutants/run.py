@@ -94,6 +94,12 @@ MUTANTS = [
     Mutant("unnormalize-without-the-mean", "fastvideo/models/wan/vae.py",
            "return latents / (1.0 / std) + mean", "return latents / (1.0 / std)",
            ("tests/test_wan_vae.py::test_latent_unnormalization_matches_what_diffusers_decodes",)),
+    Mutant("shutdown-waits-for-the-running-batch", "fastvideo/worker/main.py",
+           "                    self.aborts.update(self.running_items)\n", "",
+           ("tests/test_faults.py::test_sigterm_exits_cleanly",)),
+    Mutant("lora-files-outside-the-folder-allowed", "fastvideo/entrypoints/http.py",
+           "    if not target.is_relative_to(root):", "    if False:",
+           ("tests/test_lora.py::test_loras_over_http_match_diffusers",)),
 ]  # fmt: skip
 
 
