@@ -35,7 +35,7 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 # does not import the kernels); whether one can run on this machine is checked on the workers.
 ATTENTION_BACKENDS = (
     "auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn",
-    "sage", "sta",
+    "fa4", "sage", "sta",
 )  # fmt: skip
 # Backends ring attention runs with: it merges partial results by log-sum-exp, which only
 # the SDPA kernels expose (cuDNN, flash, memory-efficient, CPU).

@@ -60,6 +60,93 @@ def test_requested_backend_that_cannot_run_is_a_clear_error(name, reason):
     assert reason in str(e.value) or "CUDA" in str(e.value)
 
 
+# --- FlashAttention-4 ---------------------------------------------------------------------
+def _sdpa_blhd(q, k, v):
+    """What flash_attn.cute.flash_attn_func computes: [B, L, H, D] in, (out, lse) out."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2), None
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """A stand-in ``flash_attn.cute`` package; tests set its ``flash_attn_func``."""
+    import importlib.machinery
+    import sys
+    import types
+
+    parent, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    parent.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
+    cute.__spec__ = importlib.machinery.ModuleSpec("flash_attn.cute", None)
+    parent.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", parent)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    return cute
+
+
+def test_fa4_without_its_package_names_the_extra():
+    with pytest.raises(ValueError, match=r"attention_backend='fa4' cannot run") as e:
+        bridge.resolve_backend("fa4", CPU, torch.bfloat16)
+    assert "fastvideo[fa4]" in str(e.value)
+
+
+def test_fa4_installed_still_needs_cuda(fake_fa4):
+    fake_fa4.flash_attn_func = _sdpa_blhd
+    why = bridge._BACKENDS["fa4"].why_unavailable(CPU, torch.bfloat16)
+    assert why is not None and "CUDA" in why
+
+
+def test_auto_tries_fa4_first_on_hopper_and_newer(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for capability, expected in (((9, 0), "fa4"), ((10, 0), "fa4"), ((8, 0), "flash_attn")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert bridge.auto_preference(cuda)[0] == expected
+    assert bridge.auto_preference(CPU) == ["sdpa"]
+
+
+def test_fa4_forward_uses_the_model_layout_and_its_output(fake_fa4):
+    """[B, H, L, D] in and out around FA4's [B, L, H, D]; the (out, lse) pair unpacked."""
+    calls = []
+
+    def flash_attn_func(q, k, v):
+        calls.append(q.shape)
+        return _sdpa_blhd(q, k, v)
+
+    fake_fa4.flash_attn_func = flash_attn_func
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    out = bridge._BACKENDS["fa4"].forward(q, k, v)
+    assert calls == [torch.Size([2, 10, 3, 8])]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("wrong", ["values", "unscaled", "shape"])
+def test_auto_passes_over_an_fa4_build_that_computes_something_else(
+    fake_fa4, monkeypatch, caplog, wrong
+):
+    """The start-up probe compares FA4 with fp32 attention: a build that returns the wrong
+    thing is passed over (logged), a right one is chosen."""
+    bridge._logged_choice.clear()
+    monkeypatch.setattr(bridge, "auto_preference", lambda device: ["fa4", "sdpa"])
+    fa4 = bridge._BACKENDS["fa4"]
+    monkeypatch.setitem(
+        bridge._BACKENDS,
+        "fa4",
+        bridge.AttentionBackend("fa4", lambda d, t: None, fa4.forward, checked=True),
+    )
+    broken = {
+        "values": lambda q, k, v: (v, None),
+        "unscaled": lambda q, k, v: _sdpa_blhd(q * q.shape[-1] ** 0.5, k, v),
+        "shape": lambda q, k, v: (_sdpa_blhd(q, k, v)[0][:, :-1], None),
+    }
+    fake_fa4.flash_attn_func = broken[wrong]
+    with caplog.at_level(logging.INFO, logger="fastvideo"):
+        assert bridge.resolve_backend("auto", CPU, torch.float32) == "sdpa"
+    assert "passed over fa4: its output" in caplog.text
+    bridge._logged_choice.clear()
+    fake_fa4.flash_attn_func = _sdpa_blhd
+    assert bridge.resolve_backend("auto", CPU, torch.float32) == "fa4"
+    assert bridge.resolve_backend("fa4", CPU, torch.float32) == "fa4"
+
+
 def test_unknown_backend_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="unknown; allowed: 'auto', .*'sta'"):
         bridge.resolve_backend("flashy", CPU, torch.float32)
