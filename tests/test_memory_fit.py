@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -314,6 +315,60 @@ def test_offload_gives_the_same_frames(tiny_a):
     assert isinstance(vae, OnDemand) and vae.moves == 1
     assert is_parked(text_encoder.encoder) and is_parked(vae._component)
     assert blocks_home == [{"cpu"}] * len(dit.blocks)
+
+
+def test_fp8_text_encoder_stores_float8_weights_and_stays_close(tiny_a):
+    """text_encoder_precision='fp8': every linear of the text encoder holds float8 (e4m3)
+    weights with per-row scales, about half of bf16's bytes; for random token ids its
+    states stay within float8's error of the bf16 encoder's (but are not the same), and
+    the engine generates with it."""
+    pytest.importorskip("torchao", reason="the fp8 extra: pip install 'fastvideo[fp8]'")
+    from fastvideo.layers.fp8 import weight_bytes
+
+    folder, _ = tiny_a
+    states, linear_bytes, latents = {}, {}, {}
+    for precision in ("bf16", "fp8"):
+        with VideoGenerator.from_pretrained(
+            str(folder), executor="inproc", text_encoder_precision=precision
+        ) as gen:
+            components = gen.executor._worker.pipeline.components
+            encoder = components["text_encoder"].encoder
+            linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+            assert linears
+            if precision == "fp8":
+                assert all(m.weight.qdata.dtype == torch.float8_e4m3fn for m in linears)
+                assert all(m.weight.scale.shape == (m.out_features, 1) for m in linears)
+            linear_bytes[precision] = sum(weight_bytes(m) for m in linears)
+            gen_ids = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, encoder.config.vocab_size, (2, 12), generator=gen_ids)
+            with torch.no_grad():
+                states[precision] = encoder(ids).last_hidden_state.float()
+            latents[precision] = gen.generate_video(PROMPT, output_type="latent", **RUN).latents
+    ratio = linear_bytes["fp8"] / linear_bytes["bf16"]
+    rel = ((states["fp8"] - states["bf16"]).norm() / states["bf16"].norm()).item()
+    print(f"\nfp8 text encoder: linear weights {ratio:.2f}x bf16's bytes, states rel err {rel:.1e}")
+    assert ratio < 0.6
+    assert 0 < rel < 0.1
+    assert torch.isfinite(latents["fp8"]).all() and not torch.equal(latents["fp8"], latents["bf16"])
+
+
+def test_fp8_text_encoder_options_are_checked_before_loading(monkeypatch):
+    with pytest.raises(ValueError, match=r"dit_precision must be one of"):
+        PipelineConfig().update(dit_precision="fp8").validate()
+    if importlib.util.find_spec("torchao") is not None:
+        with pytest.raises(ValueError, match="not with text_encoder_cpu_offload=True"):
+            PipelineConfig().update(
+                text_encoder_precision="fp8", text_encoder_cpu_offload=True
+            ).validate()
+        PipelineConfig().update(
+            text_encoder_precision="fp8", text_encoder_cpu_offload="auto"
+        ).validate()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"pip install 'fastvideo\[fp8\]'"):
+        PipelineConfig().update(text_encoder_precision="fp8").validate()
 
 
 def test_tiled_decode_through_the_engine_and_vae_offload(tiny_a):

@@ -195,7 +195,7 @@ def is_parked(module: nn.Module) -> bool:
 
 
 # --- whole-component offload ---------------------------------------------------------------
-def _modules_of(component: Any) -> list[nn.Module]:
+def modules_of(component: Any) -> list[nn.Module]:
     """The component itself when it is a module, else the modules among its attributes
     (e.g. a prompt encoder holding a tokenizer and an encoder)."""
     if isinstance(component, nn.Module):
@@ -211,7 +211,7 @@ class OnDemand:
     """
 
     def __init__(self, component: Any, device: torch.device) -> None:
-        modules = _modules_of(component)
+        modules = modules_of(component)
         if not modules:
             raise ValueError(f"{type(component).__name__} holds no nn.Module to offload")
         object.__setattr__(self, "_component", component)

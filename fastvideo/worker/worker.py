@@ -27,9 +27,11 @@ from fastvideo.distributed.plan import ParallelPlan, candidate_plans
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.kernels_bridge import attention as attention_bridge
 from fastvideo.kernels_bridge.sta import STAConfig
+from fastvideo.layers.fp8 import store_linears_in_fp8
 from fastvideo.layers.offload import (
     OffloadPlan,
     free_memory_bytes,
+    modules_of,
     plan_offload,
     total_memory_bytes,
     unwrapped,
@@ -80,9 +82,10 @@ def sta_config(config: PipelineConfig, spec: ModelSpec) -> STAConfig:
 def component_dtypes(config: PipelineConfig, device: torch.device) -> dict[str, torch.dtype]:
     """Precision per component: as configured, else bf16 on GPU and fp32 on CPU (VAE fp32)."""
     default = "bf16" if device.type == "cuda" else "fp32"
+    text = config.text_encoder_precision or default
     return {
         "transformer": DTYPES[config.dit_precision or default],
-        "text_encoder": DTYPES[config.text_encoder_precision or default],
+        "text_encoder": DTYPES["bf16" if text == "fp8" else text],  # fp8: stored after load
         "vae": DTYPES[config.vae_config.vae_precision or "fp32"],
     }
 
@@ -116,8 +119,8 @@ def offload_option(name: str, config: PipelineConfig) -> bool | str | None:
     offload = config.offload_config
     if name.startswith("transformer"):
         return offload.dit_cpu_offload
-    if name.startswith("text_encoder"):
-        return offload.text_encoder_cpu_offload
+    if name.startswith("text_encoder"):  # float8 weights stay on the device
+        return False if config.text_encoder_precision == "fp8" else offload.text_encoder_cpu_offload
     if name.startswith("image_encoder"):
         return offload.image_encoder_cpu_offload
     if name == "vae":
@@ -291,6 +294,13 @@ class Worker:
             self._source = None
         self.breakdown["components"] = time.perf_counter() - mark
         self.breakdown.update(self.pipeline.load_timings)
+        if self.config.text_encoder_precision == "fp8":
+            mark = time.perf_counter()
+            for name, component in self.pipeline.components.items():
+                if name.startswith("text_encoder"):
+                    for module in modules_of(unwrapped(component)):
+                        store_linears_in_fp8(module)
+            self.breakdown["text_encoder_fp8"] = time.perf_counter() - mark
         self.breakdown["weights_read"] = reader.busy_s
         self.breakdown["weights_gb"] = reader.bytes_read / 1e9
         for spec in self.config.lora:
