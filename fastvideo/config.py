@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,8 +429,8 @@ class PipelineConfig:
     dit_precision: str | None = _help("DiT precision; None: bf16 on GPU, fp32 on CPU.", None)
     text_encoder_precision: str | None = _help(
         "Text encoder precision; None: bf16 on GPU, fp32 on CPU. 'fp8': the linear layers' "
-        "weights stored in float8 (e4m3, torchao's weight-only float8: about half of bf16's "
-        "memory) and computed in bf16; needs fastvideo[fp8], never CPU-offloaded.",
+        "weights stored in float8 (e4m3, a scale per row: about half of bf16's memory) and "
+        "computed in bf16; never CPU-offloaded.",
         None,
     )
     flow_shift: float | None = _help(
@@ -571,11 +570,6 @@ PipelineConfig.__init__ = _init  # type: ignore[method-assign]
 
 
 def _check_fp8_text_encoder(offload: OffloadConfig) -> None:
-    if importlib.util.find_spec("torchao") is None:
-        raise ValueError(
-            "text_encoder_precision='fp8' stores weights with torchao, which is not "
-            "installed: pip install 'fastvideo[fp8]'"
-        )
     if offload.text_encoder_cpu_offload is True:
         raise ValueError(
             "text_encoder_precision='fp8' keeps the text encoder on the device (it is about "

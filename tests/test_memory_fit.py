@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -317,13 +316,35 @@ def test_offload_gives_the_same_frames(tiny_a):
     assert blocks_home == [{"cpu"}] * len(dit.blocks)
 
 
+def test_fp8_linear_is_the_dequantised_float8_weight():
+    """Fp8WeightLinear against an explicit reference: per-row scale amax/448, e4m3 data,
+    the linear computed with the dequantised weight in the input's dtype."""
+    from fastvideo.layers.fp8 import Fp8WeightLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24).to(torch.bfloat16)
+    layer = Fp8WeightLinear(linear)
+    w = linear.weight.float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+    q = (w / scale).to(torch.float8_e4m3fn)
+    assert layer.qdata.dtype == torch.float8_e4m3fn and torch.equal(layer.qdata, q)
+    torch.testing.assert_close(layer.scale, scale)
+    assert layer.weight.dtype == torch.bfloat16  # what T5's feed-forward reads
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    dequantised = q.float() * scale.to(torch.bfloat16).float()
+    expected = x.float() @ dequantised.to(torch.bfloat16).float().T + linear.bias.float()
+    assert layer(x).dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x).float(), expected, rtol=1e-2, atol=1e-2)
+    rel = ((layer(x).float() - linear(x).float()).norm() / linear(x).float().norm()).item()
+    assert 0 < rel < 0.08, rel  # e4m3 keeps 3 mantissa bits
+
+
 def test_fp8_text_encoder_stores_float8_weights_and_stays_close(tiny_a):
     """text_encoder_precision='fp8': every linear of the text encoder holds float8 (e4m3)
     weights with per-row scales, about half of bf16's bytes; for random token ids its
     states stay within float8's error of the bf16 encoder's (but are not the same), and
     the engine generates with it."""
-    pytest.importorskip("torchao", reason="the fp8 extra: pip install 'fastvideo[fp8]'")
-    from fastvideo.layers.fp8 import weight_bytes
+    from fastvideo.layers.fp8 import Fp8WeightLinear, weight_bytes
 
     folder, _ = tiny_a
     states, linear_bytes, latents = {}, {}, {}
@@ -331,13 +352,10 @@ def test_fp8_text_encoder_stores_float8_weights_and_stays_close(tiny_a):
         with VideoGenerator.from_pretrained(
             str(folder), executor="inproc", text_encoder_precision=precision
         ) as gen:
-            components = gen.executor._worker.pipeline.components
-            encoder = components["text_encoder"].encoder
-            linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
-            assert linears
-            if precision == "fp8":
-                assert all(m.weight.qdata.dtype == torch.float8_e4m3fn for m in linears)
-                assert all(m.weight.scale.shape == (m.out_features, 1) for m in linears)
+            encoder = gen.executor._worker.pipeline.components["text_encoder"].encoder
+            kind = Fp8WeightLinear if precision == "fp8" else nn.Linear
+            linears = [m for m in encoder.modules() if isinstance(m, (nn.Linear, Fp8WeightLinear))]
+            assert linears and all(type(m) is kind for m in linears)
             linear_bytes[precision] = sum(weight_bytes(m) for m in linears)
             gen_ids = torch.Generator().manual_seed(0)
             ids = torch.randint(0, encoder.config.vocab_size, (2, 12), generator=gen_ids)
@@ -352,23 +370,16 @@ def test_fp8_text_encoder_stores_float8_weights_and_stays_close(tiny_a):
     assert torch.isfinite(latents["fp8"]).all() and not torch.equal(latents["fp8"], latents["bf16"])
 
 
-def test_fp8_text_encoder_options_are_checked_before_loading(monkeypatch):
+def test_fp8_text_encoder_options_are_checked_before_loading():
     with pytest.raises(ValueError, match=r"dit_precision must be one of"):
         PipelineConfig().update(dit_precision="fp8").validate()
-    if importlib.util.find_spec("torchao") is not None:
-        with pytest.raises(ValueError, match="not with text_encoder_cpu_offload=True"):
-            PipelineConfig().update(
-                text_encoder_precision="fp8", text_encoder_cpu_offload=True
-            ).validate()
+    with pytest.raises(ValueError, match="not with text_encoder_cpu_offload=True"):
         PipelineConfig().update(
-            text_encoder_precision="fp8", text_encoder_cpu_offload="auto"
+            text_encoder_precision="fp8", text_encoder_cpu_offload=True
         ).validate()
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
-    )
-    with pytest.raises(ValueError, match=r"pip install 'fastvideo\[fp8\]'"):
-        PipelineConfig().update(text_encoder_precision="fp8").validate()
+    PipelineConfig().update(
+        text_encoder_precision="fp8", text_encoder_cpu_offload="auto"
+    ).validate()
 
 
 def test_tiled_decode_through_the_engine_and_vae_offload(tiny_a):
