@@ -85,14 +85,12 @@ def references(tiny_a, tiny_b):
 
 
 # --- output does not depend on the plan -----------------------------------------------------
-RING_ONLY = dict(cfg_parallel=False)
 # (id, model fixture, num_gpus, forced PipelineConfig fields, expected plan per guidance)
 PLAN_CASES = [
     ("1-rank", "tiny_a", 1, {}, {5.0: "single rank", 1.0: "single rank"}),
     ("2-auto", "tiny_a", 2, {}, {5.0: "CFG 2", 1.0: "Ulysses 2"}),
     ("3-auto-ulysses", "tiny_a", 3, {}, {5.0: "Ulysses 3", 1.0: "Ulysses 3"}),
     ("4-auto", "tiny_a", 4, {}, {5.0: "CFG 2 x Ulysses 2", 1.0: "Ulysses 2 x ring 2"}),
-    ("4-forced-ring", "tiny_a", 4, RING_ONLY | dict(ring_degree=4), {5.0: "ring 4", 1.0: "ring 4"}),
     # 4 heads: 3 ranks cannot split heads, so ring attention is chosen automatically.
     ("3-auto-ring-4heads", "tiny_b", 3, {}, {5.0: "ring 3", 1.0: "ring 3"}),
 ]
