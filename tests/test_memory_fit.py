@@ -47,6 +47,7 @@ from fastvideo.models import loader, weight_reader
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.stages.decoding import to_uint8_frames
 from tests.tiny_models import TinyWan, build_diffusers_pipeline
+from tests.tiny_models import vae_pair as tiny_vae_pair
 
 # Non-square tiles small enough that a tiny video spans several of them in each direction.
 SIZES = TileSizes(min_height=32, min_width=48, stride_height=24, stride_width=32)
@@ -77,17 +78,7 @@ def max_level_diff(a: torch.Tensor, b: torch.Tensor) -> int:
 
 @pytest.fixture(scope="module", params=["wan21", "wan22"])
 def vae_pair(request) -> tuple[AutoencoderKLWan, WanVAE]:
-    torch.manual_seed(0)
-    cfg = TINY_VAE21 if request.param == "wan21" else TINY_VAE22
-    ref = AutoencoderKLWan(**cfg).eval()
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            if name.endswith("gamma"):  # ones at init: randomise so a swapped norm shows
-                param.add_(0.2 * torch.randn_like(param))
-    with torch.device("meta"):
-        ours = WanVAE(WanVAEConfig.from_dict(dict(ref.config)))
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    return ref, ours.eval()
+    return tiny_vae_pair(TINY_VAE21 if request.param == "wan21" else TINY_VAE22)
 
 
 def tiled_pair(ref: AutoencoderKLWan, ours: WanVAE) -> tuple[AutoencoderKLWan, WanVAE]:
@@ -344,7 +335,7 @@ def test_fp8_text_encoder_stores_float8_weights_and_stays_close(tiny_a):
     weights with per-row scales, about half of bf16's bytes; for random token ids its
     states stay within float8's error of the bf16 encoder's (but are not the same), and
     the engine generates with it."""
-    from fastvideo.layers.fp8 import Fp8WeightLinear, weight_bytes
+    from fastvideo.layers.fp8 import Fp8WeightLinear
 
     folder, _ = tiny_a
     states, linear_bytes, latents = {}, {}, {}
@@ -356,7 +347,8 @@ def test_fp8_text_encoder_stores_float8_weights_and_stays_close(tiny_a):
             kind = Fp8WeightLinear if precision == "fp8" else nn.Linear
             linears = [m for m in encoder.modules() if isinstance(m, (nn.Linear, Fp8WeightLinear))]
             assert linears and all(type(m) is kind for m in linears)
-            linear_bytes[precision] = sum(weight_bytes(m) for m in linears)
+            tensors = [t for m in linears for t in (*m.parameters(), *m.buffers())]
+            linear_bytes[precision] = sum(t.numel() * t.element_size() for t in tensors)
             gen_ids = torch.Generator().manual_seed(0)
             ids = torch.randint(0, encoder.config.vocab_size, (2, 12), generator=gen_ids)
             with torch.no_grad():

@@ -24,6 +24,9 @@ from fastvideo.models.wan.vae22 import (
 )
 
 diffusers = pytest.importorskip("diffusers")
+
+from tests.tiny_models import vae_pair  # noqa: E402 - needs diffusers
+
 WanTransformer3DModel = diffusers.WanTransformer3DModel
 
 REL_TOL = 1e-5
@@ -193,17 +196,7 @@ VAE_CASES = [(1, 9, 64, 96), (2, 1, 48, 32)]
 
 @pytest.fixture(scope="module")
 def vae22_pair():
-    AutoencoderKLWan = diffusers.AutoencoderKLWan
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan(**TINY_VAE22).eval()
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            if name.endswith("gamma"):  # ones at init: randomise so a swapped norm shows
-                param.add_(0.2 * torch.randn_like(param))
-    with torch.device("meta"):
-        ours = WanVAE(WanVAEConfig.from_dict(dict(ref.config)))
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    return ref, ours.eval()
+    return vae_pair(TINY_VAE22)
 
 
 @pytest.mark.parametrize("batch, frames, height, width", VAE_CASES)

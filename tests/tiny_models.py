@@ -18,6 +18,7 @@ from diffusers import (
 from transformers import UMT5Config, UMT5EncoderModel
 
 from fastvideo.models.wan.demo import _write_tokenizer
+from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,12 @@ TINY_B = TinyWan(
 )
 
 
-def _scheduler(cfg: TinyWan):
-    if cfg.scheduler == "euler":
-        return FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
+def unipc_scheduler(flow_shift: float = 3.0) -> UniPCMultistepScheduler:
+    """The Wan checkpoints' flow-matching UniPC scheduler."""
     return UniPCMultistepScheduler(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
-        flow_shift=cfg.flow_shift,
+        flow_shift=flow_shift,
         num_train_timesteps=1000,
         solver_order=2,
         solver_type="bh2",
@@ -59,6 +59,27 @@ def _scheduler(cfg: TinyWan):
         final_sigmas_type="zero",
         predict_x0=True,
     )
+
+
+def _scheduler(cfg: TinyWan):
+    if cfg.scheduler == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
+    return unipc_scheduler(cfg.flow_shift)
+
+
+def vae_pair(config: dict) -> tuple[AutoencoderKLWan, WanVAE]:
+    """diffusers' AutoencoderKLWan from ``config`` (seed 0, norm gammas randomised so that
+    a swapped norm shows) and our WanVAE holding the same weights, both in eval mode."""
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(**config).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith("gamma"):  # ones at init
+                param.add_(0.2 * torch.randn_like(param))
+    with torch.device("meta"):
+        ours = WanVAE(WanVAEConfig.from_dict(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ref, ours.eval()
 
 
 def build_diffusers_pipeline(cfg: TinyWan, folder: Path) -> WanPipeline:

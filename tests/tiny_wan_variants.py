@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKLWan,
-    UniPCMultistepScheduler,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
@@ -36,6 +35,7 @@ from transformers import (
 
 from fastvideo.models.wan.demo import _write_tokenizer
 from fastvideo.models.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from tests.tiny_models import unipc_scheduler
 
 # diffusers 0.42.1's image-to-video pipeline calls ftfy even when it is not installed
 # (WanPipeline checks first); use WanPipeline's identical cleaning, which checks.
@@ -51,20 +51,6 @@ FRAME_ATOL = 1
 def random_image(seed: int, height: int = 40, width: int = 56) -> np.ndarray:
     """A random uint8 [H, W, 3] image (its aspect differs from the videos': it is resized)."""
     return (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
-
-
-def _scheduler(flow_shift: float = 3.0) -> UniPCMultistepScheduler:
-    return UniPCMultistepScheduler(
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=flow_shift,
-        num_train_timesteps=1000,
-        solver_order=2,
-        solver_type="bh2",
-        lower_order_final=True,
-        final_sigmas_type="zero",
-        predict_x0=True,
-    )
 
 
 def _transformer(in_channels: int, out_channels: int, seed: int, **extra) -> WanTransformer3DModel:
@@ -127,7 +113,7 @@ def build_wan21_i2v(folder: Path, seed: int = 0) -> WanImageToVideoPipeline:
     )
     dit = _transformer(36, 16, seed, image_dim=CLIP_DIM, added_kv_proj_dim=32)
     pipe = WanImageToVideoPipeline(
-        **_text_parts(), vae=_vae21(), scheduler=_scheduler(), image_processor=processor,
+        **_text_parts(), vae=_vae21(), scheduler=unipc_scheduler(), image_processor=processor,
         image_encoder=clip, transformer=dit,
     )  # fmt: skip
     return _save(pipe, folder)
@@ -139,7 +125,7 @@ def build_wan22_a14b(folder: Path, image: bool, boundary: float, seed: int = 0):
     parts = dict(
         **_text_parts(),
         vae=_vae21(),
-        scheduler=_scheduler(),
+        scheduler=unipc_scheduler(),
         transformer=_transformer(in_channels, 16, seed),
         transformer_2=_transformer(in_channels, 16, seed + 1),
         boundary_ratio=boundary,
@@ -149,7 +135,7 @@ def build_wan22_a14b(folder: Path, image: bool, boundary: float, seed: int = 0):
 
 
 def build_wan22_ti2v(folder: Path, seed: int = 0) -> WanPipeline:
-    parts = dict(**_text_parts(), vae=_vae22(), scheduler=_scheduler(5.0))
+    parts = dict(**_text_parts(), vae=_vae22(), scheduler=unipc_scheduler(5.0))
     pipe = WanPipeline(**parts, transformer=_transformer(48, 48, seed), expand_timesteps=True)
     return _save(pipe, folder)
 

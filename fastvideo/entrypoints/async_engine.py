@@ -125,10 +125,9 @@ class AsyncVideoEngine:
         return await asyncio.to_thread(lora_load, self.core, path, scale, name)
 
     async def set_lora_scale(self, name: str, scale: float) -> None:
-        from fastvideo.entrypoints.generator import lora_scale
+        from fastvideo.entrypoints.generator import lora_set_scale
 
-        args = {"name": name, "scale": lora_scale(scale)}
-        await asyncio.to_thread(self.core.control, "lora_set_scale", args)
+        await asyncio.to_thread(lora_set_scale, self.core, name, scale)
 
     async def unload_lora(self, name: str) -> None:
         await asyncio.to_thread(self.core.control, "lora_unload", {"name": name})

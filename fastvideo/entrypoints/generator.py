@@ -171,7 +171,7 @@ class VideoGenerator:
         return lora_load(self.core, path, scale, name)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
-        self.core.control("lora_set_scale", {"name": name, "scale": lora_scale(scale)})
+        lora_set_scale(self.core, name, scale)
 
     def unload_lora(self, name: str) -> None:
         """Remove a LoRA; the weights are bitwise what they were without it."""
@@ -191,7 +191,7 @@ class VideoGenerator:
         self.shutdown()
 
 
-def lora_scale(scale: object) -> float:
+def _lora_scale(scale: object) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
         raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
     return float(scale)
@@ -204,9 +204,13 @@ def lora_load(core: EngineCore, path: object, scale: object, name: object) -> st
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"lora name must be a non-empty str, got {name!r}")
     name = name or Path(path).stem
-    args = {"path": str(Path(path).expanduser()), "scale": lora_scale(scale), "name": name}
+    args = {"path": str(Path(path).expanduser()), "scale": _lora_scale(scale), "name": name}
     core.control("lora_load", args)
     return name
+
+
+def lora_set_scale(core: EngineCore, name: str, scale: object) -> None:
+    core.control("lora_set_scale", {"name": name, "scale": _lora_scale(scale)})
 
 
 def _repeat(

@@ -173,6 +173,7 @@ class MultiprocExecutor(Executor):
         self._io_thread: threading.Thread | None = None
         self._shutdown_done = threading.Event()
         self.dropped_messages = 0
+        self.ready: dict[int, WorkerReady] = {}  # rank -> its WorkerReady (load facts)
         self.load_breakdown: dict[str, float] = {}  # the slowest rank's WorkerReady's
         try:
             self._start(model_dir, config, device)
@@ -201,26 +202,45 @@ class MultiprocExecutor(Executor):
         if len(self._procs) != self.world_size:
             raise ValueError(f"{len(self._procs)} spawned workers for num_gpus={self.world_size}")
         for rank, proc in enumerate(self._procs):
-            args = WorkerArgs(
-                rank=rank,
-                world_size=self.world_size,
-                device=f"cuda:{rank}" if device == "cuda" else "cpu",
-                model_dir=str(model_dir),
-                config=config_dict,
-                request_addr=self._endpoint(f"in{rank}"),
-                output_addr=self._endpoint("out"),
-                token=self._token,
-                heartbeat_s=HEARTBEAT_S,
-                plugins=envs.worker_plugins(),
-                store_path=os.path.join(self._dir, "store"),
-                arrival_timeout_s=self.worker_timeout_s,
-            )
+            args = self._worker_args(
+                rank, f"cuda:{rank}" if device == "cuda" else "cpu", model_dir, config_dict,
+                self._endpoint(f"in{rank}"), self._endpoint("out"),
+                os.path.join(self._dir, "store"),
+            )  # fmt: skip
             # stdin carries the arguments, then stays open as the worker's death pipe.
             assert proc.stdin is not None
             proc.stdin.write(encode_args(args))
             proc.stdin.flush()
-        timeout = config.engine_config.ready_timeout_s or envs.worker_ready_timeout_s()
-        self._wait_ready(timeout)
+        self._serve_once_ready(config)
+
+    def _worker_args(
+        self,
+        rank: int,
+        device: str,
+        model_dir: Path,
+        config_dict: dict,
+        request_addr: str,
+        output_addr: str,
+        store_path: str,
+    ) -> WorkerArgs:
+        return WorkerArgs(
+            rank=rank,
+            world_size=self.world_size,
+            device=device,
+            model_dir=str(model_dir),
+            config=config_dict,
+            request_addr=request_addr,
+            output_addr=output_addr,
+            token=self._token,
+            heartbeat_s=HEARTBEAT_S,
+            plugins=envs.worker_plugins(),
+            store_path=store_path,
+            arrival_timeout_s=self.worker_timeout_s,
+        )
+
+    def _serve_once_ready(self, config: PipelineConfig) -> None:
+        """Wait for every rank's WorkerReady, then start the I/O and monitor threads."""
+        self._wait_ready(config.engine_config.ready_timeout_s or envs.worker_ready_timeout_s())
         now = time.monotonic()
         self._beats = {rank: _Beat(now, False, 0, now) for rank in range(self.world_size)}
         self._io_thread = threading.Thread(target=self._recv_loop, name="fastvideo-io", daemon=True)
@@ -228,14 +248,11 @@ class MultiprocExecutor(Executor):
         threading.Thread(target=self._monitor, name="fastvideo-monitor", daemon=True).start()
 
     def _wait_ready(self, timeout: float) -> None:
-        ready: dict[int, WorkerReady] = {}
         deadline = time.monotonic() + timeout
-        while len(ready) < self.world_size:
+        while len(self.ready) < self.world_size:
             if time.monotonic() > deadline:
-                raise WorkerStartupError(
-                    f"workers {sorted(set(range(self.world_size)) - set(ready))} not ready after "
-                    f"{timeout:.0f}s"
-                )
+                missing = sorted(set(range(self.world_size)) - set(self.ready))
+                raise WorkerStartupError(f"workers {missing} not ready after {timeout:.0f}s")
             if self._output.poll(200):
                 msg = self._decode(self._output.recv_multipart(copy=False))
                 if isinstance(msg, WorkerFailure):
@@ -247,16 +264,27 @@ class MultiprocExecutor(Executor):
                         msg.traceback,
                     )
                 if isinstance(msg, WorkerReady):
-                    ready[msg.rank] = msg
+                    self.ready[msg.rank] = msg
                 continue
-            for rank, proc in enumerate(self._procs):
-                if proc.poll() is not None and rank not in ready:
-                    raise WorkerStartupError(
-                        f"worker rank {rank} (pid {proc.pid}) exited with code {proc.returncode} "
-                        f"during start-up"
-                    )
-        slowest = max(ready.values(), key=lambda r: r.load_seconds)
-        self.ready = dict(sorted(ready.items()))  # rank -> its WorkerReady (load facts)
+            ended = self._ended_during_startup()
+            if ended is not None:
+                raise WorkerStartupError(f"{ended} during start-up")
+        self.ready = dict(sorted(self.ready.items()))
+        slowest = max(self.ready.values(), key=lambda r: r.load_seconds)
+        self._log_ready(slowest)
+        self.load_breakdown = dict(slowest.load_breakdown)
+        if self.load_breakdown:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in self.load_breakdown.items())
+            logger.info("rank %d start-up, seconds from its process start: %s", slowest.rank, parts)
+
+    def _ended_during_startup(self) -> str | None:
+        """Why a rank that is not ready yet is gone (None while all live)."""
+        for rank, proc in enumerate(self._procs):
+            if proc.poll() is not None and rank not in self.ready:
+                return f"worker rank {rank} (pid {proc.pid}) exited with code {proc.returncode}"
+        return None
+
+    def _log_ready(self, slowest: WorkerReady) -> None:
         logger.info(
             "%d worker(s) ready on %s (load %.1fs, peak host RSS %s GiB)",
             self.world_size,
@@ -264,10 +292,6 @@ class MultiprocExecutor(Executor):
             slowest.load_seconds,
             "/".join(f"{r.host_rss_bytes / (1 << 30):.2f}" for r in self.ready.values()),
         )
-        self.load_breakdown = dict(slowest.load_breakdown)
-        if self.load_breakdown:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in self.load_breakdown.items())
-            logger.info("rank %d start-up, seconds from its process start: %s", slowest.rank, parts)
 
     # --- batches -----------------------------------------------------------------------
     def submit(

@@ -44,11 +44,11 @@ except ImportError as e:  # an optional extra
 
 from fastvideo import envs
 from fastvideo.config import PipelineConfig
-from fastvideo.executor.multiproc import HEARTBEAT_S, MultiprocExecutor, _Beat, _live_executors
+from fastvideo.executor.multiproc import MultiprocExecutor, _live_executors
 from fastvideo.executor.ray_actor import RayWorker
 from fastvideo.logger import init_logger
 from fastvideo.wire.errors import WorkerStartupError
-from fastvideo.wire.messages import Shutdown, WorkerArgs, WorkerFailure, WorkerReady
+from fastvideo.wire.messages import Shutdown, WorkerFailure, WorkerReady
 
 logger = init_logger(__name__)
 
@@ -194,7 +194,6 @@ class RayExecutor(MultiprocExecutor):
         self._actors: list = []
         self._runs: list = []  # each actor's run() task: ready once the actor is gone
         self._nodes: list[_Node] = []  # per rank
-        self._pids: dict[int, int] = {}
         self._auth = None
         self._store_path = ""
         self._connections: _Connections | None = None
@@ -222,28 +221,14 @@ class RayExecutor(MultiprocExecutor):
         self._store_path = store_path = self._rendezvous(timeout)
         request_addrs, output_addrs = self._bind_sockets()
         config_dict = msgspec.to_builtins(config)
+        local = "cuda:0" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES
         for rank, actor in enumerate(self._actors):
-            args = WorkerArgs(
-                rank=rank,
-                world_size=self.world_size,
-                device="cuda:0" if device == "cuda" else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES
-                model_dir=str(model_dir),
-                config=config_dict,
-                request_addr=request_addrs[rank],
-                output_addr=output_addrs[rank],
-                token=self._token,
-                heartbeat_s=HEARTBEAT_S,
-                plugins=envs.worker_plugins(),
-                store_path=store_path,
-                arrival_timeout_s=self.worker_timeout_s,
-            )
+            args = self._worker_args(
+                rank, local, model_dir, config_dict, request_addrs[rank], output_addrs[rank],
+                store_path,
+            )  # fmt: skip
             self._runs.append(actor.run.remote(msgspec.msgpack.encode(args)))
-        self._wait_ready(timeout)
-        now = time.monotonic()
-        self._beats = {rank: _Beat(now, False, 0, now) for rank in range(self.world_size)}
-        self._io_thread = threading.Thread(target=self._recv_loop, name="fastvideo-io", daemon=True)
-        self._io_thread.start()
-        threading.Thread(target=self._monitor, name="fastvideo-monitor", daemon=True).start()
+        self._serve_once_ready(config)
 
     def _place(self, placement: Placement, timeout: float) -> None:
         """Reserve the bundles and learn each rank's node (so addresses can be chosen
@@ -345,37 +330,22 @@ class RayExecutor(MultiprocExecutor):
             sock.bind(f"tcp://{self._driver_ip}:*")
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def _wait_ready(self, timeout: float) -> None:
-        ready: dict[int, WorkerReady] = {}
-        deadline = time.monotonic() + timeout
-        while len(ready) < self.world_size:
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(self.world_size)) - set(ready))
-                raise WorkerStartupError(f"workers {missing} not ready after {timeout:.0f}s")
-            if self._output.poll(200):
-                msg = self._decode(self._output.recv_multipart(copy=False))
-                if isinstance(msg, WorkerFailure):
-                    first = (msg.message.strip().splitlines() or [""])[0]
-                    logger.error("worker rank %d failed to start:\n%s", msg.rank, msg.traceback)
-                    raise WorkerStartupError(
-                        f"worker rank {msg.rank} failed to start: {msg.error_type}: {first} "
-                        f"(the worker's traceback is in the log)",
-                        msg.traceback,
-                    )
-                if isinstance(msg, WorkerReady):
-                    ready[msg.rank] = msg
-                    self._pids[msg.rank] = msg.pid
-                continue
-            ended = self._ended_rank(0)
-            if ended is not None:
-                raise WorkerStartupError(f"{self._why_ended(ended)} during start-up")
+    @property
+    def _pids(self) -> dict[int, int]:
+        """Each ready rank's actor process id (from its WorkerReady)."""
+        return {rank: ready.pid for rank, ready in self.ready.items()}
+
+    def _ended_during_startup(self) -> str | None:
+        ended = self._ended_rank(0)
+        return None if ended is None else self._why_ended(ended)
+
+    def _log_ready(self, slowest: WorkerReady) -> None:
         logger.info(
             "%d Ray worker(s) ready on %s (load %.1fs)",
             self.world_size,
-            ", ".join(f"{r.device}@{self._nodes[r.rank].ip}" for r in
-                      sorted(ready.values(), key=lambda r: r.rank)),
-            max(r.load_seconds for r in ready.values()),
-        )  # fmt: skip
+            ", ".join(f"{r.device}@{self._nodes[r.rank].ip}" for r in self.ready.values()),
+            slowest.load_seconds,
+        )
 
     # --- liveness ----------------------------------------------------------------------
     SILENT_MEANS = "stopped, hung or its node is unreachable"

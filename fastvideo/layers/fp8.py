@@ -56,9 +56,3 @@ def store_linears_in_fp8(module: nn.Module) -> int:
     for parent, name, child in targets:
         setattr(parent, name, Fp8WeightLinear(child))
     return len(targets)
-
-
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the module's parameters and buffers."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
