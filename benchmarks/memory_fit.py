@@ -1,4 +1,5 @@
-"""What fits, and at what cost: VAE decode tiled vs whole, DiT offload vs resident.
+"""What fits, and at what cost: VAE decode tiled vs whole, DiT offload vs resident, the
+text encoder in fp8 vs bf16.
 
 On one GPU, each case in its own process (clean peaks, no allocator state carried over):
 
@@ -6,14 +7,21 @@ On one GPU, each case in its own process (clean peaks, no allocator state carrie
   their values) at 480p and 720p (81 frames), fp32 and bf16, whole and tiled (diffusers'
   default tiles 256/192): median time, peak allocated memory, and the estimate the
   ``vae_tiling='auto'`` rule uses (``WanVAE.decode_memory_bytes``), to calibrate it.
-* One Wan2.1-14B DiT forward (= one denoising step without CFG) at 480p x 81 frames with
-  the weights resident vs layerwise-offloaded (``LayerwiseOffload``: blocks in pinned host
-  memory, the next block copied while the current one computes), under memory budgets set
-  with ``torch.cuda.set_per_process_memory_fraction`` (24, 48 and 80 GiB by default): a
-  case that does not fit is reported as OOM.
+* One Wan2.1-14B DiT forward (= one denoising step without CFG) at 720p x 81 frames by
+  default (``--dit-resolution``) with the weights resident vs layerwise-offloaded
+  (``LayerwiseOffload``: blocks in pinned host memory, the next block copied while the
+  current one computes), under memory budgets set with
+  ``torch.cuda.set_per_process_memory_fraction`` (24, 48 and 80 GiB by default): a case
+  that does not fit is reported as OOM.
+* A full-size UMT5-XXL text encoder (random weights) in bf16, then with its linears stored
+  in fp8 (``text_encoder_precision="fp8"``): weights on the GPU, the time of one 512-token
+  encode, and the fp8 output's relative error against bf16 (random weights: a real
+  checkpoint's error can differ).
 
-Needs torch, safetensors, psutil and msgspec (``fastvideo.distributed`` imports it; the
-lent GPU machines' image has no msgspec: carry its wheel); not diffusers.
+With ``--device cpu`` (a smoke run of the same code) the models are toy-sized and no
+memory is measured. Needs torch, transformers, safetensors, psutil and msgspec
+(``fastvideo.distributed`` imports it); not diffusers. The JSON is rewritten after every
+case.
 
     python -m benchmarks.memory_fit --out benchmarks/results/DATE_h200_memory_fit.json
     python -m benchmarks.memory_fit --parts vae --precisions bf16
@@ -33,10 +41,23 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import WAN_14B, environment, measure_cuda, write_result
+from benchmarks.common import (
+    TINY_VAE,
+    WAN_14B,
+    WAN_TINY,
+    default_device,
+    environment,
+    measure,
+    rel_err,
+    write_result,
+)
 
 GIB = 2**30
-RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
+RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "smoke": (32, 48)}
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                num_heads=64, feed_forward_proj="gated-gelu")  # fmt: skip
+UMT5_TINY = {**UMT5_XXL, "vocab_size": 512, "d_model": 64, "d_kv": 8, "d_ff": 128,
+             "num_layers": 2, "num_heads": 4}  # fmt: skip
 MARK = "MEMORY_FIT_RESULT "
 
 
@@ -48,34 +69,55 @@ def _limit(budget_gb: float | None) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * GIB / total))
 
 
-def _peak_abs_gib() -> float:
-    return torch.cuda.max_memory_allocated() / GIB
+def _cuda(case: dict[str, Any]) -> bool:
+    return case["device"] == "cuda"
+
+
+def _peak_abs_gib(case: dict[str, Any]) -> float | None:
+    return torch.cuda.max_memory_allocated() / GIB if _cuda(case) else None
+
+
+def _allocated_gib(case: dict[str, Any]) -> float | None:
+    return torch.cuda.memory_allocated() / GIB if _cuda(case) else None
+
+
+def _timed(case: dict[str, Any], fn, warmup: int) -> tuple[float, float | None]:
+    """(median ms, peak GiB above what was allocated before the timed calls)."""
+    if _cuda(case):
+        torch.cuda.reset_peak_memory_stats()
+    out = measure(fn, warmup, case["reps"], torch.device(case["device"]))
+    return out["ms"], out["peak_gib"]
 
 
 @torch.no_grad()
 def vae_case(case: dict[str, Any]) -> dict[str, Any]:
+    from fastvideo.layers.vae_tiling import TileSizes
     from fastvideo.models.loader import DTYPES
     from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 
     height, width = RESOLUTIONS[case["resolution"]]
     dtype = DTYPES[case["precision"]]
+    dev = case["device"]
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        vae = WanVAE(WanVAEConfig()).to(dtype).eval()
+    with torch.device(dev):
+        vae = WanVAE(WanVAEConfig.from_dict(TINY_VAE if not _cuda(case) else {})).to(dtype).eval()
     if case["tiled"]:
-        vae.enable_tiling()
-    z = torch.randn(1, 16, (case["frames"] - 1) // 4 + 1, height // 8, width // 8, device="cuda")
+        if _cuda(case):
+            vae.enable_tiling()
+        else:  # tiles smaller than the toy frame, so the smoke run blends tiles too
+            vae.enable_tiling(TileSizes(16, 16, 8, 8))
+    z = torch.randn(1, 16, (case["frames"] - 1) // 4 + 1, height // 8, width // 8, device=dev)
     z = z.to(dtype)
     out: dict[str, Any] = {"estimate_gib": vae.decode_memory_bytes(tuple(z.shape)) / GIB}
-    torch.cuda.reset_peak_memory_stats()
-    ms, peak = measure_cuda(lambda: vae.decode(z), warmup=1, reps=case["reps"])
-    out.update(ms=ms, peak_above_weights_gib=peak, peak_gib=_peak_abs_gib())
+    ms, peak = _timed(case, lambda: vae.decode(z), warmup=case["warmup"])
+    out.update(ms=ms, peak_above_weights_gib=peak, peak_gib=_peak_abs_gib(case))
     return out
 
 
-def _random_dit(offload: bool):
-    """Wan2.1-14B with seeded random weights, each made on the GPU and, for offload, moved
-    to the host at once (so a budget smaller than the model still builds it)."""
+def _random_dit(offload: bool, device: str):
+    """Wan2.1-14B (toy-sized on CPU) with seeded random weights, each made on the device
+    and, for offload, moved to the host at once (so a budget smaller than the model still
+    builds it)."""
     from fastvideo.layers.offload import LayerwiseOffload
     from fastvideo.models.wan.transformer import (
         FP32_PARAM_PATTERNS,
@@ -84,21 +126,25 @@ def _random_dit(offload: bool):
     )
 
     with torch.device("meta"):
-        dit = WanTransformer3D(WanTransformerConfig.from_dict(WAN_14B))
-    g = torch.Generator("cuda").manual_seed(0)
-    for name, p in dit.named_parameters():
+        dit = WanTransformer3D(
+            WanTransformerConfig.from_dict(WAN_14B if device == "cuda" else WAN_TINY)
+        )
+    g = torch.Generator(device).manual_seed(0)
+    for name, p in list(dit.named_parameters()):
         dtype = torch.float32 if any(s in name for s in FP32_PARAM_PATTERNS) else torch.bfloat16
-        t = torch.randn(p.shape, device="cuda", dtype=torch.float32, generator=g)
+        t = torch.randn(p.shape, device=device, dtype=torch.float32, generator=g)
         t = t.mul_(0.02 if not name.endswith("scale_shift_table") else dit.config.inner_dim**-0.5)
         t = t.to(dtype)
-        p.data = t.cpu() if offload and name.startswith("blocks.") else t
+        owner, _, leaf = name.rpartition(".")
+        t = t.cpu() if offload and name.startswith("blocks.") else t
+        dit.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
     for module in dit.modules():  # rotary tables etc.
         for key, buf in module._buffers.items():
             if buf is not None and buf.is_meta:
                 raise RuntimeError(f"buffer {key} was left on the meta device")
     dit.eval().requires_grad_(False)
     if offload:
-        LayerwiseOffload.apply(dit, torch.device("cuda"))
+        LayerwiseOffload.apply(dit, torch.device(device))
     return dit
 
 
@@ -107,30 +153,72 @@ def dit_case(case: dict[str, Any]) -> dict[str, Any]:
     from fastvideo.kernels_bridge import attention as bridge
     from fastvideo.layers.sequence import TokenGrid
 
-    _limit(case["budget_gb"])
+    dev = case["device"]
+    if _cuda(case):
+        _limit(case["budget_gb"])
     height, width = RESOLUTIONS[case["resolution"]]
     grid = TokenGrid((case["frames"] - 1) // 4 + 1, height // 16, width // 16)
     start = time.perf_counter()
-    dit = _random_dit(case["mode"] == "offload")
+    dit = _random_dit(case["mode"] == "offload", dev)
     build_s = time.perf_counter() - start
-    backend = bridge.resolve_backend("auto", torch.device("cuda"), torch.bfloat16)
+    backend = bridge.resolve_backend("auto", torch.device(dev), torch.bfloat16)
     dit.set_attention(backend)
-    tokens = torch.randn(1, grid.num_tokens, 64, device="cuda", dtype=torch.bfloat16)
-    t = torch.tensor([999.0], device="cuda")
-    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.reset_peak_memory_stats()
-    ms, peak = measure_cuda(
-        lambda: dit.forward_tokens(tokens, t, text, grid), warmup=1, reps=case["reps"]
+    text_dim = dit.config.text_dim
+    tokens = torch.randn(1, grid.num_tokens, 64, device=dev, dtype=torch.bfloat16)
+    t = torch.tensor([999.0], device=dev)
+    text = torch.randn(1, 512, text_dim, device=dev, dtype=torch.bfloat16)
+    ms, peak = _timed(
+        case, lambda: dit.forward_tokens(tokens, t, text, grid), warmup=case["warmup"]
     )
-    weights = torch.cuda.memory_allocated() / GIB
-    return dict(ms=ms, peak_gib=_peak_abs_gib(), weights_on_gpu_gib=weights,
+    return dict(ms=ms, peak_gib=_peak_abs_gib(case), weights_on_gpu_gib=_allocated_gib(case),
                 peak_above_weights_gib=peak, build_s=build_s, attention=backend,
                 tokens=grid.num_tokens)  # fmt: skip
 
 
+@torch.no_grad()
+def text_encoder_case(case: dict[str, Any]) -> dict[str, Any]:
+    """UMT5 in bf16, then the same weights with fp8 linears: memory, encode time, error."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from fastvideo.layers.fp8 import store_linears_in_fp8
+
+    dev = case["device"]
+    cfg = UMT5Config(**(UMT5_XXL if _cuda(case) else UMT5_TINY))
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device(dev):
+        te = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
+    build_s = time.perf_counter() - start
+    ids = torch.randint(0, cfg.vocab_size, (1, 512), device=dev)
+    mask = torch.ones_like(ids)
+
+    def encode() -> torch.Tensor:
+        return te(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    out: dict[str, Any] = {"build_s": build_s, "tokens": 512}
+    for precision in ("bf16", "fp8"):
+        if precision == "fp8":
+            out["fp8_linears"] = store_linears_in_fp8(te)
+            gc.collect()
+            if _cuda(case):
+                torch.cuda.empty_cache()
+        weights = _allocated_gib(case)
+        ms, peak = _timed(case, encode, warmup=case["warmup"])
+        hidden = encode().float()
+        if precision == "bf16":
+            reference = hidden
+        else:
+            out["fp8_rel_err_vs_bf16"] = rel_err(hidden, reference)
+        out[precision] = dict(weights_on_gpu_gib=weights, ms=ms, peak_above_weights_gib=peak)
+    return out
+
+
+CASES = {"vae": vae_case, "dit": dit_case, "text_encoder": text_encoder_case}
+
+
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     try:
-        result = vae_case(case) if case["kind"] == "vae" else dit_case(case)
+        result = CASES[case["kind"]](case)
         result["status"] = "ok"
     except torch.cuda.OutOfMemoryError as e:
         result = {"status": "OOM", "error": str(e).splitlines()[0]}
@@ -140,19 +228,24 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 # --- driver --------------------------------------------------------------------------------
 def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    smoke = args.device == "cpu"
+    base = dict(device=args.device, frames=5 if smoke else args.frames, reps=args.reps,
+                warmup=args.warmup)  # fmt: skip
     out = []
-    parts = set(args.parts.split(","))
+    parts = args.parts.split(",")
     if "vae" in parts:
-        for res in args.resolutions.split(","):
+        for res in ["smoke"] if smoke else args.resolutions.split(","):
             for prec in args.precisions.split(","):
                 for tiled in (False, True):
-                    out.append(dict(kind="vae", resolution=res, precision=prec, tiled=tiled,
-                                    frames=args.frames, reps=args.reps))  # fmt: skip
+                    out.append(dict(base, kind="vae", resolution=res, precision=prec,
+                                    tiled=tiled))  # fmt: skip
     if "dit" in parts:
         for budget in [float(b) for b in args.budgets.split(",")]:
-            for mode in ("resident", "offload"):
-                out.append(dict(kind="dit", mode=mode, budget_gb=budget, resolution="480p",
-                                frames=args.frames, reps=args.reps))  # fmt: skip
+            for mode in args.dit_modes.split(","):
+                out.append(dict(base, kind="dit", mode=mode, budget_gb=budget,
+                                resolution="smoke" if smoke else args.dit_resolution))  # fmt: skip
+    if "text_encoder" in parts:
+        out.append(dict(base, kind="text_encoder"))
     return out
 
 
@@ -169,28 +262,44 @@ def _in_child(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {**case, "status": f"failed (exit {proc.returncode})", "error": " | ".join(tail)}
 
 
+def _gib(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.2f}"
+
+
 def _row(r: dict[str, Any]) -> str:
     if r["kind"] == "vae":
         what = f"VAE {r['resolution']} {r['precision']:<4} {'tiled' if r['tiled'] else 'whole'}"
+    elif r["kind"] == "dit":
+        what = f"DiT 14B {r['resolution']} {r['mode']:<8} budget {r['budget_gb']:>4.0f} GiB"
     else:
-        what = f"DiT 14B {r['mode']:<8} budget {r['budget_gb']:>4.0f} GiB"
+        what = "UMT5-XXL bf16 -> fp8 linears"
     if r["status"] != "ok":
-        return f"{what:<36} {r['status']}"
+        return f"{what:<40} {r['status']} {r.get('error', '')}"
+    if r["kind"] == "text_encoder":
+        b, f = r["bf16"], r["fp8"]
+        return (f"{what:<40} weights {_gib(b['weights_on_gpu_gib'])} -> "
+                f"{_gib(f['weights_on_gpu_gib'])} GiB  encode {b['ms']:.1f} -> {f['ms']:.1f} ms"
+                f"  rel.err {r['fp8_rel_err_vs_bf16']:.2e}")  # fmt: skip
     extra = (
         f"estimate {r['estimate_gib']:6.2f} GiB"
         if r["kind"] == "vae"
-        else f"weights on GPU {r['weights_on_gpu_gib']:6.2f} GiB"
+        else f"weights on GPU {_gib(r['weights_on_gpu_gib'])} GiB"
     )
-    return f"{what:<36} {r['ms']:10.1f} ms  peak {r['peak_gib']:6.2f} GiB  {extra}"
+    return f"{what:<40} {r['ms']:10.1f} ms  peak {_gib(r['peak_gib'])} GiB  {extra}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--parts", default="vae,dit", help="comma list: vae, dit")
-    p.add_argument("--resolutions", default="480p,720p")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--device", help="cuda (default when available) or cpu (toy sizes)")
+    p.add_argument("--parts", default="vae,dit,text_encoder",
+                   help="comma list: vae, dit, text_encoder")  # fmt: skip
+    p.add_argument("--resolutions", default="480p,720p", help="VAE cases")
+    p.add_argument("--precisions", default="fp32,bf16", help="VAE cases")
+    p.add_argument("--dit-resolution", default="720p", choices=["480p", "720p"])
     p.add_argument("--budgets", default="24,48,80", help="GiB per DiT case")
+    p.add_argument("--dit-modes", default="resident,offload")
     p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--case-timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path)
@@ -199,13 +308,15 @@ def main() -> None:
     if args.case:
         print(MARK + json.dumps(run_case(json.loads(args.case))), flush=True)
         return
-    results = []
+    args.device = default_device(args.device).type
+    results: list[dict[str, Any]] = []
+    record = {**environment(), "benchmark": "memory_fit", "device": args.device,
+              "weights": "seeded random", "results": results}  # fmt: skip
     for case in cases(args):
         result = _in_child(case, args.case_timeout)
         print(_row(result), flush=True)
         results.append(result)
-    if args.out:
-        write_result(args.out, {**environment(), "benchmark": "memory_fit", "results": results})
+        write_result(args.out, record)
 
 
 if __name__ == "__main__":

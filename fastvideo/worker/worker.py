@@ -173,6 +173,8 @@ class Worker:
     ):
         self.rank = rank
         self.world_size = world_size
+        if device.type == "cuda" and device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.model_dir = Path(model_dir)
         self.config = config
