@@ -228,24 +228,28 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 # --- driver --------------------------------------------------------------------------------
 def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cases of each part, parts in the order given."""
     smoke = args.device == "cpu"
     base = dict(device=args.device, frames=5 if smoke else args.frames, reps=args.reps,
                 warmup=args.warmup)  # fmt: skip
+    dit_res = "smoke" if smoke else args.dit_resolution
     out = []
-    parts = args.parts.split(",")
-    if "vae" in parts:
-        for res in ["smoke"] if smoke else args.resolutions.split(","):
-            for prec in args.precisions.split(","):
-                for tiled in (False, True):
-                    out.append(dict(base, kind="vae", resolution=res, precision=prec,
-                                    tiled=tiled))  # fmt: skip
-    if "dit" in parts:
-        for budget in [float(b) for b in args.budgets.split(",")]:
-            for mode in args.dit_modes.split(","):
-                out.append(dict(base, kind="dit", mode=mode, budget_gb=budget,
-                                resolution="smoke" if smoke else args.dit_resolution))  # fmt: skip
-    if "text_encoder" in parts:
-        out.append(dict(base, kind="text_encoder"))
+    for part in args.parts.split(","):
+        if part == "vae":
+            for res in ["smoke"] if smoke else args.resolutions.split(","):
+                for prec in args.precisions.split(","):
+                    for tiled in (False, True):
+                        out.append(dict(base, kind="vae", resolution=res, precision=prec,
+                                        tiled=tiled))  # fmt: skip
+        elif part == "dit":
+            for budget in [float(b) for b in args.budgets.split(",")]:
+                for mode in args.dit_modes.split(","):
+                    out.append(dict(base, kind="dit", mode=mode, budget_gb=budget,
+                                    resolution=dit_res))  # fmt: skip
+        elif part == "text_encoder":
+            out.append(dict(base, kind="text_encoder"))
+        else:
+            raise SystemExit(f"--parts: unknown part {part!r}; allowed: vae, dit, text_encoder")
     return out
 
 
@@ -302,6 +306,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--case-timeout", type=float, default=900.0)
+    p.add_argument("--budget-s", type=float, help="stop starting cases after this long")
     p.add_argument("--out", type=Path)
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print it
     args = p.parse_args()
@@ -312,8 +317,13 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     record = {**environment(), "benchmark": "memory_fit", "device": args.device,
               "weights": "seeded random", "results": results}  # fmt: skip
+    deadline = time.perf_counter() + (args.budget_s or float("inf"))
     for case in cases(args):
-        result = _in_child(case, args.case_timeout)
+        left = deadline - time.perf_counter()
+        if left < 15:
+            result = {**case, "status": "skipped: out of --budget-s"}
+        else:
+            result = _in_child(case, min(args.case_timeout, left))
         print(_row(result), flush=True)
         results.append(result)
         write_result(args.out, record)
