@@ -215,34 +215,30 @@ def main() -> None:
         p.error("--device cpu runs the tiny model only")
     if args.height and not (args.width and args.frames):
         p.error("--height needs --width and --frames")
-    rows = []
+    record: dict[str, Any] = {
+        "benchmark": "ray_overhead",
+        **environment(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "weights": "tiny demo model" if args.arch == "tiny" else "seeded random bf16",
+        "note": args.note,
+        "rows": [],
+        "transport_ms": None,
+    }
     if not args.transport_only:
-        rows = run_executors(args, _model(args.arch, args.model))
+        rows = record["rows"] = run_executors(args, _model(args.arch, args.model))
         print("\nexecutor  start s  overhead ms (max)  step ms  worker step ms")
         for r in rows:
             print(f"{r['executor']:>8} {r['startup_s']:8.1f} {r['overhead_ms_median']:9.2f} "
                   f"({r['overhead_ms_max']:6.2f}) {r['step_ms']:8.2f} "
                   f"{r['worker_step_ms']:15.2f}")  # fmt: skip
-    transport = None
+        write_result(args.out, record)  # kept if the transport part is stopped
     if args.transport or args.transport_only:
-        transport = measure_transport(args.transport_mb, args.reps)
+        transport = record["transport_ms"] = measure_transport(args.transport_mb, args.reps)
         print(f"\n{args.transport_mb} MB fp32 round trip driver -> actor -> driver (median ms)")
         for name, ms in transport.items():
             rate = 2 * args.transport_mb / 1024 / (ms / 1e3)
             print(f"  {name:<34} {ms:8.1f} ms  ({rate:.2f} GB/s)")
-    if args.out:
-        write_result(
-            args.out,
-            {
-                "benchmark": "ray_overhead",
-                **environment(),
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "weights": "tiny demo model" if args.arch == "tiny" else "seeded random bf16",
-                "note": args.note,
-                "rows": rows,
-                "transport_ms": transport,
-            },
-        )
+        write_result(args.out, record)
 
 
 if __name__ == "__main__":
