@@ -214,6 +214,30 @@ def load(r: dict[str, Any]) -> Lines:
     return out + table(["run (best of reps)", "import s", "ready s", "total s"], rows)
 
 
+def memory_fit(r: dict[str, Any]) -> Lines:
+    rows = []
+    for c in r.get("results", []):
+        if c["kind"] == "vae":
+            tiles = "tiled" if c["tiled"] else "whole"
+            what = f"VAE decode {c['resolution']} {c['precision']} {tiles}"
+        elif c["kind"] == "dit":
+            what = f"DiT 14B {c['resolution']} {c['mode']}, budget {fmt(c['budget_gb'], '.0f')} GiB"
+        else:
+            what = "UMT5-XXL text encoder bf16 / fp8 linears"
+        if c.get("status") != "ok":
+            rows.append([what, c.get("status", "?"), "", ""])
+        elif c["kind"] == "text_encoder":
+            b, f = c["bf16"], c["fp8"]
+            gib = [fmt(x["weights_on_gpu_gib"], ".2f") for x in (b, f)]
+            rows.append([what, f"{fmt(b['ms'])} / {fmt(f['ms'])}", " / ".join(gib),
+                         f"fp8 rel. err {fmt(c['fp8_rel_err_vs_bf16'], '.2e')}"])  # fmt: skip
+        else:
+            extra = (f"estimate {fmt(c['estimate_gib'], '.2f')} GiB" if c["kind"] == "vae"
+                     else f"weights on GPU {fmt(c['weights_on_gpu_gib'], '.2f')} GiB")  # fmt: skip
+            rows.append([what, fmt(c["ms"]), fmt(c["peak_gib"], ".2f"), extra])
+    return table(["case", "ms", "peak GiB", "note"], rows)
+
+
 def render_generic(r: dict[str, Any]) -> Lines:
     """Every scalar of the result (nested keys joined by dots), at most 40."""
     rows: list[list[str]] = []
@@ -239,4 +263,5 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "engine_overhead_tiny": throughput,
     "pytest": gpu_tests,
     "load": load,
+    "memory_fit": memory_fit,
 }
