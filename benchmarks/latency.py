@@ -6,6 +6,10 @@ The full-size Wan2.1-T2V-1.3B architecture with seeded random weights (or a chec
 - ``dit``: one DiT forward (batch 1), ours vs diffusers' WanTransformer3DModel, eager;
 - ``compile``: the same with regional compile (ours: ``compile_blocks``; diffusers:
   ``compile_repeated_blocks``), first call (compile) and steady state;
+- ``fp8``: our DiT with ``dit_precision="fp8"`` (torchao float8 matmuls in the blocks),
+  eager and compiled, with its output's relative error against our bf16 forward (needs a
+  GPU of compute capability 8.9+ and torchao; recorded as skipped otherwise); with ``e2e``
+  also a 50-step fp8 video and its PSNR against the exact one;
 - ``vae``: VAE decode of the video's latents in fp32 and bf16, ours vs AutoencoderKLWan;
 - ``e2e``: one 50-step CFG video through the engine (``VideoGenerator``): exact, then with
   TeaCache and with MagCache at their default thresholds (skip counts, PSNR vs exact),
@@ -47,7 +51,7 @@ from benchmarks.common import (
 )
 from benchmarks.flops import wan_forward_flops
 
-PARTS = ("dit", "compile", "vae", "e2e", "floor")
+PARTS = ("dit", "compile", "fp8", "vae", "e2e", "floor")
 PROMPT = "a red fox running through a snowy forest, cinematic"
 CACHE_NOTE = (
     "step-cache skip counts depend on the weights (TeaCache compares the timestep "
@@ -56,7 +60,9 @@ CACHE_NOTE = (
 )
 
 
-def _runtime(model: Path, device: torch.device, dtypes: dict, args, compiled: bool = False):
+def _runtime(
+    model: Path, device: torch.device, dtypes: dict, args, compiled: bool = False, fp8: bool = False
+):
     """The PipelineRuntime our loaders read (one rank), with this run's attention."""
     from fastvideo.config import PipelineConfig
     from fastvideo.distributed.runtime import ParallelRuntime
@@ -72,6 +78,7 @@ def _runtime(model: Path, device: torch.device, dtypes: dict, args, compiled: bo
         attention_backend=backend,
         sta=sta_config(config, spec),
         compile=CompileSettings(args.compile_backend) if compiled else None,
+        dit_fp8=fp8,
     )
     return PipelineRuntime(ParallelRuntime(0, 1, device), device, spec, dtypes, settings)
 
@@ -136,6 +143,52 @@ def part_dit(args, res: dict, device: torch.device, compiled: bool) -> None:
         torch._dynamo.reset()
 
 
+def fp8_unavailable(device: torch.device) -> str | None:
+    """Why dit_precision='fp8' cannot run here (None: it can)."""
+    import importlib.util
+
+    if device.type != "cuda":
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "needs compute capability 8.9 or newer"
+    if importlib.util.find_spec("torchao") is None:
+        return "needs torchao (pip install 'fastvideo[fp8]')"
+    return None
+
+
+def part_fp8(args, res: dict, device: torch.device) -> None:
+    """Our DiT with float8 matmuls, eager then compiled, against our bf16 forward."""
+    from fastvideo.models.wan.components import load_transformer
+
+    why = fp8_unavailable(device)
+    if why:
+        res["fp8"] = {"skipped": why}
+        print(f"fp8: skipped ({why})", flush=True)
+        return
+    bf16 = torch.bfloat16
+    inputs = _dit_inputs(args, _dit_config(args.model), device)
+    folder = args.model / "transformer"
+    ours = load_transformer(folder, _runtime(args.model, device, {"transformer": bf16}, args))
+    with torch.no_grad():
+        exact = ours(*inputs).float()
+    del ours
+    free_memory()
+    entry: dict[str, Any] = {}
+    for tag, compiled in (("eager", False), ("compiled", True)):
+        env = _runtime(args.model, device, {"transformer": bf16}, args, compiled, fp8=True)
+        model = load_transformer(folder, env)
+        with torch.no_grad():
+            out = _time_dit(f"DiT {tag} ours fp8", model, inputs, device, args, entry,
+                            f"ours_dit_fp8_{tag}", warmup=1)  # fmt: skip
+        entry[f"{tag}_rel_err_vs_bf16"] = rel_err(out.float(), exact)
+        print(f"  rel.err vs our bf16 forward {entry[f'{tag}_rel_err_vs_bf16']:.2e}", flush=True)
+        del model, out
+        free_memory()
+        if compiled:
+            torch._dynamo.reset()
+    res["fp8"] = entry
+
+
 def _dit_config(model: Path) -> dict:
     from fastvideo.models.registry import read_json
 
@@ -194,6 +247,18 @@ def part_e2e(args, res: dict, device: torch.device, save) -> None:
             res[f"e2e_{name}"] = entry
             print(f"e2e {name:<9} ours {entry['seconds']:8.1f} s  {out.stats or ''}", flush=True)
             save()
+    if "fp8" in args.parts and fp8_unavailable(device) is None:
+        with VideoGenerator.from_pretrained(
+            str(args.model), device=device.type, executor=args.executor, dit_precision="fp8"
+        ) as gen:
+            gen.generate_video(PROMPT, num_inference_steps=2, **size)
+            out = gen.generate_video(PROMPT, num_inference_steps=args.steps, **size)
+        res["e2e_fp8"] = {"seconds": out.timings["end_to_end"], "timings_s": out.timings,
+                          "psnr_vs_exact_db": psnr(out.frames, videos["exact"]),
+                          "note": "random weights: not a real checkpoint's PSNR"}  # fmt: skip
+        print(f"e2e fp8       ours {res['e2e_fp8']['seconds']:8.1f} s  PSNR vs exact "
+              f"{res['e2e_fp8']['psnr_vs_exact_db']:.1f} dB", flush=True)  # fmt: skip
+        save()
     res["e2e_note"] = CACHE_NOTE
     res["e2e_diffusers"] = _diffusers_video(args, device, size)
     ref_s = res["e2e_diffusers"]["seconds"]
@@ -301,6 +366,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     if skip - set(PARTS):
         raise SystemExit(f"--skip: unknown parts {sorted(skip - set(PARTS))}; allowed: {PARTS}")
+    args.parts = [p for p in PARTS if p not in skip]
     device = default_device(args.device)
     _ensure_model(args, device)
     lat_frames = (args.frames - 1) // 4 + 1
@@ -321,6 +387,8 @@ def main() -> None:
             continue
         if part in ("dit", "compile"):
             part_dit(args, res, device, compiled=part == "compile")
+        elif part == "fp8":
+            part_fp8(args, res, device)
         elif part == "vae":
             part_vae(args, res, device)
         elif part == "e2e":

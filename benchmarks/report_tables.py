@@ -80,6 +80,12 @@ def latency(r: dict[str, Any]) -> Lines:
             rows.append(
                 [label, ours, ref, fmt(r.get(f"dit_{tag}_ratio_ours_over_diffusers"), ".3f")]
             )
+    fp8 = r.get("fp8") or {}
+    for tag in ("eager", "compiled"):
+        if f"ours_dit_fp8_{tag}_ms" in fp8:
+            ms = _with_peak(fp8[f"ours_dit_fp8_{tag}_ms"], fp8.get(f"ours_dit_fp8_{tag}_peak_gib"))
+            err = fmt(fp8.get(f"{tag}_rel_err_vs_bf16"), ".1e")
+            rows.append([f"DiT forward, fp8 {tag} (rel. err vs our bf16 {err})", ms, "-", "-"])
     for prec in ("fp32", "bf16", "fp16"):
         v = r.get(f"vae_{prec}")
         if v:
@@ -92,7 +98,7 @@ def latency(r: dict[str, Any]) -> Lines:
         exact = r["e2e_exact"]["seconds"]
         rows.append([f"{steps}-step video, exact", fmt(exact, ".1f", " s"), fmt(ref_s, ".1f", " s"),
                      fmt(exact / ref_s if ref_s else None, ".3f")])  # fmt: skip
-    for name, label in (("teacache", "TeaCache"), ("magcache", "MagCache")):
+    for name, label in (("teacache", "TeaCache"), ("magcache", "MagCache"), ("fp8", "fp8 DiT")):
         if f"e2e_{name}" in r:
             rows.append(_video_row(f"{steps}-step video, {label}", r[f"e2e_{name}"], ref_s))
     out += table(["", "ours", "diffusers", "ours / diffusers"], rows) if rows else []

@@ -426,7 +426,12 @@ class PipelineConfig:
         "else a local Ray started and stopped with the engine.",
         None,
     )
-    dit_precision: str | None = _help("DiT precision; None: bf16 on GPU, fp32 on CPU.", None)
+    dit_precision: str | None = _help(
+        "DiT precision: fp32, bf16, fp16, or fp8 (the blocks' linear layers as float8 "
+        "matmuls through torchao, on GPUs of compute capability 8.9 or newer: pip install "
+        "'fastvideo[fp8]'); None: bf16 on GPU, fp32 on CPU.",
+        None,
+    )
     text_encoder_precision: str | None = _help(
         "Text encoder precision; None: bf16 on GPU, fp32 on CPU. 'fp8': the linear layers' "
         "weights stored in float8 (e4m3, a scale per row: about half of bf16's memory) and "
@@ -494,7 +499,9 @@ class PipelineConfig:
     def validate(self) -> None:
         require_int("num_gpus", self.num_gpus, 1)
         if self.dit_precision is not None:
-            _check_choice("dit_precision", self.dit_precision, PRECISIONS)
+            _check_choice("dit_precision", self.dit_precision, (*PRECISIONS, "fp8"))
+        if self.dit_precision == "fp8":
+            self._check_fp8_dit()
         if self.text_encoder_precision is not None:
             _check_choice(
                 "text_encoder_precision", self.text_encoder_precision, (*PRECISIONS, "fp8")
@@ -529,6 +536,20 @@ class PipelineConfig:
         if self.num_gpus % replicas:
             raise ValueError(f"throughput_replicas={replicas} must divide num_gpus={self.num_gpus}")
         self._validate_placement(replicas)
+
+    def _check_fp8_dit(self) -> None:
+        why = None
+        if self.device == "cpu":
+            why = "float8 matmuls need a CUDA GPU (compute capability >= 8.9), not device='cpu'"
+        elif self.lora:
+            why = "LoRA deltas merge into bf16 weights, not float8 ones: not with lora="
+        elif self.offload_config.dit_cpu_offload is True or self.offload_config.dit_sharded_weights:
+            why = (
+                "the float8 weights stay resident: not with dit_cpu_offload=True or "
+                "dit_sharded_weights=True"
+            )
+        if why:
+            raise ValueError(f"dit_precision='fp8': {why}")
 
     def _validate_placement(self, replicas: int) -> None:
         offload = self.offload_config

@@ -23,6 +23,7 @@ by a frame) must land at least five tolerances away.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -363,6 +364,43 @@ def test_mid_size_wan_dit_matches_diffusers_in_bf16(tmp_path):
     _check_bf16("mid-size Wan DiT", ours(x, t, text[:1]), expected, exact)
     assert _rel(ours(x, t, text[1:]), expected) > POWER * BF16_TOL, "text hardly matters"
     assert _rel(_shifted(ours, x, t, text[:1]), expected) > POWER * BF16_TOL, "positions"
+
+
+FP8_TOL = 8e-2  # float8 e4m3 has a 3-bit mantissa: ~4x bf16's rounding per matmul
+
+
+@torch.no_grad()
+def test_mid_size_wan_dit_in_fp8_stays_close_to_fp32(tmp_path):
+    """dit_precision='fp8' (torchao float8 matmuls in the blocks) on the mid-size Wan DiT:
+    the blocks' linears really become float8 tensors, and the output stays within FP8_TOL
+    of diffusers' fp32 output while differing from our bf16 output."""
+    pytest.importorskip("torchao", reason="dit_precision='fp8' needs torchao (fastvideo[fp8])")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 matmuls need compute capability 8.9 or newer")
+    from diffusers import WanTransformer3DModel
+
+    from fastvideo.layers.fp8 import fp8_matmul_targets
+    from fastvideo.models.wan.components import load_transformer
+
+    _, fp32 = _saved_diffusers(WanTransformer3DModel, MID_WAN, tmp_path, gate_std=0.5)
+    runtime = _bf16_runtime(_wan_1_3b_spec())
+    bf16 = load_transformer(tmp_path, runtime)
+    settings = dataclasses.replace(runtime.settings, dit_fp8=True)
+    fp8 = load_transformer(tmp_path, dataclasses.replace(runtime, settings=settings))
+    targets = fp8_matmul_targets(fp8)
+    kinds = {type(fp8.get_submodule(n).weight).__name__ for n in targets}
+    assert targets and kinds.isdisjoint({"Tensor", "Parameter"}), kinds
+    g = torch.Generator(device=CUDA).manual_seed(2)
+    x = torch.randn(1, 16, 5, 30, 52, device=CUDA, generator=g).bfloat16()
+    text = torch.randn(1, 512, 4096, device=CUDA, generator=g).bfloat16()
+    t = torch.tensor([650.0], device=CUDA)
+    with _exact_fp32():
+        exact = fp32(x.float(), t, text.float(), return_dict=False)[0]
+    out8, out16 = fp8(x, t, text), bf16(x, t, text)
+    err8, err16 = _rel(out8, exact), _rel(out16, exact)
+    print(f"\nmid-size Wan DiT vs diffusers fp32: fp8 {err8:.2e}, bf16 {err16:.2e}")
+    assert err8 < FP8_TOL
+    assert _rel(out8, out16) > 0
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -364,7 +365,7 @@ def test_fp8_text_encoder_stores_float8_weights_and_stays_close(tiny_a):
 
 def test_fp8_text_encoder_options_are_checked_before_loading():
     with pytest.raises(ValueError, match=r"dit_precision must be one of"):
-        PipelineConfig().update(dit_precision="fp8").validate()
+        PipelineConfig().update(dit_precision="fp4").validate()
     with pytest.raises(ValueError, match="not with text_encoder_cpu_offload=True"):
         PipelineConfig().update(
             text_encoder_precision="fp8", text_encoder_cpu_offload=True
@@ -372,6 +373,59 @@ def test_fp8_text_encoder_options_are_checked_before_loading():
     PipelineConfig().update(
         text_encoder_precision="fp8", text_encoder_cpu_offload="auto"
     ).validate()
+
+
+def test_fp8_dit_is_refused_clearly_without_a_fp8_gpu(tiny_a, monkeypatch):
+    """dit_precision='fp8' (torchao float8 matmuls) fails at the API boundary where it
+    cannot run: on the CPU, with options that swap or merge into the weights, without
+    torchao; nothing is loaded and no worker is left."""
+    from fastvideo.engine import startup
+    from fastvideo.layers.fp8 import check_fp8_matmul_device
+
+    for options, needle in [
+        (dict(device="cpu"), "not device='cpu'"),
+        (dict(lora=[str(tiny_a[0])]), "not with lora="),
+        (dict(dit_cpu_offload=True), "not with dit_cpu_offload=True"),
+        (dict(dit_sharded_weights=True), "dit_sharded_weights=True"),
+    ]:
+        with pytest.raises(ValueError, match=rf"dit_precision='fp8': .*{re.escape(needle)}"):
+            PipelineConfig().update(dit_precision="fp8", **options).validate()
+    PipelineConfig().update(dit_precision="fp8", dit_cpu_offload="auto").validate()
+    with pytest.raises(ValueError, match="no CUDA device is visible"):  # this machine: no GPU
+        VideoGenerator.from_pretrained(str(tiny_a[0]), dit_precision="fp8")
+    monkeypatch.setattr(startup.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=re.escape("pip install 'fastvideo[fp8]'")):
+        startup.check_device_options(PipelineConfig().update(dit_precision="fp8"), "cuda")
+    startup.check_device_options(PipelineConfig(), "cpu")  # other precisions: nothing to check
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        check_fp8_matmul_device(torch.device("cpu"))
+
+
+def test_fp8_dit_targets_the_block_linears_only(tiny_a):
+    """The float8 matmuls go to every linear layer inside the repeated blocks (Wan: the
+    attention projections and the feed-forward) and to nothing outside them."""
+    from fastvideo.layers.fp8 import fp8_matmul_targets
+    from fastvideo.models.hunyuan.transformer import HunyuanTransformer3D, HunyuanTransformerConfig
+    from fastvideo.models.wan.transformer import WanTransformer3D, WanTransformerConfig
+
+    wan_cfg = json.loads((tiny_a[0] / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        wan = WanTransformer3D(WanTransformerConfig.from_dict(wan_cfg))
+        hunyuan = HunyuanTransformer3D(HunyuanTransformerConfig.from_dict({
+            "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+            "num_single_layers": 2, "num_refiner_layers": 1, "text_embed_dim": 32,
+            "pooled_projection_dim": 16, "rope_axes_dim": [4, 6, 6],
+        }))  # fmt: skip
+    hunyuan_blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    for model, prefixes in [(wan, ("blocks.",)), (hunyuan, hunyuan_blocks)]:
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        expected = {n for n in linears if n.startswith(prefixes)}
+        targets = fp8_matmul_targets(model)
+        assert set(targets) == expected, type(model).__name__
+        assert len(targets) < len(linears), "the embedders and the head stay out"
+    assert {n.split(".", 2)[2].split(".")[0] for n in fp8_matmul_targets(wan)} >= {
+        "attn1", "attn2", "ffn"
+    }  # fmt: skip
 
 
 def test_tiled_decode_through_the_engine_and_vae_offload(tiny_a):

@@ -3,6 +3,7 @@ the model, start the workers and the core."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from typing import Any
@@ -51,6 +52,23 @@ def pick_device(config: PipelineConfig) -> str:
     return device
 
 
+def check_device_options(config: PipelineConfig, device: str) -> None:
+    """Options that need the device or an extra package fail here, before the workers
+    load anything (the workers check the GPU's compute capability first thing)."""
+    if config.dit_precision != "fp8":
+        return
+    if device != "cuda":
+        raise ValueError(
+            "dit_precision='fp8' runs float8 matmuls on a CUDA GPU (compute capability 8.9 "
+            "or newer) and no CUDA device is visible: use dit_precision='bf16' or run on a GPU"
+        )
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError(
+            "dit_precision='fp8' needs torchao, which is not installed: "
+            "pip install 'fastvideo[fp8]'"
+        )
+
+
 def check_plans(config: PipelineConfig, info: ModelInfo) -> None:
     """An impossible forced plan, or a backend that cannot run the plan, fails here."""
     backend = config.attention_config.resolved_backend()
@@ -97,6 +115,7 @@ def start_engine(
         config.model_path = str(info.path)
         check_plans(config, info)
         device = pick_device(config)
+        check_device_options(config, device)
         if early != (config.executor, config.num_gpus, device):
             _stop(spawned)  # the guess was wrong (the model's defaults changed it)
         handed, spawned = spawned, []  # the executor owns them now, failing or not

@@ -167,6 +167,7 @@ class PipelineSettings:
     sta: STAConfig | None = None
     compile: CompileSettings | None = None
     caches: dict[str, object] = field(default_factory=dict)  # cache name -> calibration
+    dit_fp8: bool = False  # the DiT blocks' linears as float8 matmuls (torchao)
     limits: RequestLimits = field(default_factory=RequestLimits)
     memory: MemorySettings = field(default_factory=MemorySettings)
 
@@ -207,6 +208,19 @@ class RanksOutOfStepError(RuntimeError):
 
 
 ComponentLoader = Callable[[Path, PipelineRuntime], Any]
+
+
+def prepare_dit(model: Any, settings: PipelineSettings) -> Any:
+    """What every family does to a loaded DiT, in this order: float8 matmuls (before
+    compile, so the compiled graphs run them), the attention backend, regional compile."""
+    if settings.dit_fp8:
+        from fastvideo.layers.fp8 import quantize_dit_fp8
+
+        quantize_dit_fp8(model)
+    model.set_attention(settings.attention_backend, settings.sta)
+    if settings.compile is not None:
+        model.compile_blocks(settings.compile.backend, settings.compile.mode)
+    return model
 
 
 def place_component(name: str, component: Any, env: PipelineRuntime) -> Any:

@@ -27,7 +27,7 @@ from fastvideo.distributed.plan import ParallelPlan, candidate_plans
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.kernels_bridge import attention as attention_bridge
 from fastvideo.kernels_bridge.sta import STAConfig
-from fastvideo.layers.fp8 import store_linears_in_fp8
+from fastvideo.layers.fp8 import check_fp8_matmul_device, store_linears_in_fp8
 from fastvideo.layers.offload import (
     OffloadPlan,
     free_memory_bytes,
@@ -83,8 +83,9 @@ def component_dtypes(config: PipelineConfig, device: torch.device) -> dict[str, 
     """Precision per component: as configured, else bf16 on GPU and fp32 on CPU (VAE fp32)."""
     default = "bf16" if device.type == "cuda" else "fp32"
     text = config.text_encoder_precision or default
+    dit = config.dit_precision or default
     return {
-        "transformer": DTYPES[config.dit_precision or default],
+        "transformer": DTYPES["bf16" if dit == "fp8" else dit],  # fp8: quantised after load
         "text_encoder": DTYPES["bf16" if text == "fp8" else text],  # fp8: stored after load
         "vae": DTYPES[config.vae_config.vae_precision or "fp32"],
     }
@@ -109,6 +110,7 @@ def pipeline_settings(
         if compile_cfg.enable_torch_compile
         else None,
         caches=caches,
+        dit_fp8=config.dit_precision == "fp8",
         limits=config.engine_config.limits(),
         memory=memory or MemorySettings(),
     )
@@ -264,6 +266,8 @@ class Worker:
         """Load this rank's components and create every plan's process groups; returns the
         seconds it took (``breakdown`` gets the parts)."""
         start = time.perf_counter()
+        if self.config.dit_precision == "fp8":  # before reading anything
+            check_fp8_matmul_device(self.device)
         self.start_reading()
         plan = self._plan_load()
         dtypes = component_dtypes(self.config, self.device)
@@ -342,6 +346,8 @@ class Worker:
     def _lora_manager(self, component: str) -> LoraManager:
         if self.config.offload_config.dit_sharded_weights:
             raise ValueError("LoRAs cannot be merged into sharded DiT weights")
+        if self.config.dit_precision == "fp8":
+            raise ValueError("LoRAs cannot be merged into float8 DiT weights (dit_precision='fp8')")
         if component not in self.loras:
             self.loras[component] = LoraManager(unwrapped(self.pipeline.components[component]))
         return self.loras[component]

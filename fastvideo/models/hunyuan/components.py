@@ -19,7 +19,7 @@ from fastvideo.models.registry import read_json
 from fastvideo.models.samplers import FlowMatchEulerScheduler, build_scheduler
 from fastvideo.models.samplers.base import shift_flow_sigmas
 from fastvideo.models.text_encoders import load_text_encoder, load_tokenizer
-from fastvideo.pipelines.base import PipelineRuntime
+from fastvideo.pipelines.base import PipelineRuntime, prepare_dit
 from fastvideo.wire.messages import RequestItem
 
 # Llama tokens the DiT attends to after the template's crop (diffusers' default).
@@ -31,11 +31,7 @@ def load_transformer(folder: Path, env: PipelineRuntime) -> HunyuanTransformer3D
     model = meta_module(lambda: HunyuanTransformer3D(config, env.runtime))
     dtype = env.dtypes["transformer"]  # diffusers keeps no fp32 parameter in this model
     model = load_checkpoint(model, folder, env.device, lambda name: dtype)
-    settings = env.settings
-    model.set_attention(settings.attention_backend, settings.sta)
-    if settings.compile is not None:
-        model.compile_blocks(settings.compile.backend, settings.compile.mode)
-    return model
+    return prepare_dit(model, env.settings)
 
 
 def load_vae(folder: Path, env: PipelineRuntime) -> HunyuanVAE:

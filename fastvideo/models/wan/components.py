@@ -24,7 +24,7 @@ from fastvideo.models.wan.transformer import (
     WanTransformerConfig,
 )
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
-from fastvideo.pipelines.base import PipelineRuntime
+from fastvideo.pipelines.base import PipelineRuntime, prepare_dit
 from fastvideo.wire.messages import RequestItem
 
 # Text tokens the Wan DiT attends to (the UMT5 states are padded/cut to this length).
@@ -43,11 +43,7 @@ def load_transformer(folder: Path, env: PipelineRuntime) -> WanTransformer3D:
     model = load_checkpoint(
         model, folder, env.device, dtype_for, ignore_unexpected=("norm_added_q",)
     )
-    settings = env.settings
-    model.set_attention(settings.attention_backend, settings.sta)
-    if settings.compile is not None:
-        model.compile_blocks(settings.compile.backend, settings.compile.mode)
-    return model
+    return prepare_dit(model, env.settings)
 
 
 @dataclass(frozen=True)
