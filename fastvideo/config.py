@@ -207,9 +207,31 @@ class CompileConfig:
     )
     torch_compile_mode: str | None = _help("torch.compile mode (None: default).", None)
     torch_compile_backend: str = _help("torch.compile backend.", "inductor")
+    compile_cache_dir: str | None = _help(
+        "Folder of torch.compile's on-disk caches (inductor's FX-graph and AOTAutograd "
+        "caches and the kernels it builds), kept across restarts; None: "
+        "TORCHINDUCTOR_CACHE_DIR when set, else FASTVIDEO_CACHE_DIR/torch_compile.",
+        None,
+    )
+    compile_warmup: bool = _help(
+        "With enable_torch_compile: run one denoising step at the model's default size and "
+        "guidance before the engine is ready, so the blocks are compiled (or read from the "
+        "cache) at start-up and the first request runs compiled code.",
+        True,
+    )
+
+    def cache_path(self) -> Path:
+        return Path(self.compile_cache_dir or envs.cache_dir() / "torch_compile").expanduser()
 
     def validate(self) -> None:
         _check_bool("enable_torch_compile", self.enable_torch_compile)
+        _check_bool("compile_warmup", self.compile_warmup)
+        if self.compile_cache_dir is not None and (
+            not isinstance(self.compile_cache_dir, str) or not self.compile_cache_dir.strip()
+        ):
+            raise TypeError(
+                f"compile_cache_dir must be a folder path or None, got {self.compile_cache_dir!r}"
+            )
         _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
         if self.enable_torch_compile:
             import torch._dynamo

@@ -27,7 +27,8 @@ def attention_backend() -> str | None:
 
 
 def cache_dir() -> Path:
-    """FASTVIDEO_CACHE_DIR: where the built-in demo model is written.
+    """FASTVIDEO_CACHE_DIR: where the built-in demo models and torch.compile's on-disk
+    caches (``torch_compile/``) are written.
 
     Defaults to ``$XDG_CACHE_HOME/fastvideo`` or ``~/.cache/fastvideo``.
     """

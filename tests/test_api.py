@@ -269,6 +269,8 @@ PIPELINE_VALUES = dict(
     enable_torch_compile=True,
     torch_compile_mode="max-autotune-no-cudagraphs",
     torch_compile_backend="aot_eager",
+    compile_cache_dir="/tmp/fastvideo-test-compile",
+    compile_warmup=False,
     teacache=TeaCacheCalibration((1.0, 0.0), warmup_steps=2, default_thresh=0.5),
     magcache=MagCacheCalibration((1.0, 1.0, 0.9, 0.8), default_thresh=0.3, max_skip_steps=1),
     lora=["/some/style.safetensors:0.5"],

@@ -425,8 +425,10 @@ def test_compiled_blocks_equal_eager_and_really_compile(tiny_a, eager_latents):
     torch._dynamo.reset()
     counters.clear()
     with VideoGenerator.from_pretrained(
-        str(folder), executor="inproc", enable_torch_compile=True, torch_compile_backend="aot_eager"
-    ) as gen:
+        str(folder), executor="inproc", enable_torch_compile=True,
+        torch_compile_backend="aot_eager",
+        compile_warmup=False,  # the model's default size (480x832x81) is slow on a CPU
+    ) as gen:  # fmt: skip
         dit = gen.executor._worker.pipeline.components["transformer"]
         assert all(block._compiled_call_impl is not None for block in dit.blocks)
         out = gen.generate_video("a fox", **TEA)
@@ -435,12 +437,63 @@ def test_compiled_blocks_equal_eager_and_really_compile(tiny_a, eager_latents):
     assert _rel(out.latents, eager_latents) < 1e-5
 
 
+COMPILE_RUN = """
+import json, sys, time
+from torch._dynamo.utils import counters
+from fastvideo import DEMO_MODEL_ID, VideoGenerator
+
+start = time.perf_counter()
+gen = VideoGenerator.from_pretrained(DEMO_MODEL_ID, executor="inproc", device="cpu",
+                                     enable_torch_compile=True, compile_cache_dir=sys.argv[1])
+ready = time.perf_counter() - start
+at_ready = dict(counters["inductor"]), counters["stats"]["unique_graphs"]
+out = gen.generate_video("a fox", num_inference_steps=2, output_type="latent", seed=1)
+gen.shutdown()
+print("RESULT", json.dumps(dict(inductor=at_ready[0], graphs=at_ready[1], ready_s=ready,
+      after=dict(counters["inductor"]), latents=out.latents.flatten()[:64].tolist())))
+"""
+
+
+def _compile_run(folder) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", COMPILE_RUN, str(folder)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_inductor_compiles_at_start_up_and_a_restart_reads_the_disk_cache(tmp_path):
+    """enable_torch_compile with inductor (the default): the warm-up step compiles the
+    blocks before from_pretrained returns, into compile_cache_dir; a second process with
+    the same folder finds every graph there (each lookup a hit, no miss), and the first
+    request after start-up compiles nothing new."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    first = _compile_run(tmp_path)
+    assert first["graphs"] >= 1, "nothing was compiled before the engine was ready"
+    misses, hits = (first["inductor"].get(f"fxgraph_cache_{k}", 0) for k in ("miss", "hit"))
+    assert misses >= 1, first["inductor"]  # (a hit: a graph the same as one before it)
+    assert any((tmp_path / "fxgraph").rglob("*")), "no FX graph was written to the folder"
+    assert first["after"] == first["inductor"], "the first request compiled again"
+    second = _compile_run(tmp_path)
+    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0, second["inductor"]
+    assert second["inductor"].get("fxgraph_cache_hit", 0) == misses + hits, second["inductor"]
+    assert second["latents"] == first["latents"]
+    print(f"\nready: {first['ready_s']:.1f} s compiling, {second['ready_s']:.1f} s from the cache")
+
+
 @pytest.mark.slow
 def test_compiled_blocks_under_ulysses_equal_eager(tiny_a, eager_latents):
     folder, _ = tiny_a
     with VideoGenerator.from_pretrained(
         str(folder), num_gpus=2, enable_torch_compile=True, torch_compile_backend="aot_eager",
-        ulysses_degree=2, cfg_parallel=False,
+        ulysses_degree=2, cfg_parallel=False, compile_warmup=False,
     ) as gen:  # fmt: skip
         out = gen.generate_video("a fox", **TEA)
     assert out.plan == "Ulysses 2"

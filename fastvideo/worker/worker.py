@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fastvideo import envs
-from fastvideo.config import PipelineConfig
+from fastvideo.config import CompileConfig, PipelineConfig
 from fastvideo.distributed.plan import ParallelPlan, candidate_plans
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
 from fastvideo.kernels_bridge import attention as attention_bridge
@@ -77,6 +77,23 @@ def sta_config(config: PipelineConfig, spec: ModelSpec) -> STAConfig:
         )
         by_grid.append((grid, tuple(window)))
     return STAConfig(tile=tile, windows=tuple(by_grid))  # type: ignore[arg-type]
+
+
+def use_compile_cache(compile_config: CompileConfig) -> None:
+    """torch.compile's on-disk caches on, in ``compile_config``'s folder (kept across
+    restarts: a restarted engine reads its compiled blocks instead of compiling them).
+    Sets TORCHINDUCTOR_CACHE_DIR in this process; one the user set is kept unless
+    ``compile_cache_dir`` names another folder."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    if compile_config.compile_cache_dir is not None or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = compile_config.cache_path()
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    logger.info("torch.compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def component_dtypes(config: PipelineConfig, device: torch.device) -> dict[str, torch.dtype]:
@@ -268,6 +285,8 @@ class Worker:
         start = time.perf_counter()
         if self.config.dit_precision == "fp8":  # before reading anything
             check_fp8_matmul_device(self.device)
+        if self.config.compile_config.enable_torch_compile:
+            use_compile_cache(self.config.compile_config)
         self.start_reading()
         plan = self._plan_load()
         dtypes = component_dtypes(self.config, self.device)
