@@ -409,6 +409,12 @@ def test_lora_through_the_engine_matches_diffusers(tiny_a, ckpt, loras):
             gen.load_lora("/no/such.safetensors")
         with pytest.raises(RuntimeError, match="no LoRA named"):
             gen.unload_lora("never-loaded")
+        for bad in (math.inf, -math.inf, math.nan, True, "1"):  # refused on the driver
+            with pytest.raises(ValueError, match="finite number"):
+                gen.set_lora_scale("any", bad)
+            with pytest.raises(ValueError, match="finite number"):
+                gen.load_lora(loras["a"], scale=bad)
+        assert gen.loras() == {}
     assert _rel(at_load, ref) < 1e-5 and _rel(live, ref) < 1e-5
     assert _rel(plain, ref) > 1e-3, "the LoRA must change the output"
     assert torch.equal(after, plain) and _rel(zero, plain) < 1e-6

@@ -6,6 +6,7 @@ loads weights and never initialises CUDA.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 from collections.abc import Callable
@@ -192,7 +193,7 @@ class VideoGenerator:
 
 
 def _lora_scale(scale: object) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
     return float(scale)
 
