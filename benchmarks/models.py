@@ -129,12 +129,29 @@ def move_cost(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
     }
 
 
+def shipped_sta(case: ModelCase):
+    """The STA tile and window the model's registration ships for this size (``--attention
+    sta``); None when it ships none (STA then picks its default window)."""
+    from fastvideo.kernels_bridge.sta import STAConfig
+    from fastvideo.models.hunyuan.registration import STA_WINDOWS as HUNYUAN
+    from fastvideo.models.wan.registration import STA_WINDOWS as WAN
+    from fastvideo.models.wan.variants import STA_WINDOWS_14B, STA_WINDOWS_TI2V
+
+    windows = HUNYUAN if case.family == "hunyuan" else {**WAN, **STA_WINDOWS_14B,
+                                                        **STA_WINDOWS_TI2V}  # fmt: skip
+    window = windows.get(f"{case.height}x{case.width}x{case.frames}")
+    return None if window is None else STAConfig(tile=(3, 8, 8), default_window=tuple(window))
+
+
 def run_case(case: ModelCase, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     from fastvideo.kernels_bridge.attention import resolve_backend
 
     backend = resolve_backend(args.attention, device, dtype)
     refs = [build_diffusers(case, device, dtype, args.seed + i) for i in range(case.experts)]
     ours = [build_ours(case, r, dtype, backend) for r in refs]
+    sta = shipped_sta(case) if backend == "sta" else None
+    for model in ours if sta is not None else []:
+        model.set_attention(backend, sta)
     if args.diffusers_attention:
         for r in refs:
             r.set_attention_backend(args.diffusers_attention)
@@ -142,6 +159,7 @@ def run_case(case: ModelCase, args, device: torch.device, dtype: torch.dtype) ->
         "size": {"height": case.height, "width": case.width, "frames": case.frames},
         "latent_shape": list(case.latent_shape), "tokens": case.tokens, "config": case.config,
         "experts": case.experts, "attention_backend": backend, "notes": list(case.notes),
+        "sta_window": None if sta is None else list(sta.default_window),
         "ours_layout": f"1 forward of batch {2 if case.cfg else 1}",
         "diffusers_layout": f"{2 if case.cfg else 1} forward(s) of batch 1",
         "weights_gib": torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None,

@@ -399,3 +399,42 @@ def test_same_output_on_several_workers(tiny, parallel_refs, num_gpus, forced, p
         frames = multi.generate_video(PROMPT, **PARALLEL, **TRUE_CFG)
     assert frames.plan == plans[1]
     assert _frame_diff(frames.frames, parallel_refs[(True, "np")].frames) <= 1
+
+
+# --- sliding-tile attention --------------------------------------------------------------------
+# 2 x 8 x 16 tokens: 2 x 1 x 2 tiles of 1 x 8 x 8.
+STA_RUN = dict(height=128, width=256, num_frames=5, num_inference_steps=3, seed=11,
+               guidance_scale=6.0, output_type="latent")  # fmt: skip
+
+
+def _sta_latents(folder, window, **engine) -> torch.Tensor:
+    """Latents of STA_RUN with attention_backend='sta' at ``window`` (None: dense)."""
+    attention = {} if window is None else dict(
+        attention_backend="sta", sta_tile_size=(1, 8, 8), sta_window_size=window
+    )  # fmt: skip
+    with VideoGenerator.from_pretrained(
+        str(folder), device="cpu", **(engine or dict(executor="inproc")), **attention
+    ) as g:
+        out = g.generate_video(PROMPT, **STA_RUN)
+    assert out.plan == ("Ulysses 2" if engine else "single rank"), out.plan
+    return out.latents
+
+
+@pytest.fixture(scope="module")
+def sta_small(tiny):
+    return _sta_latents(tiny[0], (1, 1, 1))
+
+
+def test_sta_reaches_the_joint_attention(tiny, sta_small):
+    """attention_backend='sta' on HunyuanVideo: a window of the whole grid gives the dense
+    result, a one-tile window changes it."""
+    dense = _sta_latents(tiny[0], None)
+    whole = _sta_latents(tiny[0], (9, 9, 9))
+    assert _rel(whole, dense) < LATENT_RTOL
+    assert _rel(sta_small, dense) > 100 * LATENT_RTOL, "the window must change the output"
+
+
+@pytest.mark.slow
+def test_sta_under_ulysses_equals_one_rank(tiny, sta_small):
+    out = _sta_latents(tiny[0], (1, 1, 1), num_gpus=2, cfg_parallel=False)
+    assert _rel(out, sta_small) < LATENT_RTOL

@@ -297,6 +297,40 @@ def test_sta_attention_equals_masked_dense_attention(grid, tile, window):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("text_lens", [None, [5, 2]])
+@pytest.mark.parametrize("grid, tile, window", STA_CASES[:2])
+def test_joint_sta_equals_a_masked_softmax_over_video_and_text(grid, tile, window, text_lens):
+    """HunyuanVideo's joint attention under STA: a video query sees the video keys of its
+    window and every valid text key, a text query sees every key, as one masked softmax
+    over [video; text] (the mask from the brute-force definition; invalid text keys are
+    masked for every query). Differs from dense joint attention (the window is sparse)."""
+    from fastvideo.layers.joint_attention import joint_local
+
+    g = TokenGrid(*grid)
+    n, lt, b = g.num_tokens, 6, 2
+    torch.manual_seed(3)
+    qv, kv, vv = (torch.randn(b, n, 2, 8) for _ in range(3))
+    qt, kt, vt = (torch.randn(b, lt, 2, 8) for _ in range(3))
+    sta = STAConfig(tile=tile, default_window=window)
+    out, t_out = joint_local(qv, kv, vv, (qt, kt, vt), text_lens, "sta", sta, g)
+    video = reference_mask(g, tile, window)
+    refs = []
+    for i in range(b):
+        valid = lt if text_lens is None else text_lens[i]
+        mask = torch.zeros(n + lt, n + lt, dtype=torch.bool)
+        mask[:n, :n] = video
+        mask[:, n : n + valid] = True
+        mask[n:, :n] = True
+        q, k, v = (torch.cat(x, 1)[i : i + 1].transpose(1, 2).double()
+                   for x in ((qv, qt), (kv, kt), (vv, vt)))  # fmt: skip
+        refs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2))
+    ref = torch.cat(refs)
+    torch.testing.assert_close(out.double(), ref[:, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t_out.double(), ref[:, n:], atol=1e-5, rtol=1e-5)
+    dense, _ = joint_local(qv, kv, vv, (qt, kt, vt), text_lens, "sdpa", None, g)
+    assert (dense - out).abs().max() > 1e-2, "the window must leave keys out"
+
+
 @pytest.mark.parametrize("grid, tile", [((3, 5, 7), (2, 2, 3)), ((2, 4, 8), (1, 8, 8))])
 def test_sta_whole_grid_window_is_dense_attention(grid, tile):
     g = TokenGrid(*grid)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastvideo.kernels_bridge.grid import TokenGrid
-from fastvideo.kernels_bridge.sta import STAConfig, sta_attention
+from fastvideo.kernels_bridge.sta import STAConfig, sta_attention, sta_attention_with_lse
 from fastvideo.logger import init_logger
 
 logger = init_logger(__name__)
@@ -306,6 +306,18 @@ def attention(
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = impl.forward(qt, kt, vt, grid, sta) if impl.video_only else impl.forward(qt, kt, vt)
     return out.transpose(1, 2)
+
+
+def sta_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid, sta: STAConfig | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-tile attention of the video's queries over all its keys, with the
+    log-sum-exp: q [B, Lq, H, D] (Lq >= N), k, v [B, N, H, D] -> out [B, Lq, H, D], lse
+    [B, H, Lq] (fp32)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out, lse = sta_attention_with_lse(qt, kt, vt, grid, sta or STAConfig())
+    assert lse is not None
+    return out.transpose(1, 2), lse
 
 
 def attention_with_lse(

@@ -194,15 +194,18 @@ def dense_token_mask(layout: STALayout) -> torch.Tensor:
 _compiled_flex = None
 
 
-def _flex(q, k, v, block_mask, block: tuple[int, int]):
+def _flex(q, k, v, block_mask, block: tuple[int, int], return_lse: bool = False):
+    """FlexAttention's output, or (output, natural log-sum-exp) with ``return_lse``."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
+    aux = {"return_aux": AuxRequest(lse=True)} if return_lse else {}
     if q.device.type != "cuda":
         # Eager FlexAttention (materialises the scores): for CPU runs and tests only.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without")
-            return flex_attention(q, k, v, block_mask=block_mask)
+            res = flex_attention(q, k, v, block_mask=block_mask, **aux)
+        return (res[0], res[1].lse) if return_lse else res
     if _compiled_flex is None:
         # One compiled kernel per (shape, block size): room for many resolutions before
         # dynamo would give up and run FlexAttention eagerly (dense, out of memory).
@@ -213,7 +216,8 @@ def _flex(q, k, v, block_mask, block: tuple[int, int]):
     options = None
     if block[0] % 128 or block[1] % 64:
         options = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=options)
+    res = _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=options, **aux)
+    return (res[0], res[1].lse) if return_lse else res
 
 
 def sta_attention(
@@ -227,6 +231,20 @@ def sta_attention(
     Returns:
         [B, H, Lq, D].
     """
+    return sta_attention_with_lse(q, k, v, grid, config, return_lse=False)[0]
+
+
+def sta_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: TokenGrid,
+    config: STAConfig,
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sta_attention` and, with ``return_lse``, the natural log-sum-exp of each
+    query's kept scores [B, H, Lq] (fp32; -inf on padding rows), so that other keys
+    (e.g. the text of joint attention) can be merged in exactly."""
     n = grid.num_tokens
     if k.shape[2] != n:
         raise ValueError(f"STA needs all {n} keys of the grid locally, got {k.shape[2]}")
@@ -237,8 +255,14 @@ def sta_attention(
         x = torch.cat([x[:, :, :n], x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])], dim=2)
         return x.index_select(2, layout.order)
 
-    out = _flex(to_slots(q), to_slots(k), to_slots(v), layout.block_mask, layout.block)
+    res = _flex(to_slots(q), to_slots(k), to_slots(v), layout.block_mask, layout.block, return_lse)
+    out, lse = res if return_lse else (res, None)
     out = out.index_select(2, layout.inverse)
-    if q.shape[2] > n:
-        out = torch.cat([out, out.new_zeros(*out.shape[:2], q.shape[2] - n, out.shape[3])], dim=2)
-    return out
+    if lse is not None:
+        lse = lse.float().index_select(2, layout.inverse)
+    pad = q.shape[2] - n
+    if pad > 0:
+        out = torch.cat([out, out.new_zeros(*out.shape[:2], pad, out.shape[3])], dim=2)
+        if lse is not None:
+            lse = torch.cat([lse, lse.new_full((*lse.shape[:2], pad), float("-inf"))], dim=2)
+    return out, lse

@@ -96,6 +96,7 @@ class DistributedAttention:
         text_v: torch.Tensor,
         text_lens: list[int] | None = None,
         shard: SequenceShard | None = None,
+        grid: TokenGrid | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint attention over [video; text] (see ``fastvideo.layers.joint_attention``).
 
@@ -104,6 +105,8 @@ class DistributedAttention:
             text_q, text_k, text_v: [B, L_text, H, D] text tokens, the same on every rank.
             text_lens: valid text keys (a prefix) per batch item; None = all L_text.
             shard: this rank's video slice (padding keys are never attended).
+            grid: the whole video's token grid (sliding-tile attention lays out its tiles
+                on it; it needs every video key on one rank, so not ring attention).
         Returns:
             video out [B, L_shard, H, D] and text out [B, L_text, H, D] (all heads, on
             every rank).
@@ -115,9 +118,15 @@ class DistributedAttention:
         if groups is None or groups.sp.size == 1:
             if shard is not None and shard.valid < q.shape[1]:
                 k, v = k[:, : shard.valid], v[:, : shard.valid]
-            return ja.joint_local(q, k, v, text, text_lens, self.backend, self.sta)
+            return ja.joint_local(q, k, v, text, text_lens, self.backend, self.sta, grid)
         assert shard is not None, "a sharded sequence needs its SequenceShard"
         total = shard.total
+        if groups.ring.size > 1 and grid is not None and needs_whole_sequence(self.backend):
+            raise ValueError(
+                f"attention_backend={active_backend(self.backend)!r} needs the whole "
+                f"sequence on one rank: it works with Ulysses and CFG parallelism, not ring "
+                f"attention (ring degree {groups.ring.size})"
+            )
 
         def attend(
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *text: torch.Tensor
@@ -126,7 +135,7 @@ class DistributedAttention:
             qkv_text = (text[0], text[1], text[2])
             if groups.ring.size == 1:
                 kv, vv = k[:, :total], v[:, :total]
-                return ja.joint_local(q, kv, vv, qkv_text, text_lens, self.backend, self.sta)
+                return ja.joint_local(q, kv, vv, qkv_text, text_lens, self.backend, self.sta, grid)
             return ja.joint_ring(groups.ring, q, k, v, qkv_text, text_lens, total)
 
         if groups.ulysses.size == 1:

@@ -26,9 +26,15 @@ import torch
 import torch.distributed as dist
 
 from fastvideo.distributed.runtime import GroupView, ParallelRuntime
-from fastvideo.kernels_bridge.attention import attention, attention_with_lse
+from fastvideo.kernels_bridge.attention import (
+    attention,
+    attention_with_lse,
+    needs_whole_sequence,
+    sta_with_lse,
+)
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import _head_groups, _merge, _ulysses
+from fastvideo.layers.sequence import TokenGrid
 
 Tensor = torch.Tensor
 TextQKV = tuple[Tensor, Tensor, Tensor]
@@ -45,15 +51,38 @@ def equal_lengths(text_lens: Sequence[int] | None, text_len: int) -> int | None:
 
 def _dense(
     qv: Tensor, kv: Tensor, vv: Tensor, qt: Tensor, kt: Tensor, vt: Tensor,
-    backend: str | None, sta: STAConfig | None,
+    backend: str | None, sta: STAConfig | None, grid: TokenGrid | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """One attention call over the concatenated sequence; all keys given are attended."""
+    """One attention call over the concatenated sequence; all keys given are attended.
+    Sliding-tile attention (``backend`` sta, with the video's ``grid``) instead keeps, for
+    video queries, the video keys of their window and every text key; text queries still
+    see every key."""
+    if grid is not None and needs_whole_sequence(backend):
+        return _sliding_tile(qv, kv, vv, qt, kt, vt, grid, sta)
     lv = qv.shape[1]
     q = torch.cat([qv, qt], dim=1)
     k = torch.cat([kv, kt], dim=1)
     v = torch.cat([vv, vt], dim=1)
     out = attention(q, k, v, None, backend, sta)
     return out[:, :lv], out[:, lv:]
+
+
+def _sliding_tile(
+    qv: Tensor, kv: Tensor, vv: Tensor, qt: Tensor, kt: Tensor, vt: Tensor,
+    grid: TokenGrid, sta: STAConfig | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Joint STA: the video part of the video queries' softmax from the tile kernel, the
+    text part from a dense kernel, merged by their log-sum-exp (the same as one masked
+    softmax over [window video keys; text keys]); the few text queries run densely."""
+    if kv.shape[1] != grid.num_tokens:
+        raise ValueError(
+            f"sliding-tile attention needs all {grid.num_tokens} video keys, got {kv.shape[1]}"
+        )
+    out, lse = _merge(None, None, *sta_with_lse(qv, kv, vv, grid, sta))
+    if kt.shape[1] > 0:
+        out, lse = _merge(out, lse, *attention_with_lse(qv, kt, vt))
+    t_out = attention(qt, torch.cat([kv, kt], dim=1), torch.cat([vv, vt], dim=1))
+    return out.to(qv.dtype), t_out
 
 
 def joint_local(
@@ -64,8 +93,10 @@ def joint_local(
     text_lens: Sequence[int] | None,
     backend: str | None = None,
     sta: STAConfig | None = None,
+    grid: TokenGrid | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Joint attention with every (real) video key present on this rank.
+    """Joint attention with every (real) video key present on this rank (``grid``: the
+    video's token grid, which sliding-tile attention needs).
 
     Args:
         qv: [B, Lq, H, D] video queries; kv, vv: [B, Lk, H, D] video keys/values (padding
@@ -78,11 +109,11 @@ def joint_local(
     qt, kt, vt = text
     n = equal_lengths(text_lens, kt.shape[1])
     if n is not None:
-        return _dense(qv, kv, vv, qt, kt[:, :n], vt[:, :n], backend, sta)
+        return _dense(qv, kv, vv, qt, kt[:, :n], vt[:, :n], backend, sta, grid)
     assert text_lens is not None
     outs = [
         _dense(qv[b : b + 1], kv[b : b + 1], vv[b : b + 1], qt[b : b + 1],
-               kt[b : b + 1, :n], vt[b : b + 1, :n], backend, sta)
+               kt[b : b + 1, :n], vt[b : b + 1, :n], backend, sta, grid)
         for b, n in enumerate(text_lens)
     ]  # fmt: skip
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

@@ -113,10 +113,9 @@ MAGCACHE = MagCacheCalibration(
 # exactly; 45 rows pad to 48: no tile whose volume is a multiple of 64 divides 45, since
 # 45 is odd and a tile width dividing 80 holds at most a factor 16). A 7x4x6 window keeps
 # 25.5% of the tiles and 24.4% of the key blocks (the padded tile row has one block of
-# padding only). Not timed. NOTE: HunyuanVideo's joint video+text attention does not run
-# STA yet (``layers/joint_attention.py`` calls the kernel without the token grid, which
-# the STA backend answers with dense attention), so these windows take effect only once it
-# does.
+# padding only). Not timed yet. In the joint video+text attention a video query attends
+# to the video keys of its window and to every valid text key, a text query to every key
+# (``layers/joint_attention.py``).
 STA_WINDOWS = {"720x1280x129": (7, 4, 6)}
 _PIPELINE = {
     "teacache": TEACACHE,

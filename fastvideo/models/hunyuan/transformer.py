@@ -162,12 +162,14 @@ class JointAttention(nn.Module):
         rope: Rope,
         text_lens: list[int] | None,
         shard: SequenceShard | None,
+        grid: TokenGrid | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, L_shard, D] video, c [B, L_text, D] text -> outputs of the same shapes."""
+        """x [B, L_shard, D] video, c [B, L_text, D] text -> outputs of the same shapes
+        (``grid``: the whole video's token grid, for sliding-tile attention)."""
         q, k, v = self._qkv(x, text=False)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         tq, tk, tv = self._qkv(c, text=True)
-        out, t_out = self.dist_attn.joint(q, k, v, tq, tk, tv, text_lens, shard)
+        out, t_out = self.dist_attn.joint(q, k, v, tq, tk, tv, text_lens, shard, grid)
         out, t_out = out.flatten(2).type_as(q), t_out.flatten(2).type_as(q)
         if not self.dual:
             return out, t_out
@@ -197,13 +199,14 @@ class DualStreamBlock(nn.Module):
         rope: Rope,
         text_lens: list[int] | None,
         shard: SequenceShard | None,
+        grid: TokenGrid | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, L_shard, D], c [B, L_text, D], temb [B, D] -> (x, c)."""
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
         h = self.norm1.modulate(x, shift, scale)
         hc = self.norm1_context.modulate(c, c_shift, c_scale)
-        out, c_out = self.attn(h, hc, rope, text_lens, shard)
+        out, c_out = self.attn(h, hc, rope, text_lens, shard, grid)
         x = x + out * gate
         c = c + c_out * c_gate
         del h, hc, out, c_out
@@ -233,11 +236,12 @@ class SingleStreamBlock(nn.Module):
         rope: Rope,
         text_lens: list[int] | None,
         shard: SequenceShard | None,
+        grid: TokenGrid | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, L_shard, D], c [B, L_text, D], temb [B, D] -> (x, c)."""
         shift, scale, gate = self.norm(temb)
         h, hc = self.norm.modulate(x, shift, scale), self.norm.modulate(c, shift, scale)
-        out, c_out = self.attn(h, hc, rope, text_lens, shard)
+        out, c_out = self.attn(h, hc, rope, text_lens, shard, grid)
         x = x + gate * self.proj_out(torch.cat([out, self._mlp(h)], dim=2))
         c = c + gate * self.proj_out(torch.cat([c_out, self._mlp(hc)], dim=2))
         return x, c
@@ -358,14 +362,14 @@ class HunyuanTransformer3D(nn.Module):
         # The embedded input goes straight into the block loop (no local name keeps it
         # alive through the blocks); a step cache keeps it for the residual itself.
         if cache is None:
-            x = self.run_blocks(self.x_embedder(tokens), c, temb, rope, text_lens, shard)
+            x = self.run_blocks(self.x_embedder(tokens), c, temb, rope, text_lens, shard, grid)
         else:
 
             def blocks(h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
                 if rows is None:
-                    return self.run_blocks(h, c, temb, rope, text_lens, shard)
+                    return self.run_blocks(h, c, temb, rope, text_lens, shard, grid)
                 lens = None if text_lens is None else [text_lens[i] for i in rows.tolist()]
-                return self.run_blocks(h, c[rows], temb[rows], rope, lens, shard)
+                return self.run_blocks(h, c[rows], temb[rows], rope, lens, shard, grid)
 
             x = self.x_embedder(tokens)
             x = cache.cache.run(x, self.cache_signal(x, temb, shard), cache.branches, blocks)
@@ -382,13 +386,14 @@ class HunyuanTransformer3D(nn.Module):
         rope: Rope,
         text_lens: list[int] | None,
         shard: SequenceShard | None,
+        grid: TokenGrid | None = None,
     ) -> torch.Tensor:
         """The block loop (the only one, cached or not): video x [B, L_shard, D] and text
         c [B, L_text, D] -> the video [B, L_shard, D] (the text stream ends here)."""
         for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope, text_lens, shard)
+            x, c = block(x, c, temb, rope, text_lens, shard, grid)
         for block in self.single_transformer_blocks:
-            x, c = block(x, c, temb, rope, text_lens, shard)
+            x, c = block(x, c, temb, rope, text_lens, shard, grid)
         return x
 
     def cache_signal(
