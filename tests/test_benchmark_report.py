@@ -1,6 +1,7 @@
-"""The README's results section is exactly what ``benchmarks.report`` renders from the
-committed results (so it cannot drift from them), and the report itself: tables from
-suite files, the latest run per suite, statuses, and the marker handling of --update."""
+"""The results tables (benchmarks/results/README.md) are exactly what ``benchmarks.report``
+renders from the committed results (so they cannot drift from them), and the report itself:
+tables from suite files, the latest run per suite, statuses, and the marker handling of
+--update."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ ENV = {"date": "2026-12-02T10:00:00+00:00", "commit": "0123456789abcdef", "dirty
 
 
 def test_readme_section_equals_the_rendered_committed_results():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "benchmarks" / "results" / "README.md").read_text()
     assert report.readme_section(readme) == report.render(REPO / "benchmarks" / "results"), (
-        "README.md's results section is stale: run `python -m benchmarks.report --update README.md`"
+        "benchmarks/results/README.md is stale: run "
+        "`python -m benchmarks.report --update benchmarks/results/README.md`"
     )
 
 
