@@ -145,14 +145,15 @@ def part_dit(args, res: dict, device: torch.device, compiled: bool) -> None:
 
 def fp8_unavailable(device: torch.device) -> str | None:
     """Why dit_precision='fp8' cannot run here (None: it can)."""
-    import importlib.util
+    from fastvideo.config import PipelineConfig
+    from fastvideo.engine.startup import check_device_options
+    from fastvideo.layers.fp8 import check_fp8_matmul_device
 
-    if device.type != "cuda":
-        return "needs a CUDA GPU"
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        return "needs compute capability 8.9 or newer"
-    if importlib.util.find_spec("torchao") is None:
-        return "needs torchao (pip install 'fastvideo[fp8]')"
+    try:
+        check_device_options(PipelineConfig(dit_precision="fp8"), device.type)
+        check_fp8_matmul_device(device)
+    except ValueError as e:
+        return str(e)
     return None
 
 

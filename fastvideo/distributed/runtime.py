@@ -18,6 +18,14 @@ from fastvideo.logger import init_logger
 logger = init_logger(__name__)
 
 
+def indexed(device: torch.device) -> torch.device:
+    """``device`` with an index: a bare ``cuda`` becomes the current CUDA device (what
+    ``torch.cuda.set_device`` and threads that must use the same device need)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass(frozen=True)
 class GroupView:
     """One process group as seen from this rank (``group`` is None when size is 1)."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
+import queue
 import time
 from typing import Any
 
 from fastvideo.config import RING_BACKENDS, PipelineConfig
 from fastvideo.distributed.plan import choose_plan
-from fastvideo.engine.core import EngineCore
+from fastvideo.engine.core import EngineCore, EventSink, ProgressEvent
 from fastvideo.engine.model_info import ModelInfo, resolve_model
 from fastvideo.executor.base import create_executor
 from fastvideo.logger import init_logger
@@ -143,44 +143,29 @@ def start_engine(
     return core
 
 
-class _WarmupSink:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-    def progress(self, event: object) -> None:
-        pass
-
-    def finish(self, output: object) -> None:
-        self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-
-
-def warm_up(core: EngineCore) -> float:
+def warm_up(core: EngineCore) -> None:
     """One denoising step at the model's default size and guidance (both CFG branches,
     latents out; a grey image for image-to-video models) before the engine is ready: the
     compiled blocks are built, or read from the on-disk cache, now rather than in the
-    first request. Returns its seconds. A dead engine fails it like any request."""
+    first request. A dead engine fails it like any request."""
     import numpy as np
 
     start = time.perf_counter()
     param = core.default_sampling_param.update(num_inference_steps=1, output_type="latent", seed=0)
     if core.info.spec.image_input == "required":
         param.image = np.full((param.height, param.width, 3), 128, dtype=np.uint8)
-    sink = _WarmupSink()
+    events: queue.Queue[object] = queue.Queue()
+    sink = EventSink(events.put)
     core.submit(core.new_request("warm-up", param, sink, request_id="warm-up", save=False))
-    sink.done.wait()
-    if sink.error is not None:
-        raise RuntimeError(f"the start-up compile (one warm-up step) failed: {sink.error}") from (
-            sink.error
+    while isinstance(outcome := events.get(), ProgressEvent):
+        pass
+    if isinstance(outcome, BaseException):
+        raise RuntimeError(f"the start-up compile (one warm-up step) failed: {outcome}") from (
+            outcome
         )
-    seconds = time.perf_counter() - start
     logger.info("compiled at start-up: one warm-up step at %dx%dx%d took %.1fs",
-                param.height, param.width, param.num_frames, seconds)  # fmt: skip
-    return seconds
+                param.height, param.width, param.num_frames,
+                time.perf_counter() - start)  # fmt: skip
 
 
 def _spawn_early(

@@ -231,20 +231,28 @@ def sta_attention(
     Returns:
         [B, H, Lq, D].
     """
-    return sta_attention_with_lse(q, k, v, grid, config, return_lse=False)[0]
+    return _sta(q, k, v, grid, config, return_lse=False)[0]
 
 
 def sta_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid, config: STAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sta_attention` and the natural log-sum-exp of each query's kept scores
+    [B, H, Lq] (fp32; -inf on padding rows), so that other keys (e.g. the text of joint
+    attention) can be merged in exactly."""
+    out, lse = _sta(q, k, v, grid, config, return_lse=True)
+    assert lse is not None
+    return out, lse
+
+
+def _sta(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     grid: TokenGrid,
     config: STAConfig,
-    return_lse: bool = True,
+    return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`sta_attention` and, with ``return_lse``, the natural log-sum-exp of each
-    query's kept scores [B, H, Lq] (fp32; -inf on padding rows), so that other keys
-    (e.g. the text of joint attention) can be merged in exactly."""
     n = grid.num_tokens
     if k.shape[2] != n:
         raise ValueError(f"STA needs all {n} keys of the grid locally, got {k.shape[2]}")

@@ -42,6 +42,14 @@ class DistributedAttention:
         self.backend: str | None = None
         self.sta: STAConfig | None = None
 
+    def _refuse_ring(self, ring_size: int) -> None:
+        if ring_size > 1 and needs_whole_sequence(self.backend):
+            raise ValueError(
+                f"attention_backend={active_backend(self.backend)!r} needs the whole "
+                f"sequence on one rank: it works with Ulysses and CFG parallelism, not ring "
+                f"attention (ring degree {ring_size})"
+            )
+
     def local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention without sequence parallelism (e.g. cross-attention to the text)."""
         return attention(q, k, v, None, self.backend, self.sta)
@@ -67,13 +75,7 @@ class DistributedAttention:
             return attention(q, k, v, grid, self.backend, self.sta)
         assert shard is not None, "a sharded sequence needs its SequenceShard"
         total = shard.total
-        if groups.ring.size > 1 and needs_whole_sequence(self.backend):
-            raise ValueError(
-                f"attention_backend={active_backend(self.backend)!r} needs the whole "
-                f"sequence on one rank: it works with Ulysses and CFG parallelism, not ring "
-                f"attention "
-                f"(ring degree {groups.ring.size})"
-            )
+        self._refuse_ring(groups.ring.size)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Attention over the Ulysses-gathered chunk [B, L/ring, h, D]."""
@@ -121,12 +123,8 @@ class DistributedAttention:
             return ja.joint_local(q, k, v, text, text_lens, self.backend, self.sta, grid)
         assert shard is not None, "a sharded sequence needs its SequenceShard"
         total = shard.total
-        if groups.ring.size > 1 and grid is not None and needs_whole_sequence(self.backend):
-            raise ValueError(
-                f"attention_backend={active_backend(self.backend)!r} needs the whole "
-                f"sequence on one rank: it works with Ulysses and CFG parallelism, not ring "
-                f"attention (ring degree {groups.ring.size})"
-            )
+        if grid is not None:  # without the grid STA runs dense, which the ring can
+            self._refuse_ring(groups.ring.size)
 
         def attend(
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *text: torch.Tensor

@@ -74,10 +74,6 @@ def _sliding_tile(
     """Joint STA: the video part of the video queries' softmax from the tile kernel, the
     text part from a dense kernel, merged by their log-sum-exp (the same as one masked
     softmax over [window video keys; text keys]); the few text queries run densely."""
-    if kv.shape[1] != grid.num_tokens:
-        raise ValueError(
-            f"sliding-tile attention needs all {grid.num_tokens} video keys, got {kv.shape[1]}"
-        )
     out, lse = _merge(None, None, *sta_with_lse(qv, kv, vv, grid, sta))
     if kt.shape[1] > 0:
         out, lse = _merge(out, lse, *attention_with_lse(qv, kt, vt))

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from fastvideo.distributed.runtime import indexed
 from fastvideo.logger import init_logger
 
 logger = init_logger(__name__)
@@ -159,9 +160,7 @@ class WeightReader:
     ):
         if cpu_mode not in ("mmap", "read"):
             raise ValueError(f"cpu_mode must be 'mmap' or 'read', got {cpu_mode!r}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:  # the threads need one
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = indexed(torch.device(device))  # the reading threads set it
         self.chunk_bytes = chunk_bytes
         self.cpu_mode = cpu_mode
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4

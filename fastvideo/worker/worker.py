@@ -24,7 +24,7 @@ import torch.distributed as dist
 from fastvideo import envs
 from fastvideo.config import CompileConfig, PipelineConfig
 from fastvideo.distributed.plan import ParallelPlan, candidate_plans
-from fastvideo.distributed.runtime import GroupView, ParallelRuntime
+from fastvideo.distributed.runtime import GroupView, ParallelRuntime, indexed
 from fastvideo.kernels_bridge import attention as attention_bridge
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.fp8 import check_fp8_matmul_device, store_linears_in_fp8
@@ -192,9 +192,7 @@ class Worker:
     ):
         self.rank = rank
         self.world_size = world_size
-        if device.type == "cuda" and device.index is None:  # set_device needs an index
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self.device = device = indexed(device)
         self.model_dir = Path(model_dir)
         self.config = config
         self.pipeline = None
