@@ -15,7 +15,10 @@ The full-size Wan2.1-T2V-1.3B architecture with seeded random weights (or a chec
   TeaCache and with MagCache at their default thresholds (skip counts, PSNR vs exact),
   and diffusers' WanPipeline with the same checkpoint, prompt, seed and size;
 - ``floor``: the bf16 floor of one DiT forward at this shape (attention FLOPs at the
-  fastest dense kernel measured here + linear FLOPs at ~790 TFLOP/s), and of the video.
+  fastest dense kernel measured here + linear FLOPs at ~790 TFLOP/s), and of the video;
+- ``profile``: the GPU kernel time of our eager forward by kind (attention, matmul, the
+  rest: norms, modulation, rotary, gating, copies) and its ten longest kernels: what is
+  left above the floor.
 
 Each part's time comes with the peak GPU memory above what was allocated before it. The
 JSON is rewritten after every part.
@@ -46,12 +49,13 @@ from benchmarks.common import (
     measure,
     psnr,
     rel_err,
+    synchronize,
     timed_first_call,
     write_result,
 )
 from benchmarks.flops import wan_forward_flops
 
-PARTS = ("dit", "compile", "fp8", "vae", "e2e", "floor")
+PARTS = ("dit", "compile", "fp8", "vae", "e2e", "floor", "profile")
 PROMPT = "a red fox running through a snowy forest, cinematic"
 CACHE_NOTE = (
     "step-cache skip counts depend on the weights (TeaCache compares the timestep "
@@ -331,6 +335,57 @@ def part_floor(args, res: dict, device: torch.device) -> None:
           f"{2 * args.steps} forwards: {floor['video_denoising_floor_s']:.1f} s")  # fmt: skip
 
 
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "wgmma")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def part_profile(args, res: dict, device: torch.device) -> None:
+    """Kernel time of one eager forward of ours, by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastvideo.models.wan.components import load_transformer
+
+    if device.type != "cuda":
+        res["profile"] = {"skipped": "needs CUDA (kernel times)"}
+        return
+    inputs = _dit_inputs(args, _dit_config(args.model), device)
+    env = _runtime(args.model, device, {"transformer": torch.bfloat16}, args)
+    model = load_transformer(args.model / "transformer", env)
+    with torch.no_grad():
+        model(*inputs)
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(*inputs)
+            synchronize(device)
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels.setdefault(e.name, []).append(e.device_time / 1e3)
+    by_kind: dict[str, float] = {}
+    for name, times in kernels.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times)
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:10]
+    res["profile"] = {
+        "attention_backend": env.settings.attention_backend,
+        "kernel_ms_by_kind": by_kind, "kernel_ms_total": sum(by_kind.values()),
+        "top_kernels": [{"name": n[:120], "kind": kernel_kind(n), "calls": len(t),
+                         "ms": sum(t)} for n, t in top],
+    }  # fmt: skip
+    print("kernel time by kind (one eager forward): " + ", ".join(
+        f"{k} {v:.1f} ms" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))  # fmt: skip
+    for k in res["profile"]["top_kernels"]:
+        print(f"  {k['ms']:8.1f} ms {k['calls']:5d}x  [{k['kind']}] {k['name'][:90]}")
+    del model
+    free_memory()
+
+
 def _ensure_model(args, device: torch.device) -> None:
     if args.model is not None:
         return
@@ -394,6 +449,8 @@ def main() -> None:
             part_vae(args, res, device)
         elif part == "e2e":
             part_e2e(args, res, device, save)
+        elif part == "profile":
+            part_profile(args, res, device)
         else:
             part_floor(args, res, device)
         res["parts_done"].append(part)

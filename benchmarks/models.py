@@ -13,6 +13,11 @@ device and freed before the next; the JSON is rewritten after every model.
     python -m benchmarks.models --out /tmp/models.json
     python -m benchmarks.models --only wan2.2-ti2v-5b,hunyuanvideo --reps 2
     python -m benchmarks.models --device cpu --smoke
+    python -m benchmarks.models --only hunyuanvideo --attention sta --vs-dense --ours-only
+
+``--vs-dense`` times our model a second time with the dense backend ``auto`` picks (the
+sparse backend's speed-up and its output's distance from dense); ``--ours-only`` skips
+diffusers' timing (its model is still built: ours takes its weights).
 """
 
 from __future__ import annotations
@@ -170,15 +175,22 @@ def run_case(case: ModelCase, args, device: torch.device, dtype: torch.dtype) ->
     out_ours, res["ours"] = _time_impl(steps[0][0], device, args)
     if case.experts == 2:  # right after the first expert's timed steps
         res["switch"] = {"ours": switch_cost(steps[1][0], res["ours"]["step_ms"], device)}
-    out_ref, res["diffusers"] = _time_impl(steps[0][1], device, args)
-    if case.experts == 2:
-        res["switch"]["diffusers"] = switch_cost(steps[1][1], res["diffusers"]["step_ms"], device)
-    res["rel_err_vs_diffusers"] = rel_err(out_ours.float(), out_ref.float())
-    res["outputs_finite"] = bool(torch.isfinite(out_ours).all() and torch.isfinite(out_ref).all())
-    del out_ours, out_ref
-    res["ratio_ours_over_diffusers"] = res["ours"]["step_ms"] / res["diffusers"]["step_ms"]
+    res["outputs_finite"] = bool(torch.isfinite(out_ours).all())
+    if args.vs_dense:
+        res["dense"] = _vs_dense(ours[0], steps[0][0], out_ours, res["ours"], device, dtype, args)
+    if not args.ours_only:
+        out_ref, res["diffusers"] = _time_impl(steps[0][1], device, args)
+        if case.experts == 2:
+            res["switch"]["diffusers"] = switch_cost(steps[1][1], res["diffusers"]["step_ms"],
+                                                     device)  # fmt: skip
+        res["rel_err_vs_diffusers"] = rel_err(out_ours.float(), out_ref.float())
+        res["outputs_finite"] &= bool(torch.isfinite(out_ref).all())
+        del out_ref
+        res["ratio_ours_over_diffusers"] = res["ours"]["step_ms"] / res["diffusers"]["step_ms"]
+    del out_ours
     for side in ("ours", "diffusers"):
-        res[side]["tflops"] = res["flops"]["total"] / res[side]["step_ms"] / 1e9
+        if side in res:
+            res[side]["tflops"] = res["flops"]["total"] / res[side]["step_ms"] / 1e9
     if case.experts == 2:
         res["switch"]["move"] = (
             move_cost(ours[1], device) if args.expert_move and device.type == "cuda"
@@ -189,9 +201,34 @@ def run_case(case: ModelCase, args, device: torch.device, dtype: torch.dtype) ->
     return res
 
 
+def _vs_dense(model, step: Step, out: torch.Tensor, timed: dict[str, Any], device, dtype,
+              args) -> dict[str, Any]:  # fmt: skip
+    """Our step again with the dense backend ``auto`` picks, after the chosen one."""
+    from fastvideo.kernels_bridge.attention import resolve_backend
+
+    chosen, sta = model.dist_attn.backend, model.dist_attn.sta
+    dense = resolve_backend("auto", device, dtype)
+    if dense == chosen:
+        return {"backend": dense, "note": "the chosen backend is the dense one"}
+    model.set_attention(dense, None)
+    try:
+        out_dense, timing = _time_impl(step, device, args)
+    finally:
+        model.set_attention(chosen, sta)
+    return {"backend": dense, **timing, "speedup_of_chosen": timing["step_ms"] / timed["step_ms"],
+            "rel_err_chosen_vs_dense": rel_err(out.float(), out_dense.float())}  # fmt: skip
+
+
 def _print_case(name: str, res: dict[str, Any]) -> None:
     if "error" in res:
         print(f"{name:<16} failed: {res['error']}", flush=True)
+        return
+    if "dense" in res and "step_ms" in res["dense"]:
+        d = res["dense"]
+        print(f"{name:<16} {res['attention_backend']} {res['ours']['step_ms']:.1f} ms vs "
+              f"{d['backend']} {d['step_ms']:.1f} ms: {d['speedup_of_chosen']:.2f}x, rel.err "
+              f"{d['rel_err_chosen_vs_dense']:.2e}", flush=True)  # fmt: skip
+    if "diffusers" not in res:
         return
     o, d = res["ours"], res["diffusers"]
     peak = ""
@@ -216,6 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", help="our attention backend")
     p.add_argument("--diffusers-attention", help="diffusers attention backend, e.g. _native_cudnn")
     p.add_argument("--expert-move", action="store_true", help="also time moving one expert")
+    p.add_argument("--vs-dense", action="store_true",
+                   help="also time ours with the dense backend auto picks")  # fmt: skip
+    p.add_argument("--ours-only", action="store_true", help="skip diffusers' timing")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
@@ -244,7 +284,7 @@ def main() -> None:
         res["cases"][name] = out
         _print_case(name, out)
         write_result(args.out, res)
-    ok = [r for r in res["cases"].values() if "error" not in r]
+    ok = [r for r in res["cases"].values() if "ratio_ours_over_diffusers" in r]
     if ok:
         mean = statistics.mean(r["ratio_ours_over_diffusers"] for r in ok)
         print(f"mean step-time ratio ours/diffusers over {len(ok)} model(s): {mean:.3f}")

@@ -124,22 +124,35 @@ def models(r: dict[str, Any]) -> Lines:
         if "error" in c:
             rows.append([name, "-", "-", "-", "-", "-", "-", "-", f"failed: {c['error'][:80]}"])
             continue
-        s, o, d = c["size"], c["ours"], c["diffusers"]
+        s, o, d = c["size"], c["ours"], c.get("diffusers", {})
         peak = "-"
         if o.get("peak_gib") is not None:
-            peak = f"+{o['peak_gib']:.1f} / +{d['peak_gib']:.1f}"
-        rows.append([name, f"{s['height']}x{s['width']}x{s['frames']}", fmt(c["tokens"], ","),
-                     fmt(o["step_ms"], ".0f"), fmt(d["step_ms"], ".0f"),
-                     fmt(c["ratio_ours_over_diffusers"], ".3f"), peak,
+            ref = "-" if d.get("peak_gib") is None else f"+{d['peak_gib']:.1f}"
+            peak = f"+{o['peak_gib']:.1f} / {ref}"
+        label = name if c.get("attention_backend") != "sta" else f"{name} (sta)"
+        rows.append([label, f"{s['height']}x{s['width']}x{s['frames']}", fmt(c["tokens"], ","),
+                     fmt(o["step_ms"], ".0f"), fmt(d.get("step_ms"), ".0f"),
+                     fmt(c.get("ratio_ours_over_diffusers"), ".3f"), peak,
                      fmt(c.get("weights_gib"), ".1f"),
-                     fmt(c["rel_err_vs_diffusers"], ".1e")])  # fmt: skip
-        notes += _switch_note(name, c.get("switch", {}))
+                     fmt(c.get("rel_err_vs_diffusers"), ".1e")])  # fmt: skip
+        notes += _switch_note(name, c.get("switch", {})) + _dense_note(name, c)
     header = ["model", "size", "tokens", "ours ms/step", "diffusers ms/step", "ours / diffusers",
               "peak GiB above weights (ours / diffusers)", "weights GiB", "rel. error"]  # fmt: skip
     intro = ["A step: ours one forward of batch 2 with CFG, diffusers two of batch 1 (as its "
              "pipelines run); HunyuanVideo (embedded guidance) one of batch 1. Random bf16 "
              "weights shared by both.", ""]  # fmt: skip
     return intro + table(header, rows) + (["", *notes] if notes else [])
+
+
+def _dense_note(name: str, c: dict[str, Any]) -> Lines:
+    d = c.get("dense", {})
+    if "step_ms" not in d:
+        return []
+    window = f" (window {tuple(c['sta_window'])})" if c.get("sta_window") else ""
+    return [f"{name}: {c['attention_backend']}{window} {c['ours']['step_ms']:.0f} ms/step vs "
+            f"dense {d['backend']} {d['step_ms']:.0f} ms/step (speed-up "
+            f"{d['speedup_of_chosen']:.2f}x), output rel. error vs dense "
+            f"{d['rel_err_chosen_vs_dense']:.1e}."]  # fmt: skip
 
 
 def _switch_note(name: str, switch: dict[str, Any]) -> Lines:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import compileall
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     # Keep the demo model out of the user's real cache, and never reach for the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A suite started in the background (nohup, ``&`` without job control) has SIGINT
+    # ignored, and every process it starts would inherit that (Python then installs no
+    # KeyboardInterrupt handler): the Ctrl-C tests need a handled SIGINT here.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.dont_write_bytecode:
         # With PYTHONDONTWRITEBYTECODE (set on the CI machines) every worker process the
         # tests start would compile the package's sources again, ~0.6 s each: compile them

@@ -108,6 +108,53 @@ def test_importing_fastvideo_is_lazy():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_worker_loads_wan_without_the_compiler_or_transformers_modeling(tmp_path):
+    """torch._dynamo (1-3 s) and transformers' modeling code (seconds more) stay out of a
+    worker's start-up until something compiles: the whole Wan load path, demo model (the
+    tokenizer still comes from transformers)."""
+    code = f"""
+import sys, torch
+from pathlib import Path
+from fastvideo.config import PipelineConfig
+from fastvideo.worker.worker import Worker
+d = Path({str(tmp_path / 'demo')!r})
+w = Worker(0, 1, torch.device("cpu"), d, PipelineConfig.from_pretrained(str(d)))
+w.start_reading(); w.init_distributed(None); w.load()
+heavy = ("torch._dynamo", "transformers.modeling_utils", "transformers.generation.utils",
+         "transformers.masking_utils")
+bad = sorted(n for n in sys.modules if n.startswith(heavy)
+             or n.startswith("transformers.models.") and ".modeling_" in n and ".auto." not in n)
+print("LOADED", bad[:5])
+"""
+    write = "from pathlib import Path; from fastvideo.models.wan.demo import write_demo_model; "
+    made = _python(write + f"write_demo_model(Path({str(tmp_path / 'demo')!r}))")
+    assert made.returncode == 0, made.stderr
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout, proc.stdout
+
+
+def test_marked_functions_run_eagerly_under_compile():
+    """eager_under_compile: a graph break under torch.compile once keep_eager_regions ran,
+    also for a reference taken before (the trampoline reads the current implementation)."""
+    import torch
+
+    from fastvideo.kernels_bridge.eager import eager_under_compile, keep_eager_regions
+
+    seen: list[bool] = []
+
+    @eager_under_compile
+    def probe(x):
+        seen.append(torch.compiler.is_compiling())
+        return x + 1
+
+    early = probe
+    keep_eager_regions()
+    compiled = torch.compile(lambda x: early(x) * 2, backend="eager", fullgraph=False)
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 4.0))
+    assert seen == [False], "the marked function was traced instead of run"
+
+
 # --- a toy family, registered from a temporary folder --------------------------------------
 TOY_REGISTRATION = """
 from pathlib import Path

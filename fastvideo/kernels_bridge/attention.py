@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastvideo.kernels_bridge.eager import eager_under_compile
 from fastvideo.kernels_bridge.grid import TokenGrid
 from fastvideo.kernels_bridge.sta import STAConfig, sta_attention, sta_attention_with_lse
 from fastvideo.logger import init_logger
@@ -282,7 +283,7 @@ def needs_whole_sequence(name: str | None = None) -> bool:
     return _BACKENDS[active_backend(name)].video_only
 
 
-@torch.compiler.disable
+@eager_under_compile
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

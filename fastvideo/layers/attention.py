@@ -21,6 +21,7 @@ from fastvideo.kernels_bridge.attention import (
     attention_with_lse,
     needs_whole_sequence,
 )
+from fastvideo.kernels_bridge.eager import eager_under_compile
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.sequence import SequenceShard, TokenGrid
 
@@ -54,7 +55,7 @@ class DistributedAttention:
         """Attention without sequence parallelism (e.g. cross-attention to the text)."""
         return attention(q, k, v, None, self.backend, self.sta)
 
-    @torch.compiler.disable  # collectives and kernel dispatch stay eager under compile
+    @eager_under_compile  # collectives and kernel dispatch stay eager under compile
     def __call__(
         self,
         q: torch.Tensor,
@@ -87,7 +88,7 @@ class DistributedAttention:
             return attend(q, k, v)
         return _ulysses(groups.ulysses, q, k, v, attend)
 
-    @torch.compiler.disable  # collectives and kernel dispatch stay eager under compile
+    @eager_under_compile  # collectives and kernel dispatch stay eager under compile
     def joint(
         self,
         q: torch.Tensor,

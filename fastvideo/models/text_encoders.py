@@ -12,19 +12,37 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fastvideo.logger import init_logger
 from fastvideo.models.loader import fill_meta_buffers, load_checkpoint, meta_module
 from fastvideo.models.registry import read_json
 
+logger = init_logger(__name__)
+
 
 def load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype, device: torch.device):
-    """Build a transformers encoder class on meta and fill it from ``folder``."""
+    """Build the encoder on meta and fill it from ``folder``: UMT5 encoders with our own
+    module (``fastvideo.models.umt5``: no transformers modeling import, the slowest part
+    of a worker's start-up), every other class with transformers'."""
+    if class_name == "UMT5EncoderModel":
+        from fastvideo.models import umt5
+
+        cfg = read_json(folder / "config.json")
+        why = umt5.supports(cfg)
+        if why is None:
+            config = umt5.UMT5Config.from_dict(cfg)
+            return _fill(folder, meta_module(lambda: umt5.UMT5Encoder(config)), dtype, device)
+        logger.info("%s: UMT5 config with %s: transformers' encoder", folder, why)
     import transformers
 
     cls = getattr(transformers, class_name, None)
     if cls is None:
         raise ValueError(f"{folder}: transformers has no text encoder class {class_name!r}")
     config = transformers.AutoConfig.from_pretrained(str(folder))
-    model: nn.Module = meta_module(lambda: cls(config))
+    model = _fill(folder, meta_module(lambda: cls(config)), dtype, device)
+    return fill_meta_buffers(model, lambda: cls(config))
+
+
+def _fill(folder: Path, model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     if dtype == torch.float16:  # transformers keeps these in fp32 only for fp16
         keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -32,8 +50,7 @@ def load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype, device:
     def dtype_for(name: str) -> torch.dtype:
         return torch.float32 if any(f".{m}." in f".{name}" for m in keep_fp32) else dtype
 
-    model = load_checkpoint(model, folder, device, dtype_for, tied=_tied_keys(model))
-    return fill_meta_buffers(model, lambda: cls(config))
+    return load_checkpoint(model, folder, device, dtype_for, tied=_tied_keys(model))
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:

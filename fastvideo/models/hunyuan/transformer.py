@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from fastvideo.cache.base import StepCacheCall
 from fastvideo.distributed.runtime import ParallelRuntime
+from fastvideo.kernels_bridge.eager import keep_eager_regions
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import apply_rotary
@@ -418,6 +419,7 @@ class HunyuanTransformer3D(nn.Module):
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
         """Regional torch.compile of every block (attention and collectives stay eager)."""
+        keep_eager_regions()
         for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
             block.compile(backend=backend, mode=mode)
 

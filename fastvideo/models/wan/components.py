@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,10 @@ def text_output_spec(text_dim: int, dtype: torch.dtype):
 
 
 def load_wan_text_encoder(folder: Path, env: PipelineRuntime) -> WanTextEncoder:
+    """The tokenizer loads on a thread of its own while the encoder waits for its weights
+    (the encoder is our UMT5 module: no other transformers import runs meanwhile)."""
     class_name = text_encoder_class(folder.parent)
-    encoder = load_text_encoder(folder, class_name, env.dtypes["text_encoder"], env.device)
-    tokenizer = load_tokenizer(folder.parent / "tokenizer")
-    return WanTextEncoder(tokenizer, encoder, env.dtypes["transformer"])
+    with ThreadPoolExecutor(1, thread_name_prefix="fastvideo-tokenizer") as pool:
+        tokenizer = pool.submit(load_tokenizer, folder.parent / "tokenizer")
+        encoder = load_text_encoder(folder, class_name, env.dtypes["text_encoder"], env.device)
+    return WanTextEncoder(tokenizer.result(), encoder, env.dtypes["transformer"])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from fastvideo.cache.base import StepCacheCall
 from fastvideo.distributed.runtime import ParallelRuntime
+from fastvideo.kernels_bridge.eager import keep_eager_regions
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
@@ -518,6 +519,7 @@ class WanTransformer3D(nn.Module):
         """Regional torch.compile: each block is compiled (one graph shared by all blocks,
         attention and its collectives left eager), so compile time stays small and it
         works under sequence parallelism."""
+        keep_eager_regions()
         for block in self.blocks:
             block.compile(backend=backend, mode=mode)
 
