@@ -123,6 +123,24 @@ def test_sta_layout_at_480p(window):
     assert not dense[:, ~valid].any()
 
 
+def test_sta_layout_at_hunyuan_720p_fits():
+    """HunyuanVideo 720x1280x129 (33x45x80 tokens, 126,720 slots with tile padding): the
+    block mask is built without the size^2 token mask (120 GiB as int64), and keeps about
+    the window's share of the tiles."""
+    from fastvideo.kernels_bridge.sta import sta_layout
+
+    grid, window = TokenGrid(33, 45, 80), (7, 4, 6)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    layout = sta_layout(grid, TILE, window, CUDA)
+    torch.cuda.synchronize()
+    peak_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
+    assert peak_gib < 4, f"building the mask took {peak_gib:.1f} GiB"
+    tiles_kept = (7 * 4 * 6) / (11 * 6 * 10)
+    assert 0.85 * tiles_kept <= layout.kept_fraction <= tiles_kept, layout.kept_fraction
+
+
 def _wan_1_3b_spec():
     from fastvideo.wire.spec import ModelSpec
 

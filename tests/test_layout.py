@@ -117,7 +117,7 @@ import sys, torch
 from pathlib import Path
 from fastvideo.config import PipelineConfig
 from fastvideo.worker.worker import Worker
-d = Path({str(tmp_path / 'demo')!r})
+d = Path({str(tmp_path / "demo")!r})
 w = Worker(0, 1, torch.device("cpu"), d, PipelineConfig.from_pretrained(str(d)))
 w.start_reading(); w.init_distributed(None); w.load()
 heavy = ("torch._dynamo", "transformers.modeling_utils", "transformers.generation.utils",

@@ -163,7 +163,11 @@ def sta_layout(
 
     size = order.numel()
     blocks = block_sizes(tile, block)
-    mask = create_block_mask(mask_mod, None, None, size, size, device=device, BLOCK_SIZE=blocks)
+    # Uncompiled, create_block_mask evaluates mask_mod on every (query, key) pair at once:
+    # int64 intermediates of size^2 (120 GiB at HunyuanVideo's 720p grid). Compiled, the
+    # evaluation fuses into the per-block reduction (on CUDA; CPU grids are test-sized).
+    mask = create_block_mask(mask_mod, None, None, size, size, device=device, BLOCK_SIZE=blocks,
+                             _compile=device.type == "cuda")  # fmt: skip
     layout = STALayout(grid, tile, window, order, inverse, mask, blocks)
     logger.info(
         "STA: grid %s, tile %s, window %s tiles of %s: %d slots (%d tokens)",
