@@ -108,10 +108,11 @@ def test_importing_fastvideo_is_lazy():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_worker_loads_wan_without_the_compiler_or_transformers_modeling(tmp_path):
-    """torch._dynamo (1-3 s) and transformers' modeling code (seconds more) stay out of a
-    worker's start-up until something compiles: the whole Wan load path, demo model (the
-    tokenizer still comes from transformers)."""
+def test_a_worker_loads_wan_without_the_compiler_or_transformers(tmp_path):
+    """torch._dynamo (1-3 s) and transformers' auto classes and modeling code (they import
+    its modeling and generation stack: 10 s measured on the H200 machine) stay out of a
+    worker's start-up until something compiles: the whole Wan load path, demo model (its
+    tokenizer class comes from transformers)."""
     code = f"""
 import sys, torch
 from pathlib import Path
@@ -120,10 +121,8 @@ from fastvideo.worker.worker import Worker
 d = Path({str(tmp_path / "demo")!r})
 w = Worker(0, 1, torch.device("cpu"), d, PipelineConfig.from_pretrained(str(d)))
 w.start_reading(); w.init_distributed(None); w.load()
-heavy = ("torch._dynamo", "transformers.modeling_utils", "transformers.generation.utils",
-         "transformers.masking_utils")
-bad = sorted(n for n in sys.modules if n.startswith(heavy)
-             or n.startswith("transformers.models.") and ".modeling_" in n and ".auto." not in n)
+bad = sorted(n for n in sys.modules if n.startswith("torch._dynamo")
+             or "tokenization_auto" in n or ".modeling_" in n or "transformers.generation" in n)
 print("LOADED", bad[:5])
 """
     write = "from pathlib import Path; from fastvideo.models.wan.demo import write_demo_model; "

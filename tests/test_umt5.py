@@ -1,6 +1,7 @@
-"""Our UMT5 encoder against transformers' UMT5EncoderModel: same checkpoint (saved by
-transformers, read by our loader), same states, in fp32, bf16 and fp16, with and without
-padding; configs it does not cover go to transformers."""
+"""Wan's text pieces without transformers: our UMT5 encoder against transformers'
+UMT5EncoderModel (same checkpoint, saved by transformers and read by our loader; same
+states in fp32, bf16 and fp16, with and without padding; configs it does not cover go to
+transformers), and the tokenizer.json tokenizer against AutoTokenizer."""
 
 from __future__ import annotations
 
@@ -94,3 +95,50 @@ def test_building_our_encoder_imports_no_transformers_modeling(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+PROMPTS = [
+    "a red fox running through a snowy forest, cinematic",
+    "",
+    "   spaces   and\ttabs\n",
+    "Ünïcödé ﬁ ligature ＦＵＬＬＷＩＤＴＨ café",
+    "x" * 300 + " a prompt far longer than the padded length " * 10,
+]
+
+
+def test_tokenizer_is_autotokenizers_without_the_auto_classes(tmp_path):
+    """load_tokenizer: the class tokenizer_config.json names (fast variant first), so the
+    ids are AutoTokenizer's whatever transformers version builds them; a folder naming no
+    class still loads through AutoTokenizer."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from fastvideo.models.text_encoders import load_tokenizer
+    from fastvideo.models.wan.demo import _write_tokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    _write_tokenizer(folder)
+    ours, ref = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert type(ours) is type(ref)
+    kwargs = dict(padding="max_length", max_length=24, truncation=True, add_special_tokens=True,
+                  return_attention_mask=True, return_tensors="pt")  # fmt: skip
+    got, want = ours(PROMPTS, **kwargs), ref(PROMPTS, **kwargs)
+    assert torch.equal(got.input_ids, want.input_ids)
+    assert torch.equal(got.attention_mask, want.attention_mask)
+    assert (got.attention_mask == 0).any() and got.attention_mask[-1].all()
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from fastvideo.models.text_encoders import load_tokenizer\n"
+        f"load_tokenizer(Path({str(folder)!r}))\n"
+        "print(sorted(n for n in sys.modules if 'tokenization_auto' in n or '.modeling_' in n))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("tokenizer_class")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = AutoTokenizer.from_pretrained(str(folder))(PROMPTS, **kwargs).input_ids
+    assert torch.equal(load_tokenizer(folder)(PROMPTS, **kwargs).input_ids, plain)

@@ -18,6 +18,7 @@ import contextvars
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -212,6 +213,7 @@ def load_checkpoint(
         ignore_unexpected: key substrings allowed in the file but unused by the module.
     """
     tied = tied or {}
+    marks = [time.perf_counter()]
     expected = dict(module.state_dict(keep_vars=True))
     where = checkpoint_files(folder)
     needed = set(expected) - set(tied)
@@ -226,15 +228,21 @@ def load_checkpoint(
         raise CheckpointError(f"{folder} ({files}) does not match the model: " + "; ".join(parts))
     keys = sorted(needed | (set(tied) & set(where)))
     _check_shapes(where, keys, expected)
+    marks.append(time.perf_counter())
     tensors = _read(folder, where, keys, torch.device(device))
+    marks.append(time.perf_counter())
     # Cast once, on the device, where the target dtype differs (a no-op otherwise).
     state = {key: tensors[key].to(dtype_for(key)) for key in keys}
     del tensors  # tensors read but not used (ignored keys, pre-cast copies) go now
+    marks.append(time.perf_counter())
     for target, source in tied.items():
         state.setdefault(target, state[source])
     module.load_state_dict(state, strict=True, assign=True)
     _retie(module, tied)
     module.eval().requires_grad_(False)
+    marks.append(time.perf_counter())
+    spans = zip(("checks", "read", "cast", "assign"), marks[:-1], marks[1:], strict=True)
+    logger.debug("%s: %s", folder.name, ", ".join(f"{n} {b - a:.2f}s" for n, a, b in spans))
     return module
 
 

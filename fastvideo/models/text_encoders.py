@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +31,10 @@ def load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype, device:
         why = umt5.supports(cfg)
         if why is None:
             config = umt5.UMT5Config.from_dict(cfg)
-            return _fill(folder, meta_module(lambda: umt5.UMT5Encoder(config)), dtype, device)
+            start = time.perf_counter()
+            model = meta_module(lambda: umt5.UMT5Encoder(config))
+            logger.debug("UMT5 encoder built on meta in %.2fs", time.perf_counter() - start)
+            return _fill(folder, model, dtype, device)
         logger.info("%s: UMT5 config with %s: transformers' encoder", folder, why)
     import transformers
 
@@ -65,10 +69,23 @@ def _tied_keys(model: nn.Module) -> dict[str, str]:
 
 
 def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
+    """``AutoTokenizer.from_pretrained(folder)``'s tokenizer, built from the class its
+    ``tokenizer_config.json`` names (its fast variant first, as AutoTokenizer picks) without
+    importing transformers' auto classes: on some installs they import its whole modeling
+    and generation stack (10 s of a worker's start-up measured on the H200 machine)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"missing tokenizer folder {folder}")
+    import transformers
+
+    config = folder / "tokenizer_config.json"
+    name = read_json(config).get("tokenizer_class") if config.is_file() else None
+    if isinstance(name, str) and name.isidentifier():
+        base = name.removesuffix("Fast")
+        cls = getattr(transformers, f"{base}Fast", None) or getattr(transformers, base, None)
+        if cls is not None:
+            return cls.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(folder))
 
 

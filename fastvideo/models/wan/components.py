@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fastvideo.logger import init_logger
 from fastvideo.models.loader import load_checkpoint, meta_module
 from fastvideo.models.registry import read_json
 from fastvideo.models.samplers import build_scheduler
@@ -27,6 +29,8 @@ from fastvideo.models.wan.transformer import (
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.base import PipelineRuntime, prepare_dit
 from fastvideo.wire.messages import RequestItem
+
+logger = init_logger(__name__)
 
 # Text tokens the Wan DiT attends to (the UMT5 states are padded/cut to this length).
 TEXT_MAX_LENGTH = 512
@@ -111,7 +115,12 @@ def load_wan_text_encoder(folder: Path, env: PipelineRuntime) -> WanTextEncoder:
     """The tokenizer loads on a thread of its own while the encoder waits for its weights
     (the encoder is our UMT5 module: no other transformers import runs meanwhile)."""
     class_name = text_encoder_class(folder.parent)
+    start = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="fastvideo-tokenizer") as pool:
         tokenizer = pool.submit(load_tokenizer, folder.parent / "tokenizer")
         encoder = load_text_encoder(folder, class_name, env.dtypes["text_encoder"], env.device)
+        encoder_s = time.perf_counter() - start
+        tokenizer.result()
+    logger.debug("text encoder %.2fs, tokenizer done after %.2fs", encoder_s,
+                 time.perf_counter() - start)  # fmt: skip
     return WanTextEncoder(tokenizer.result(), encoder, env.dtypes["transformer"])
