@@ -115,6 +115,14 @@ def latency(r: dict[str, Any]) -> Lines:
                     f"({floor['best_kernel']}); linear layers {floor['linear_floor_ms']:.1f} ms at "
                     f"{floor['linear_tflops']:.0f} TFLOP/s); {floor['video_forwards']} forwards: "
                     f"{floor['video_denoising_floor_s']:.1f} s."]  # fmt: skip
+    prof = r.get("profile") or {}
+    kinds = prof.get("kernel_ms_by_kind")
+    if kinds:
+        ranked = sorted(kinds.items(), key=lambda kv: -kv[1])
+        parts = ", ".join(f"{k} {v:.1f} ms" for k, v in ranked)
+        out += ["", f"GPU kernel time of our eager forward ({prof.get('attention_backend')}): "
+                    f"{parts}; total {prof['kernel_ms_total']:.1f} ms ('other': norms, "
+                    "modulation, rotary, gating, dtype copies)."]  # fmt: skip
     return out
 
 
