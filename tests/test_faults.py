@@ -273,7 +273,8 @@ def test_sigterm_exits_cleanly(tmp_path):
     code, lines, pids, err, took = _run_script(tmp_path, lambda p: os.killpg(p.pid, signal.SIGTERM))
     assert code == -signal.SIGTERM, (code, err[-2000:])
     print(f"\nSIGTERM -> exit in {took:.2f}s")
-    assert took < 4.0, f"the shutdown waited {took:.1f}s for the running request"
+    # 0.1 s measured; waiting for the request (the mutant that ignores Shutdown) took 3.4 s
+    assert took < 2.0, f"the shutdown waited {took:.1f}s for the running request"
     _assert_clean(tmp_path, pids)
 
 
