@@ -63,6 +63,16 @@ def _unknown(where: str, key: str, names: list[str]) -> TypeError:
     return TypeError(f"{where} got an unexpected keyword argument {key!r}{hint}")
 
 
+def _check_gib(name: str, value: Any, zero_ok: bool) -> None:
+    """None, or a finite number of GiB (> 0, or >= 0 with ``zero_ok``)."""
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound} (GiB) or None, got {value!r}")
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
@@ -330,6 +340,12 @@ class OffloadConfig:
         "of the device's memory, at least 2 GiB.",
         None,
     )
+    device_memory_gb: float | None = _help(
+        "The most GPU memory (GiB) the engine may use on each GPU, as on a smaller card: every "
+        "worker caps its allocator there (torch.cuda.set_per_process_memory_fraction) and the "
+        "'auto' offload and VAE tiling rules plan within it. None: the whole GPU.",
+        None,
+    )
 
     def validate(self) -> None:
         for name in (
@@ -340,11 +356,8 @@ class OffloadConfig:
         ):
             _check_choice(name, getattr(self, name), OFFLOAD_CHOICES)
         _check_bool("dit_sharded_weights", self.dit_sharded_weights)
-        headroom = self.offload_headroom_gb
-        if headroom is not None and (
-            isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or headroom < 0
-        ):
-            raise ValueError(f"offload_headroom_gb must be a number >= 0 or None, got {headroom!r}")
+        _check_gib("offload_headroom_gb", self.offload_headroom_gb, zero_ok=True)
+        _check_gib("device_memory_gb", self.device_memory_gb, zero_ok=False)
         if self.dit_sharded_weights and self.dit_cpu_offload is True:
             raise ValueError(
                 "dit_sharded_weights=True and dit_cpu_offload=True exclude each other: choose one"

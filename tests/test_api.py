@@ -242,6 +242,7 @@ PIPELINE_VALUES = dict(
     vae_cpu_offload=False,
     dit_sharded_weights=True,
     offload_headroom_gb=4.0,
+    device_memory_gb=24.0,
     attention_backend="sdpa_math",
     flow_shift=4.0,
     scheduler="euler",

@@ -247,6 +247,54 @@ def test_plan_offload_offloads_cheapest_first_until_it_fits():
     assert forced.whole == ("vae",) and "vae (asked)" in forced.summary
 
 
+def test_device_memory_cap_is_what_auto_plans_within(monkeypatch):
+    """device_memory_gb=24 on a 140 GiB GPU: the allocator gets the fraction 24/140, and
+    the free and total memory the planner sees stop at 24 GiB, so the 14B case that stays
+    resident on the whole card is offloaded under the cap."""
+    from types import SimpleNamespace
+
+    from fastvideo.layers import offload
+
+    fractions = []
+    monkeypatch.setattr(offload, "_CAPS", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(total_memory=140 * GiB))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, d: fractions.append((f, d)))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (130 * GiB, 140 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 2 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * GiB)
+    gpu = torch.device("cuda", 0)
+    sizes = {"transformer": 28 * GiB, "text_encoder": 11 * GiB, "vae": GiB}
+    auto = dict.fromkeys(sizes, "auto")
+    assert offload.free_memory_bytes(gpu) == 131 * GiB
+    whole = plan_offload(auto, sizes, offload.free_memory_bytes(gpu), 8 * GiB, {"transformer"})
+    assert whole.whole == () and whole.layerwise == ()
+    offload.cap_device_memory(gpu, 24)
+    assert fractions == [(24 / 140, gpu)]
+    assert offload.free_memory_bytes(gpu) == 23 * GiB  # the cap less what is allocated
+    assert offload.total_memory_bytes(gpu) == 24 * GiB
+    capped = plan_offload(auto, sizes, offload.free_memory_bytes(gpu), 8 * GiB, {"transformer"})
+    assert capped.layerwise == ("transformer",) and "text_encoder" in capped.whole
+    assert offload.free_memory_bytes(torch.device("cuda", 1)) == 131 * GiB  # per device
+    with pytest.raises(ValueError, match="more than cuda:1's 140.0 GiB"):
+        offload.cap_device_memory(torch.device("cuda", 1), 200)
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True])
+def test_memory_sizes_are_validated(value):
+    with pytest.raises(ValueError, match=r"device_memory_gb must be a finite number > 0"):
+        PipelineConfig().update(device_memory_gb=value).validate()
+    if value != 0:
+        with pytest.raises(ValueError, match=r"offload_headroom_gb must be a finite number >= 0"):
+            PipelineConfig().update(offload_headroom_gb=value).validate()
+
+
+def test_device_memory_gb_is_refused_on_a_cpu_engine(tiny_a):
+    with pytest.raises(ValueError, match="caps the memory of each GPU"):
+        VideoGenerator.from_pretrained(str(tiny_a[0]), device="cpu", device_memory_gb=8)
+
+
 def test_placement_options_are_validated_before_loading(tiny_a):
     config = PipelineConfig(num_gpus=2).update(dit_sharded_weights=True)
     with pytest.raises(ValueError, match="parallel_mode='latency'"):

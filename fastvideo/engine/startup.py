@@ -56,6 +56,11 @@ def pick_device(config: PipelineConfig) -> str:
 def check_device_options(config: PipelineConfig, device: str) -> None:
     """Options that need the device or an extra package fail here, before the workers
     load anything (the workers check the GPU's compute capability first thing)."""
+    if config.offload_config.device_memory_gb is not None and device != "cuda":
+        raise ValueError(
+            f"device_memory_gb={config.offload_config.device_memory_gb} caps the memory of each "
+            f"GPU, and this engine runs on {device}: leave it None"
+        )
     if config.dit_precision != "fp8":
         return
     if device != "cuda":

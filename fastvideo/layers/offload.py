@@ -43,18 +43,50 @@ def pin_host_memory(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
+_CAPS: dict[int, int] = {}  # CUDA device index -> the bytes this process may allocate there
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def cap_device_memory(device: torch.device, limit_gb: float | None) -> None:
+    """At most ``limit_gb`` GiB on ``device`` for this process (``device_memory_gb``): the
+    caching allocator refuses beyond it, and :func:`free_memory_bytes` and
+    :func:`total_memory_bytes` plan within it. None: no cap. A CPU device is not capped
+    (its memory is the host's)."""
+    if limit_gb is None or device.type != "cuda":
+        return
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    limit = int(limit_gb * GiB)
+    if limit > total:
+        raise ValueError(f"device_memory_gb={limit_gb} is more than {device}'s "
+                         f"{total / GiB:.1f} GiB")  # fmt: skip
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    _CAPS[_index(device)] = limit
+    logger.info("%s: this process may use %.1f of its %.1f GiB", device, limit / GiB, total / GiB)
+
+
 def free_memory_bytes(device: torch.device) -> int:
     """Memory a new allocation on ``device`` can still get: free GPU memory plus what the
-    caching allocator holds unused, or the host's available RAM for a CPU device."""
+    caching allocator holds unused (within the process's cap, if any), or the host's
+    available RAM for a CPU device."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        allocated = torch.cuda.memory_allocated(device)
+        available = free + torch.cuda.memory_reserved(device) - allocated
+        cap = _CAPS.get(_index(device))
+        if cap is not None:
+            available = min(available, cap - allocated)
+        return max(0, int(available))
     return int(psutil.virtual_memory().available)
 
 
 def total_memory_bytes(device: torch.device) -> int:
+    """The device's memory (its cap, if this process has one), or the host's RAM."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
+        total = int(torch.cuda.get_device_properties(device).total_memory)
+        return min(total, _CAPS.get(_index(device), total))
     return int(psutil.virtual_memory().total)
 
 

@@ -30,6 +30,7 @@ from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.fp8 import check_fp8_matmul_device, store_linears_in_fp8
 from fastvideo.layers.offload import (
     OffloadPlan,
+    cap_device_memory,
     free_memory_bytes,
     modules_of,
     plan_offload,
@@ -255,6 +256,8 @@ class Worker:
         if self._source is not None:
             return
         start = time.perf_counter()
+        # Before anything is allocated or planned on the device.
+        cap_device_memory(self.device, self.config.offload_config.device_memory_gb)
         plan = self._plan_load()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 8
         threads = max(2, min(8, cores // max(1, min(self.world_size, 8))))
