@@ -36,8 +36,10 @@ READ_CHUNK = 64 << 20
 
 
 # --- the checkpoint (written in its own process) -----------------------------------------
-def build(folder: Path, te_layers: int, dit_layers: int | None, device: str) -> None:
-    """DiT + VAE from benchmarks.common, then a UMT5 encoder of ``te_layers`` XXL layers."""
+def build(folder: Path, te_layers: int, dit_layers: int | None, device: str,
+          arch: str = "1.3B") -> None:  # fmt: skip
+    """DiT (``arch`` of benchmarks.common.ARCHS) + VAE from benchmarks.common, then a UMT5
+    encoder of ``te_layers`` XXL layers."""
     import shutil
 
     import torch
@@ -46,8 +48,8 @@ def build(folder: Path, te_layers: int, dit_layers: int | None, device: str) -> 
     import benchmarks.common as common
 
     if dit_layers is not None:
-        common.ARCHS["custom"] = {**common.WAN_1_3B, "num_layers": dit_layers}
-    common.write_random_wan(folder, "custom" if dit_layers else "1.3B", device=device)
+        common.ARCHS["custom"] = {**common.ARCHS[arch], "num_layers": dit_layers}
+    common.write_random_wan(folder, "custom" if dit_layers else arch, device=device)
     te_dir = folder / "text_encoder"
     shutil.rmtree(te_dir)
     with torch.device(device):

@@ -13,6 +13,11 @@ On one GPU, each case in its own process (clean peaks, no allocator state carrie
   current one computes), under memory budgets set with
   ``torch.cuda.set_per_process_memory_fraction`` (24, 48 and 80 GiB by default): a case
   that does not fit is reported as OOM.
+* End to end (``e2e``): a random Wan2.1-T2V-14B checkpoint with a full-size UMT5-XXL
+  (written once to ``--e2e-model``, about 40 GB) through ``VideoGenerator`` in this
+  process (``executor='inproc'``) with ``device_memory_gb`` at each budget and every
+  memory option on ``'auto'``: a 720p x 81-frame video of ``--e2e-steps`` steps, its time
+  to ready, mean step, decode, peak memory and the memory plan the engine chose.
 * A full-size UMT5-XXL text encoder (random weights) in bf16, then with its linears stored
   in fp8 (``text_encoder_precision="fp8"``): weights on the GPU, the time of one 512-token
   encode, and the fp8 output's relative error against bf16 (random weights: a real
@@ -175,6 +180,55 @@ def dit_case(case: dict[str, Any]) -> dict[str, Any]:
                 tokens=grid.num_tokens)  # fmt: skip
 
 
+def e2e_checkpoint(folder: Path, device: str) -> Path:
+    """The e2e part's checkpoint: 14B DiT + UMT5-XXL on a GPU, the tiny one on a CPU."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    if device == "cuda":
+        from benchmarks.load import build
+
+        build(folder, te_layers=24, dit_layers=None, device=device, arch="14B")
+    else:
+        from benchmarks.common import write_random_wan
+
+        write_random_wan(folder, "tiny", device=device)
+    return folder
+
+
+def e2e_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One video through the engine under ``device_memory_gb`` (GPU) with 'auto' memory."""
+    import logging
+
+    from fastvideo import VideoGenerator
+
+    plans: list[str] = []
+
+    class Plans(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "memory plan" in record.getMessage():
+                plans.append(record.getMessage())
+
+    logging.getLogger("fastvideo").addHandler(Plans())
+    height, width = RESOLUTIONS[case["resolution"]]
+    budget = case["budget_gb"]
+    start = time.perf_counter()
+    gen = VideoGenerator.from_pretrained(case["model"], executor="inproc", device=case["device"],
+                                         device_memory_gb=budget)  # fmt: skip
+    ready_s = time.perf_counter() - start
+    try:
+        out = gen.generate_video("a red fox running through a snowy forest", height=height,
+                                 width=width, num_frames=case["frames"],
+                                 num_inference_steps=case["steps"], seed=0,
+                                 output_type="np")  # fmt: skip
+    finally:
+        gen.shutdown()
+    peak = max(out.peak_memory_bytes) / GIB if out.peak_memory_bytes else _peak_abs_gib(case)
+    return dict(ready_s=ready_s, end_to_end_s=out.timings.get("end_to_end"),
+                step_ms=1e3 * out.timings.get("denoising_step_mean", float("nan")),
+                decode_s=out.timings.get("decoding"), peak_gib=peak, memory_plan=plans,
+                timings=out.timings, frames_shape=list(out.frames.shape))  # fmt: skip
+
+
 @torch.no_grad()
 def text_encoder_case(case: dict[str, Any]) -> dict[str, Any]:
     """UMT5 in bf16, then the same weights with fp8 linears: memory, encode time, error."""
@@ -213,7 +267,7 @@ def text_encoder_case(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-CASES = {"vae": vae_case, "dit": dit_case, "text_encoder": text_encoder_case}
+CASES = {"vae": vae_case, "dit": dit_case, "text_encoder": text_encoder_case, "e2e": e2e_case}
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -248,8 +302,16 @@ def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     resolution=dit_res))  # fmt: skip
         elif part == "text_encoder":
             out.append(dict(base, kind="text_encoder"))
+        elif part == "e2e":
+            folder = Path(f"{args.e2e_model}-tiny") if smoke else args.e2e_model
+            model = str(e2e_checkpoint(folder, args.device or "cuda"))
+            budgets = [None] if smoke else [float(b) for b in args.budgets.split(",")]
+            for budget in budgets:  # no budget on a CPU (its memory is the host's)
+                out.append(dict(base, kind="e2e", budget_gb=budget, model=model,
+                                resolution=dit_res, steps=args.e2e_steps))  # fmt: skip
         else:
-            raise SystemExit(f"--parts: unknown part {part!r}; allowed: vae, dit, text_encoder")
+            raise SystemExit(f"--parts: unknown part {part!r}; allowed: vae, dit, text_encoder, "
+                             "e2e")  # fmt: skip
     return out
 
 
@@ -275,6 +337,13 @@ def _row(r: dict[str, Any]) -> str:
         what = f"VAE {r['resolution']} {r['precision']:<4} {'tiled' if r['tiled'] else 'whole'}"
     elif r["kind"] == "dit":
         what = f"DiT 14B {r['resolution']} {r['mode']:<8} budget {r['budget_gb']:>4.0f} GiB"
+    elif r["kind"] == "e2e":
+        budget = "none" if r["budget_gb"] is None else f"{r['budget_gb']:.0f} GiB"
+        what = f"video 14B {r['resolution']} end to end, budget {budget}"
+        if r["status"] == "ok":
+            plan = " | ".join(r["memory_plan"])[:200]
+            return (f"{what:<40} ready {r['ready_s']:.1f} s  step {r['step_ms']:.0f} ms  peak "
+                    f"{_gib(r['peak_gib'])} GiB  plan: {plan}")  # fmt: skip
     else:
         what = "UMT5-XXL bf16 -> fp8 linears"
     if r["status"] != "ok":
@@ -296,13 +365,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", help="cuda (default when available) or cpu (toy sizes)")
     p.add_argument("--parts", default="vae,dit,text_encoder",
-                   help="comma list: vae, dit, text_encoder")  # fmt: skip
+                   help="comma list: vae, dit, text_encoder, e2e")  # fmt: skip
     p.add_argument("--resolutions", default="480p,720p", help="VAE cases")
     p.add_argument("--precisions", default="fp32,bf16", help="VAE cases")
     p.add_argument("--dit-resolution", default="720p", choices=["480p", "720p"])
     p.add_argument("--budgets", default="24,48,80", help="GiB per DiT case")
     p.add_argument("--dit-modes", default="resident,offload")
     p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--e2e-model", type=Path, default=Path("/tmp/fastvideo-memory-e2e-14B"),
+                   help="e2e: the checkpoint (written there when missing)")  # fmt: skip
+    p.add_argument("--e2e-steps", type=int, default=2, help="e2e: denoising steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--case-timeout", type=float, default=900.0)

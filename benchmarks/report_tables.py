@@ -249,10 +249,17 @@ def memory_fit(r: dict[str, Any]) -> Lines:
             what = f"VAE decode {c['resolution']} {c['precision']} {tiles}"
         elif c["kind"] == "dit":
             what = f"DiT 14B {c['resolution']} {c['mode']}, budget {fmt(c['budget_gb'], '.0f')} GiB"
+        elif c["kind"] == "e2e":
+            budget = "none" if c["budget_gb"] is None else f"{c['budget_gb']:.0f} GiB"
+            what = f"14B video {c['resolution']} end to end ({c['steps']} steps), budget {budget}"
         else:
             what = "UMT5-XXL text encoder bf16 / fp8 linears"
         if c.get("status") != "ok":
             rows.append([what, c.get("status", "?"), "", ""])
+        elif c["kind"] == "e2e":
+            note = (f"ms per step; ready {fmt(c['ready_s'])} s, decode {fmt(c['decode_s'])} s; "
+                    + "; ".join(c.get("memory_plan", [])))  # fmt: skip
+            rows.append([what, fmt(c["step_ms"]), fmt(c["peak_gib"], ".2f"), note])
         elif c["kind"] == "text_encoder":
             b, f = c["bf16"], c["fp8"]
             gib = [fmt(x["weights_on_gpu_gib"], ".2f") for x in (b, f)]

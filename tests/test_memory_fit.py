@@ -655,3 +655,19 @@ def test_memory_options_on_the_command_line(capsys):
     ):
         assert flag in shown  # fmt: skip
     assert cli._bool_or_word("auto") == "auto" and cli._bool_or_word("true") is True
+
+
+def test_memory_fit_end_to_end_part_runs_on_cpu(tmp_path):
+    """benchmarks.memory_fit --parts e2e at toy size on the CPU: its checkpoint is written,
+    one video goes through the engine and the engine's memory plan is recorded (the GPU run
+    adds device_memory_gb budgets)."""
+    out = tmp_path / "mf.json"
+    cmd = [sys.executable, "-m", "benchmarks.memory_fit", "--device", "cpu", "--parts", "e2e",
+           "--warmup", "0", "--reps", "1", "--e2e-model", str(tmp_path / "ck"),
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (case,) = json.loads(out.read_text())["results"]
+    assert case["status"] == "ok", case
+    assert case["budget_gb"] is None and case["frames_shape"][0] == 5
+    assert case["memory_plan"] and "memory plan" in case["memory_plan"][0]
