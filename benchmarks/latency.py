@@ -370,7 +370,8 @@ def part_profile(args, res: dict, device: torch.device) -> None:
             kernels.setdefault(e.name, []).append(e.device_time / 1e3)
     by_kind: dict[str, float] = {}
     for name, times in kernels.items():
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + sum(times)
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + sum(times)
     top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:10]
     res["profile"] = {
         "attention_backend": env.settings.attention_backend,

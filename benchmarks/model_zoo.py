@@ -69,6 +69,7 @@ class ModelCase:
     text_tokens: int = 512
     text_valid: int | None = None  # HunyuanVideo: valid (unpadded) text tokens
     notes: tuple[str, ...] = field(default=())
+    hf_id: str = ""  # the registered variant whose shipped settings (STA windows) apply
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -93,13 +94,17 @@ class ModelCase:
 
 CASES = {
     "wan2.1-i2v-14b": ModelCase("wan2.1-i2v-14b", "wan", WAN_I2V_14B, 480, 832, 81,
-                                image_tokens=257),
-    "wan2.2-a14b": ModelCase("wan2.2-a14b", "wan", WAN_14B, 720, 1280, 81, experts=2),
+                                image_tokens=257,
+                                hf_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"),
+    "wan2.2-a14b": ModelCase("wan2.2-a14b", "wan", WAN_14B, 720, 1280, 81, experts=2,
+                             hf_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers"),
     "wan2.2-ti2v-5b": ModelCase("wan2.2-ti2v-5b", "wan", WAN_TI2V_5B, 704, 1280, 121,
-                                vae_spatial=16, per_token_timestep=True),
+                                vae_spatial=16, per_token_timestep=True,
+                                hf_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
     "hunyuanvideo": ModelCase("hunyuanvideo", "hunyuan", HUNYUAN_13B, 720, 1280, 129,
                               cfg=False, text_tokens=256, text_valid=80,
-                              notes=("80 valid of 256 text tokens (right padding)",)),
+                              notes=("80 valid of 256 text tokens (right padding)",),
+                              hf_id="hunyuanvideo-community/HunyuanVideo"),
 }  # fmt: skip
 
 

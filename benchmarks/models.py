@@ -135,17 +135,16 @@ def move_cost(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
 
 
 def shipped_sta(case: ModelCase):
-    """The STA tile and window the model's registration ships for this size (``--attention
-    sta``); None when it ships none (STA then picks its default window)."""
+    """The STA tile and window the case's registered variant ships for this size
+    (``--attention sta``); None when it ships none (STA then picks its default window)."""
     from fastvideo.kernels_bridge.sta import STAConfig
-    from fastvideo.models.hunyuan.registration import STA_WINDOWS as HUNYUAN
-    from fastvideo.models.wan.registration import STA_WINDOWS as WAN
-    from fastvideo.models.wan.variants import STA_WINDOWS_14B, STA_WINDOWS_TI2V
+    from fastvideo.models.registry import model_defaults
 
-    windows = HUNYUAN if case.family == "hunyuan" else {**WAN, **STA_WINDOWS_14B,
-                                                        **STA_WINDOWS_TI2V}  # fmt: skip
-    window = windows.get(f"{case.height}x{case.width}x{case.frames}")
-    return None if window is None else STAConfig(tile=(3, 8, 8), default_window=tuple(window))
+    shipped = model_defaults(case.hf_id)[1]
+    window = (shipped.get("sta_window_size") or {}).get(f"{case.height}x{case.width}x{case.frames}")
+    if window is None:
+        return None
+    return STAConfig(tile=tuple(shipped["sta_tile_size"]), default_window=tuple(window))
 
 
 def run_case(case: ModelCase, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

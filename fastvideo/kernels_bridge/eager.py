@@ -37,7 +37,6 @@ def eager_under_compile(fn: F) -> F:
 
         impl[0] = torch.compiler.disable(fn)
 
-    call.__wrapped_eager__ = fn  # type: ignore[attr-defined]
     with _lock:
         _marked.append(disable)
         if _active:
@@ -54,7 +53,3 @@ def keep_eager_regions() -> None:
         for disable in _marked:
             disable()
         _active = True
-
-
-def eager_regions_kept() -> bool:
-    return _active

@@ -30,6 +30,7 @@ import psutil
 import torch
 from torch import nn
 
+from fastvideo.distributed.runtime import indexed
 from fastvideo.layers.flat_params import FlatParams, move_buffers
 from fastvideo.logger import init_logger
 
@@ -46,10 +47,6 @@ def pin_host_memory(device: torch.device) -> bool:
 _CAPS: dict[int, int] = {}  # CUDA device index -> the bytes this process may allocate there
 
 
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def cap_device_memory(device: torch.device, limit_gb: float | None) -> None:
     """At most ``limit_gb`` GiB on ``device`` for this process (``device_memory_gb``): the
     caching allocator refuses beyond it, and :func:`free_memory_bytes` and
@@ -63,7 +60,7 @@ def cap_device_memory(device: torch.device, limit_gb: float | None) -> None:
         raise ValueError(f"device_memory_gb={limit_gb} is more than {device}'s "
                          f"{total / GiB:.1f} GiB")  # fmt: skip
     torch.cuda.set_per_process_memory_fraction(limit / total, device)
-    _CAPS[_index(device)] = limit
+    _CAPS[indexed(device).index] = limit
     logger.info("%s: this process may use %.1f of its %.1f GiB", device, limit / GiB, total / GiB)
 
 
@@ -75,7 +72,7 @@ def free_memory_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
         available = free + torch.cuda.memory_reserved(device) - allocated
-        cap = _CAPS.get(_index(device))
+        cap = _CAPS.get(indexed(device).index)
         if cap is not None:
             available = min(available, cap - allocated)
         return max(0, int(available))
@@ -86,7 +83,7 @@ def total_memory_bytes(device: torch.device) -> int:
     """The device's memory (its cap, if this process has one), or the host's RAM."""
     if device.type == "cuda":
         total = int(torch.cuda.get_device_properties(device).total_memory)
-        return min(total, _CAPS.get(_index(device), total))
+        return min(total, _CAPS.get(indexed(device).index, total))
     return int(psutil.virtual_memory().total)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -31,10 +30,7 @@ def load_text_encoder(folder: Path, class_name: str, dtype: torch.dtype, device:
         why = umt5.supports(cfg)
         if why is None:
             config = umt5.UMT5Config.from_dict(cfg)
-            start = time.perf_counter()
-            model = meta_module(lambda: umt5.UMT5Encoder(config))
-            logger.debug("UMT5 encoder built on meta in %.2fs", time.perf_counter() - start)
-            return _fill(folder, model, dtype, device)
+            return _fill(folder, meta_module(lambda: umt5.UMT5Encoder(config)), dtype, device)
         logger.info("%s: UMT5 config with %s: transformers' encoder", folder, why)
     import transformers
 

@@ -120,7 +120,7 @@ def load_wan_text_encoder(folder: Path, env: PipelineRuntime) -> WanTextEncoder:
         tokenizer = pool.submit(load_tokenizer, folder.parent / "tokenizer")
         encoder = load_text_encoder(folder, class_name, env.dtypes["text_encoder"], env.device)
         encoder_s = time.perf_counter() - start
-        tokenizer.result()
+        text = WanTextEncoder(tokenizer.result(), encoder, env.dtypes["transformer"])
     logger.debug("text encoder %.2fs, tokenizer done after %.2fs", encoder_s,
                  time.perf_counter() - start)  # fmt: skip
-    return WanTextEncoder(tokenizer.result(), encoder, env.dtypes["transformer"])
+    return text
