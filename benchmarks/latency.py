@@ -252,7 +252,7 @@ def part_e2e(args, res: dict, device: torch.device, save) -> None:
             res[f"e2e_{name}"] = entry
             print(f"e2e {name:<9} ours {entry['seconds']:8.1f} s  {out.stats or ''}", flush=True)
             save()
-    if "fp8" in args.parts and fp8_unavailable(device) is None:
+    if ("fp8" in args.parts or args.e2e_fp8) and fp8_unavailable(device) is None:
         with VideoGenerator.from_pretrained(
             str(args.model), device=device.type, executor=args.executor, dit_precision="fp8"
         ) as gen:
@@ -413,6 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-precisions", default="fp32,bf16")
     p.add_argument("--executor", default="mp", choices=["mp", "inproc"], help="engine executor")
     p.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)}")
+    p.add_argument("--e2e-fp8", action="store_true",
+                   help="e2e: the fp8 video too, with the fp8 part skipped")  # fmt: skip
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 

@@ -70,8 +70,11 @@ def child_ours(model: Path, device: str) -> dict[str, Any]:
     )
     ready = time.perf_counter()
     breakdown = dict(getattr(gen.executor, "load_breakdown", {}) or {})
+    procs = getattr(gen.executor, "_procs", [])
+    start_by = "fork" if procs and type(procs[0]).__name__ == "ForkedWorker" else "spawn"
     gen.shutdown()
     return {
+        "worker_start": start_by,
         "import_s": imported - start,
         "ready_s": ready - imported,
         "total_s": ready - start,

@@ -66,6 +66,16 @@ def family_paths() -> list[str]:
     return [p for p in value.split(os.pathsep) if p]
 
 
+def worker_start() -> str:
+    """FASTVIDEO_WORKER_START: how worker processes start: ``auto`` (default: forked from
+    the driver where that is safe, see ``fastvideo.executor.forked``; else spawned),
+    ``fork`` or ``spawn``."""
+    value = os.environ.get("FASTVIDEO_WORKER_START", "auto").strip().lower() or "auto"
+    if value not in ("auto", "fork", "spawn"):
+        raise ValueError(f"FASTVIDEO_WORKER_START={value!r}: use auto, fork or spawn")
+    return value
+
+
 def worker_plugins() -> list[str]:
     """FASTVIDEO_WORKER_PLUGINS: modules (comma-separated) every worker imports once at
     start-up, before loading; a module's ``register(worker)`` is called if it has one."""

@@ -316,30 +316,46 @@ def test_worker_startup_failure_carries_traceback(tiny_a, tmp_path, private_tmpd
 # --- the driver dies -------------------------------------------------------------------
 DRIVER = """
 import sys, time
+import numpy as np
+import torch
 from fastvideo import VideoGenerator
+if len(sys.argv) > 2:  # start torch's OpenMP pool before the workers fork
+    torch.set_num_threads(2)
+    (torch.randn(256, 256) @ torch.randn(256, 256)).sum()
 gen = VideoGenerator.from_pretrained(sys.argv[1], num_gpus=2)
-print(gen.executor._dir, *[p.pid for p in gen.executor._procs], flush=True)
+if len(sys.argv) > 2:
+    out = gen.generate_video(sys.argv[3], guidance_scale=5.0, **eval(sys.argv[4]))
+    np.save(sys.argv[2], out.frames)
+procs = gen.executor._procs
+print(gen.executor._dir, type(procs[0]).__name__, *[p.pid for p in procs], flush=True)
 time.sleep(600)
 """
 
 
-def test_workers_exit_when_driver_is_killed(tiny_a, tmp_path):
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_workers_exit_when_driver_is_killed(tiny_a, tmp_path, inproc_frames, start):
+    """Spawned or forked (``FASTVIDEO_WORKER_START``), the workers end within seconds of
+    a SIGKILLed driver; forked CPU workers (one torch thread each, in a driver that ran
+    torch's OpenMP pool before forking) give the in-process frames."""
     log = tmp_path / "driver.log"
+    argv = [sys.executable, "-c", DRIVER, str(tiny_a[0])]
+    if start == "fork":
+        argv += [str(tmp_path / "frames.npy"), PROMPT, repr(SMALL)]
+    env = {**os.environ, "FASTVIDEO_WORKER_START": start}
     with open(log, "w") as err:
-        driver = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, str(tiny_a[0])],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
+        driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     worker_pids: list[int] = []
     socket_dir = None
     try:
         line = _read_line(driver, timeout=120)
         assert line, f"driver printed nothing; its log:\n{log.read_text()[-3000:]}"
-        socket_dir, *pids = line.split()
+        socket_dir, kind, *pids = line.split()
+        assert kind == ("ForkedWorker" if start == "fork" else "Popen")
         worker_pids = [int(p) for p in pids]
         assert len(worker_pids) == 2 and not any(_gone(p) for p in worker_pids)
+        if start == "fork":
+            frames = np.load(tmp_path / "frames.npy")
+            assert _max_diff(frames, inproc_frames["tiny_a"]) <= 1
         killed_at = time.monotonic()
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=10)

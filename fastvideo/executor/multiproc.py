@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -59,6 +60,11 @@ from fastvideo.wire.messages import (
     WorkerReady,
 )
 from fastvideo.worker.main import encode_args
+
+if TYPE_CHECKING:
+    from fastvideo.executor.forked import ForkedWorker
+
+    WorkerProcess = subprocess.Popen | ForkedWorker
 
 logger = init_logger(__name__)
 
@@ -117,15 +123,24 @@ class _Beat:
     progress_since: float = field(default_factory=time.monotonic)
 
 
-def spawn_workers(count: int) -> list[subprocess.Popen]:
-    """Start ``count`` worker processes before their arguments exist: each imports torch
-    and fastvideo meanwhile, then waits for its arguments on stdin, which
+def spawn_workers(count: int, device: str = "cpu") -> list[WorkerProcess]:
+    """Start ``count`` worker processes before their arguments exist: forked from this
+    process where ``forked.start_method`` finds that safe (torch is imported already),
+    else ``python -m fastvideo.worker.main`` (which imports torch and fastvideo
+    meanwhile). Each then waits for its arguments on stdin, which
     ``MultiprocExecutor(..., spawned=...)`` writes. ``stop_spawned`` ends unused ones."""
+    from fastvideo.executor import forked
+
     env = dict(os.environ)
     # gloo's pairs and NCCL's bootstrap listen on loopback only (one machine).
     loopback = loopback_interface()
     env.setdefault("GLOO_SOCKET_IFNAME", loopback)
     env.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    method, why = forked.start_method(device)
+    logger.debug("starting %d %s worker(s) by %s: %s", count, device, method, why)
+    if method == "fork":
+        extra = {k: env[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+        return [forked.fork_worker(extra) for _ in range(count)]
     return [
         subprocess.Popen(
             [sys.executable, "-m", "fastvideo.worker.main"],
@@ -138,7 +153,12 @@ def spawn_workers(count: int) -> list[subprocess.Popen]:
     ]
 
 
-def stop_spawned(procs: list[subprocess.Popen]) -> None:
+def forget_inherited_executors() -> None:
+    """In a forked worker: the driver's executors are not this process's to stop."""
+    _live_executors.clear()
+
+
+def stop_spawned(procs: list[WorkerProcess]) -> None:
     """End workers that ``spawn_workers`` started and no executor took."""
     _stop_processes(procs, grace=0.0)
 
@@ -149,7 +169,7 @@ class MultiprocExecutor(Executor):
         model_dir: Path,
         config: PipelineConfig,
         device: str,
-        spawned: list[subprocess.Popen] | None = None,
+        spawned: list[WorkerProcess] | None = None,
     ):
         """``spawned``: ``config.num_gpus`` processes from ``spawn_workers`` to use (they
         already import while the driver prepares); None: start them here."""
@@ -168,7 +188,7 @@ class MultiprocExecutor(Executor):
         self._dir = tempfile.mkdtemp(prefix="fastvideo-")  # created 0700
         self._ctx = zmq.Context()
         # Taken at once, so that shutdown() stops them whatever fails from here on.
-        self._procs: list[subprocess.Popen] = list(spawned or [])
+        self._procs: list[WorkerProcess] = list(spawned or [])
         self._beats: dict[int, _Beat] = {}
         self._io_thread: threading.Thread | None = None
         self._shutdown_done = threading.Event()
@@ -198,7 +218,7 @@ class MultiprocExecutor(Executor):
             self._inputs.append(sock)
         config_dict = msgspec.to_builtins(config)
         if not self._procs:
-            self._procs = spawn_workers(self.world_size)
+            self._procs = spawn_workers(self.world_size, device)
         if len(self._procs) != self.world_size:
             raise ValueError(f"{len(self._procs)} spawned workers for num_gpus={self.world_size}")
         for rank, proc in enumerate(self._procs):
@@ -554,7 +574,7 @@ class MultiprocExecutor(Executor):
 
 
 def _wait_for_trouble(
-    procs: list[subprocess.Popen], check: Callable[[], str | None], stop: Callable[[], bool]
+    procs: list[WorkerProcess], check: Callable[[], str | None], stop: Callable[[], bool]
 ) -> str | None:
     """Block until a worker exits or ``check()`` names a problem; the reason (None once
     ``stop()`` is true). Uses pidfds (Linux) so a death is seen at once."""
@@ -586,7 +606,7 @@ def _wait_for_trouble(
             os.close(fd)
 
 
-def _stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+def _stop_processes(procs: list[WorkerProcess], grace: float = 5.0) -> None:
     """Ask, then terminate, then kill; closing stdin also tells each worker to exit. A
     stopped (SIGSTOP) worker is killed straight away: it cannot act on anything else."""
     deadline = time.monotonic() + grace

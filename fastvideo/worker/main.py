@@ -395,8 +395,9 @@ class _WorkerLoop:
         self.ctx.term()
 
 
-def main() -> None:
-    stdin_fd = sys.stdin.fileno()
+def main(stdin_fd: int | None = None) -> None:
+    """``stdin_fd``: where the arguments arrive (a forked worker's pipe; default stdin)."""
+    stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
     args = _read_args(stdin_fd)
     socket_dir = None
     if args.rank == 0 and args.output_addr.startswith("ipc://"):

@@ -568,6 +568,11 @@ def _maybe_profile(rank: int, batch_id: str) -> Iterator[None]:
 
 
 def set_cpu_threads(world_size: int) -> None:
-    """Share the machine's cores between CPU workers instead of oversubscribing them."""
+    """Share the machine's cores between CPU workers instead of oversubscribing them (a
+    forked worker stays on the one thread it has: see ``executor.forked``)."""
+    from fastvideo.executor import forked
+
+    if forked.IN_FORKED_WORKER:
+        return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // world_size))

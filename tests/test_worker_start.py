@@ -1,0 +1,93 @@
+"""How worker processes start: forked from the driver where that is safe, else spawned
+(``fastvideo.executor.forked``). The end-to-end checks (forked CPU workers give the
+in-process frames and exit with a killed driver) are in test_engine_lifecycle.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from fastvideo.executor import forked
+
+
+@pytest.fixture
+def cuda_state(monkeypatch):
+    state = {"initialized": False}
+    monkeypatch.setattr(forked, "cuda_driver_initialized", lambda: state["initialized"])
+    monkeypatch.delenv("FASTVIDEO_WORKER_START", raising=False)
+    return state
+
+
+def test_auto_forks_cuda_workers_only_when_safe(cuda_state, monkeypatch):
+    assert forked.start_method("cuda")[0] == "fork"
+    method, why = forked.start_method("cpu")
+    assert method == "spawn" and "CPU workers" in why
+    cuda_state["initialized"] = True
+    method, why = forked.start_method("cuda")
+    assert method == "spawn" and "CUDA is initialised" in why
+    cuda_state["initialized"] = False
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        method, why = forked.start_method("cuda")
+        assert method == "spawn" and "threads" in why
+    finally:
+        stop.set()
+        other.join()
+    assert forked.start_method("cuda")[0] == "fork"
+
+
+def test_the_environment_variable_picks_the_start(cuda_state, monkeypatch):
+    monkeypatch.setenv("FASTVIDEO_WORKER_START", "spawn")
+    assert forked.start_method("cuda")[0] == "spawn"
+    monkeypatch.setenv("FASTVIDEO_WORKER_START", "fork")
+    assert forked.start_method("cpu")[0] == "fork"
+    cuda_state["initialized"] = True
+    with pytest.raises(RuntimeError, match="CUDA is already initialised"):
+        forked.start_method("cuda")
+    monkeypatch.setenv("FASTVIDEO_WORKER_START", "vfork")
+    with pytest.raises(ValueError, match="FASTVIDEO_WORKER_START='vfork'"):
+        forked.start_method("cuda")
+
+
+def test_no_cuda_driver_in_a_cpu_process():
+    """This machine's torch has no CUDA: nothing maps libcuda, so nothing initialised it."""
+    assert forked.cuda_driver_initialized() is False
+
+
+def _until_eof(fd: int) -> None:
+    while os.read(fd, 4096):
+        pass
+    raise SystemExit(7)
+
+
+def test_each_forked_child_sees_only_its_own_death_pipe():
+    """A child closes the driver's ends of the pipes of the children forked before it, so
+    closing one child's stdin ends that child while the others run on."""
+    first = forked.fork_worker({}, _until_eof)
+    second = forked.fork_worker({"FASTVIDEO_TEST_MARK": "1"}, _until_eof)
+    try:
+        assert os.getsid(first.pid) == first.pid  # each in its own session
+        assert first.poll() is None and second.poll() is None
+        first.stdin.write(b"x" * 100_000)  # more than a pipe holds: the child reads it all
+        first.stdin.close()
+        assert first.wait(timeout=10) == 7
+        time.sleep(0.2)
+        assert second.poll() is None, "closing the first child's stdin ended the second"
+        with pytest.raises(subprocess.TimeoutExpired):
+            second.wait(timeout=0.05)
+        second.kill()
+        assert second.wait(timeout=10) == -9
+        second.kill()  # on an exited child: nothing happens
+        assert second.poll() == -9
+    finally:
+        for child in (first, second):
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=10)
+        second.stdin.close()
