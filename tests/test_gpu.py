@@ -266,6 +266,20 @@ def test_step_cache_decisions_on_gpu_equal_cpu(cache_runs, cache):
     assert _rel(gpu.latents, cpu.latents) < 1e-3
 
 
+def test_in_process_engine_on_cuda_returns_host_frames(tiny_a):
+    """executor='inproc' on a GPU hands back what the worker processes do: frames and
+    latents on the host, the frames equal to the multi-process engine's."""
+    run = dict(height=32, width=48, num_frames=5, num_inference_steps=3, seed=3)
+    outs = {}
+    for executor in ("inproc", "mp"):
+        with VideoGenerator.from_pretrained(str(tiny_a[0]), executor=executor, **FP32) as gen:
+            outs[executor] = gen.generate_video("a fox", **run)
+    inproc, mp = outs["inproc"], outs["mp"]
+    assert inproc.frames.shape == mp.frames.shape == (5, 32, 48, 3)
+    diff = abs(inproc.frames.astype(int) - mp.frames.astype(int)).max()
+    assert diff <= 1, diff
+
+
 # --- our DiTs vs diffusers in bf16 ------------------------------------------------------------
 def _bf16_runtime(spec):
     """What our loaders read on one GPU: bf16 DiT, the attention backend ``auto`` picks."""

@@ -66,6 +66,11 @@ class InProcessExecutor(Executor):
         finally:
             self._aborts.difference_update(item.request_id for item in batch.items)
         assert result is not None
+        # What the worker processes hand back: host tensors (the wire copies them there).
+        if result.frames is not None:
+            result.frames = result.frames.cpu()
+        if result.latents is not None:
+            result.latents = result.latents.cpu()
         return result
 
     def abort(self, batch_id: str, item_ids: list[str]) -> None:
