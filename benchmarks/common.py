@@ -47,6 +47,17 @@ WEIGHTS_NOTE = (
 )
 
 
+def weights_note(model: Path | None) -> str:
+    """WEIGHTS_NOTE, or for a checkpoint ``benchmarks.load.build`` wrote, its own sizes."""
+    built = Path(model) / "BUILT" if model else None
+    if built is None or not built.is_file():
+        return WEIGHTS_NOTE
+    layers = json.loads(built.read_text()).get("te_layers")
+    full = " (the full UMT5-XXL)" if layers == 24 else ""
+    return (f"seeded random weights: bf16 DiT, fp32 VAE, a {layers}-layer UMT5-XXL{full}; "
+            "speed does not depend on weight values")  # fmt: skip
+
+
 def write_random_wan(folder: Path, arch: str = "1.3B", seed: int = 0, device: str = "cuda") -> Path:
     """Wan2.1 T2V checkpoint with seeded random weights (bf16 DiT, fp32 VAE) at ``folder``.
 

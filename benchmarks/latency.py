@@ -41,7 +41,6 @@ import torch
 
 from benchmarks.common import (
     ARCHS,
-    WEIGHTS_NOTE,
     args_record,
     default_device,
     environment,
@@ -51,6 +50,7 @@ from benchmarks.common import (
     rel_err,
     synchronize,
     timed_first_call,
+    weights_note,
     write_result,
 )
 from benchmarks.flops import wan_forward_flops
@@ -238,6 +238,7 @@ def part_e2e(args, res: dict, device: torch.device, save) -> None:
     with VideoGenerator.from_pretrained(
         str(args.model), device=device.type, executor=args.executor
     ) as gen:
+        res.setdefault("attention_backend", f"{gen.config.attention_backend} (the engine's)")
         gen.generate_video(PROMPT, num_inference_steps=2, **size)
         for name, cache in (("exact", None), ("teacache", "teacache"), ("magcache", "magcache")):
             out = gen.generate_video(PROMPT, num_inference_steps=args.steps, cache=cache, **size)
@@ -431,7 +432,7 @@ def main() -> None:
     lat_frames = (args.frames - 1) // 4 + 1
     res: dict[str, Any] = {
         "benchmark": "latency", **environment(), "args": args_record(args),
-        "weights": WEIGHTS_NOTE, "model": str(args.model),
+        "weights": weights_note(args.model), "model": str(args.model),
         "size": {"height": args.height, "width": args.width, "frames": args.frames},
         "tokens": lat_frames * (args.height // 16) * (args.width // 16), "steps": args.steps,
         "parts_done": [],

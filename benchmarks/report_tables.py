@@ -290,6 +290,7 @@ def render_generic(r: dict[str, Any]) -> Lines:
 RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "attention_kernels": attention_kernels,
     "latency": latency,
+    "latency_e2e": latency,
     "models": models,
     "parallel_scaling": parallel_scaling,
     "diffusers_cp": diffusers_cp,
