@@ -31,6 +31,7 @@ JSON is rewritten after every part.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.flops import wan_forward_flops
+from fastvideo import envs
+from fastvideo.kernels_bridge import fused
 
 PARTS = ("dit", "compile", "fp8", "vae", "e2e", "floor", "profile")
 PROMPT = "a red fox running through a snowy forest, cinematic"
@@ -121,6 +124,15 @@ def part_dit(args, res: dict, device: torch.device, compiled: bool) -> None:
     ours = load_transformer(args.model / "transformer", env)
     out_ours = _time_dit(f"DiT {tag} ours", ours, inputs, device, args, res,
                          f"ours_dit_{tag}", warmup=1)  # fmt: skip
+    if not compiled and device.type == "cuda" and fused.triton_available() and envs.fused_kernels():
+        os.environ["FASTVIDEO_FUSED_KERNELS"] = "0"  # read at every call
+        try:
+            out_plain = _time_dit("DiT eager ours, unfused", ours, inputs, device, args, res,
+                                  "ours_dit_eager_unfused", warmup=1)  # fmt: skip
+        finally:
+            os.environ["FASTVIDEO_FUSED_KERNELS"] = "1"
+        res["dit_eager_fused_rel_err_vs_unfused"] = rel_err(out_ours.float(), out_plain.float())
+        del out_plain
     del ours
     free_memory()
     ref = WanTransformer3DModel.from_pretrained(str(args.model / "transformer"), torch_dtype=bf16)

@@ -80,6 +80,11 @@ def latency(r: dict[str, Any]) -> Lines:
             rows.append(
                 [label, ours, ref, fmt(r.get(f"dit_{tag}_ratio_ours_over_diffusers"), ".3f")]
             )
+    if "ours_dit_eager_unfused_ms" in r:
+        err = fmt(r.get("dit_eager_fused_rel_err_vs_unfused"), ".1e")
+        ours = _with_peak(r["ours_dit_eager_unfused_ms"], r.get("ours_dit_eager_unfused_peak_gib"))
+        rows.append([f"DiT forward, eager without the fused kernels (fused rel. err {err})",
+                     ours, "-", "-"])  # fmt: skip
     fp8 = r.get("fp8") or {}
     for tag in ("eager", "compiled"):
         if f"ours_dit_fp8_{tag}_ms" in fp8:

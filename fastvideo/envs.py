@@ -66,6 +66,12 @@ def family_paths() -> list[str]:
     return [p for p in value.split(os.pathsep) if p]
 
 
+def fused_kernels() -> bool:
+    """FASTVIDEO_FUSED_KERNELS: 0 runs the DiT blocks' norms, modulation and gating as torch
+    ops instead of the fused Triton kernels (``kernels_bridge.fused``; CUDA only)."""
+    return os.environ.get("FASTVIDEO_FUSED_KERNELS", "1").lower() not in ("0", "false", "no")
+
+
 def worker_start() -> str:
     """FASTVIDEO_WORKER_START: how worker processes start: ``auto`` (default: forked from
     the driver where that is safe, see ``fastvideo.executor.forked``; else spawned),

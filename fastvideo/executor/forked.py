@@ -65,10 +65,6 @@ def cuda_driver_initialized() -> bool:
         return True
 
 
-# Set in a forked worker: torch's CPU ops stay on one thread there.
-IN_FORKED_WORKER = False
-
-
 def start_method(device: str) -> tuple[str, str]:
     """('fork' or 'spawn', why) for a worker on ``device`` ('cuda' or 'cpu')."""
     asked = envs.worker_start()
@@ -207,11 +203,9 @@ def fork_worker(env: dict[str, str], target: Callable[[int], object] | None = No
 
 def _child_reset() -> None:
     """What the driver's state must not carry into the worker."""
-    import torch
-
-    global IN_FORKED_WORKER
-    IN_FORKED_WORKER = True
-    torch.set_num_threads(1)  # the parent's OpenMP pool is gone (see the module notes)
     from fastvideo.executor import multiproc
+    from fastvideo.worker.worker import keep_one_cpu_thread
+
+    keep_one_cpu_thread()  # the parent's OpenMP pool is gone (see the module notes)
 
     multiproc.forget_inherited_executors()

@@ -41,6 +41,7 @@ from fastvideo.logger import init_logger
 from fastvideo.models.loader import DTYPES, WeightSource, checkpoint_files, reading_from
 from fastvideo.models.lora import LoraManager, parse_lora_arg
 from fastvideo.models.registry import family_for_dir
+from fastvideo.models.text_encoders import prefetch_tokenizers
 from fastvideo.models.weight_reader import WeightReader
 from fastvideo.pipelines.base import (
     CompileSettings,
@@ -256,6 +257,7 @@ class Worker:
         if self._source is not None:
             return
         start = time.perf_counter()
+        prefetch_tokenizers(self.model_dir)
         # Before anything is allocated or planned on the device.
         cap_device_memory(self.device, self.config.offload_config.device_memory_gb)
         plan = self._plan_load()
@@ -567,12 +569,21 @@ def _maybe_profile(rank: int, batch_id: str) -> Iterator[None]:
     logger.info("wrote %s", path)
 
 
+_ONE_CPU_THREAD = False
+
+
+def keep_one_cpu_thread() -> None:
+    """For a worker forked from the driver: torch's CPU ops on one thread from now on (GNU
+    OpenMP's pool does not survive a fork; a child that asks it for more threads hangs)."""
+    global _ONE_CPU_THREAD
+    _ONE_CPU_THREAD = True
+    torch.set_num_threads(1)
+
+
 def set_cpu_threads(world_size: int) -> None:
     """Share the machine's cores between CPU workers instead of oversubscribing them (a
-    forked worker stays on the one thread it has: see ``executor.forked``)."""
-    from fastvideo.executor import forked
-
-    if forked.IN_FORKED_WORKER:
+    forked worker stays on the one thread ``keep_one_cpu_thread`` gave it)."""
+    if _ONE_CPU_THREAD:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // world_size))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fastvideo.cache.base import StepCacheCall
 from fastvideo.distributed.runtime import ParallelRuntime
 from fastvideo.kernels_bridge.eager import keep_eager_regions
+from fastvideo.kernels_bridge.fused import gated_residual, norm_modulate
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
 from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
@@ -349,17 +350,17 @@ class WanBlock(nn.Module):
             return modulation_term(self.scale_shift_table, modulation, i)
 
         # The reference's arithmetic ((norm * (1 + scale) + shift), (x + out * gate), all in
-        # fp32), done in place on fresh tensors: fewer passes and no fp32 copy of x.
-        h = self.norm1(x.float()).mul_(1 + mod(1)).add_(mod(0)).type_as(x)
+        # fp32), one pass each on a GPU (kernels_bridge.fused), torch ops elsewhere.
+        h = norm_modulate(x, self.norm1, mod(1), mod(0))
         out = self.attn1(h, rope=rope, shard=shard, grid=grid)
-        x = (out * mod(2)).add_(x).type_as(x)
+        x = gated_residual(x, out, mod(2))
         del out
-        h = self.norm2(x.float()).type_as(x)
+        h = x if isinstance(self.norm2, nn.Identity) else norm_modulate(x, self.norm2)
         x = x + self.attn2(h, context=context, image_context=image_context)
-        h = self.norm3(x.float()).mul_(1 + mod(4)).add_(mod(3)).type_as(x)
+        h = norm_modulate(x, self.norm3, mod(4), mod(3))
         out = self.ffn(h)
         del h
-        return (out * mod(5)).add_(x).type_as(x)
+        return gated_residual(x, out, mod(5))
 
 
 # --- model -------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Fused elementwise kernels around the DiT blocks (Triton, CUDA; exact in fp32).
+
+Each block of the Wan DiT normalises, modulates and gates its residual stream in fp32:
+``LayerNorm(x.float()) * (1 + scale) + shift`` cast back to bf16, and ``x + out * gate``.
+Written as torch ops those are five and three passes over a [B, L, D] tensor (copies to
+fp32 and back included); here each is one pass: a row of ``D`` per Triton program, the
+statistics and the arithmetic in fp32, one rounding to the output dtype at the end (as the
+torch ops round once, at ``type_as``).
+
+The torch ops stay the reference and the path everywhere else: on CPU, inside
+``torch.compile`` (Inductor fuses them itself), for non-contiguous inputs, without Triton,
+and with ``FASTVIDEO_FUSED_KERNELS=0``. ``TRITON_INTERPRET=1`` (Triton's CPU interpreter)
+runs the kernels on CPU tensors, which is how the CPU tests check them where Triton is
+installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastvideo import envs
+
+
+def norm_modulate(
+    x: torch.Tensor,
+    norm: nn.Module,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``norm(x.float()) * (1 + scale) + shift`` (or just the norm) in ``x``'s dtype.
+
+    x: [B, L, D]; norm: an fp32 LayerNorm over D (``eps``, optional ``weight``/``bias``);
+    scale, shift: fp32, broadcast to [B, L, D] from [B, 1, D] or given per token.
+    """
+    if (scale is None) != (shift is None):
+        raise ValueError("norm_modulate takes scale and shift together")
+    if not _fused(x, scale, shift):
+        h = norm(x.float())
+        if scale is not None:
+            h = h.mul_(1 + scale).add_(shift)
+        return h.type_as(x)
+    b, length, dim = x.shape
+    y = torch.empty_like(x)
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    s_strides = _row_strides(scale, b, length, dim) if scale is not None else (0, 0)
+    h_strides = _row_strides(shift, b, length, dim) if shift is not None else (0, 0)
+    block, warps = _block(dim)
+    _kernels()["norm_modulate"][(b * length,)](
+        x, weight if weight is not None else x, bias if bias is not None else x,
+        scale if scale is not None else x, shift if shift is not None else x, y,
+        length, dim, *s_strides, *h_strides, float(norm.eps),
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=scale is not None,
+        BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + out * gate`` in fp32, cast to ``x``'s dtype. x, out: [B, L, D]; gate: fp32,
+    broadcast to [B, L, D] from [B, 1, D] or given per token."""
+    if not _fused(x, out, gate) or out.shape != x.shape:
+        return (out * gate).add_(x).type_as(x)
+    b, length, dim = x.shape
+    y = torch.empty_like(x)
+    block, warps = _block(dim)
+    _kernels()["gated_residual"][(b * length,)](
+        x, out, gate, y, length, dim, *_row_strides(gate, b, length, dim),
+        BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+# --- dispatch --------------------------------------------------------------------------
+def _fused(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the Triton kernel takes these tensors (else the torch ops run)."""
+    if not envs.fused_kernels() or torch.compiler.is_compiling() or x.ndim != 3:
+        return False
+    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
+        return False
+    if not x.is_contiguous() or x.requires_grad or not triton_available():
+        return False
+    for t in others:
+        if t is None:
+            continue
+        if t.device != x.device or t.requires_grad or t.ndim != 3 or t.stride(-1) != 1:
+            return False
+        if t.shape[0] not in (1, x.shape[0]) or t.shape[1] not in (1, x.shape[1]):
+            return False
+        if t.shape[2] != x.shape[2]:
+            return False
+        if t.shape == x.shape and not t.is_contiguous():
+            return False
+    return True
+
+
+def _row_strides(t: torch.Tensor, b: int, length: int, dim: int) -> tuple[int, int]:
+    """Element strides over (batch, token) of ``t`` broadcast to [b, length, dim]."""
+    e = t.expand(b, length, dim)
+    return e.stride(0), e.stride(1)
+
+
+def _block(dim: int) -> tuple[int, int]:
+    block = 1 << (dim - 1).bit_length()
+    return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _kernels() -> dict[str, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm_modulate_kernel(X, W, Bias, S, SH, Y, L, D, ssb, ssl, shb, shl, eps,
+                             HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+                             BLOCK: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        b = row // L
+        tok = row - b * L
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        x = tl.load(X + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(m, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / D
+        y = xc * (1.0 / tl.sqrt(var + eps))
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(Bias + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_MOD:
+            s = tl.load(S + b * ssb + tok * ssl + cols, mask=m, other=0.0).to(tl.float32)
+            sh = tl.load(SH + b * shb + tok * shl + cols, mask=m, other=0.0).to(tl.float32)
+            y = y * (1.0 + s) + sh
+        tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def gated_residual_kernel(X, Out, G, Y, L, D, sgb, sgl, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // L
+        tok = row - b * L
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        x = tl.load(X + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        o = tl.load(Out + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + b * sgb + tok * sgl + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * D + cols, (o * g + x).to(Y.dtype.element_ty), mask=m)
+
+    return {"norm_modulate": norm_modulate_kernel, "gated_residual": gated_residual_kernel}
