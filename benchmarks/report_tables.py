@@ -241,8 +241,14 @@ def load(r: dict[str, Any]) -> Lines:
     best = r.get("best", {})
     if not best:
         return out + render_generic(r)
+    runs = list(best.items())
+    for key, label in (("spawned_workers_same_call", "workers spawned, not forked"),
+                       ("tokenizer_prefetch", "tokenizers prefetched")):  # fmt: skip
+        extra = r.get(key) or {}
+        tag = f"{label}, commit {extra['commit']}" if extra.get("commit") else label
+        runs += [(f"{name} ({tag})", b) for name, b in (extra.get("best") or {}).items()]
     rows = [[name, fmt(b.get("import_s"), ".2f"), fmt(b.get("ready_s"), ".2f"),
-             fmt(b.get("total_s"), ".2f")] for name, b in best.items()]  # fmt: skip
+             fmt(b.get("total_s"), ".2f")] for name, b in runs]  # fmt: skip
     return out + table(["run (best of reps)", "import s", "ready s", "total s"], rows)
 
 
@@ -296,6 +302,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "attention_kernels": attention_kernels,
     "latency": latency,
     "latency_e2e": latency,
+    "latency_fused": latency,
     "models": models,
     "parallel_scaling": parallel_scaling,
     "diffusers_cp": diffusers_cp,
