@@ -671,3 +671,57 @@ def test_memory_fit_end_to_end_part_runs_on_cpu(tmp_path):
     assert case["status"] == "ok", case
     assert case["budget_gb"] is None and case["frames_shape"][0] == 5
     assert case["memory_plan"] and "memory plan" in case["memory_plan"][0]
+
+
+def _decoded_pixels(latent_hw, sizes: TileSizes, spatial: int = 8) -> int:
+    grid = decode_grid(latent_hw, sizes, spatial)
+    h, w = latent_hw
+    rows = sum(min(grid.rows.size, h - s) for s in grid.rows.starts)
+    return rows * sum(min(grid.cols.size, w - s) for s in grid.cols.starts) * spatial**2
+
+
+def test_fitted_tile_sizes_decode_the_fewest_pixels_that_fit():
+    """Auto-sized tiles: the tiling that decodes the fewest pixels among those whose tile
+    fits, the default tiles' 64-pixel overlap kept; the default when nothing larger fits."""
+    from fastvideo.layers.vae_tiling import fitted_tile_sizes
+
+    default, hw = TileSizes(), (90, 160)  # 720x1280 latents of a VAE with 8 px per latent
+    roomy = fitted_tile_sizes(hw, default, 8, lambda h, w: True)
+    assert roomy == TileSizes(720, 704, 720, 640)  # one row of two tiles
+    assert _decoded_pixels(hw, roomy) == 720 * (704 + 640)
+    assert fitted_tile_sizes(hw, default, 8, lambda h, w: h * w <= 200 * 200) == default
+    limit = 720 * 1280 // 3
+    third = fitted_tile_sizes(hw, default, 8, lambda h, w: h * w <= limit)
+    assert third.min_height * third.min_width <= limit
+    for size, stride, extent in ((third.min_height, third.stride_height, 720),
+                                 (third.min_width, third.stride_width, 1280)):  # fmt: skip
+        assert size - stride == 64 or size == stride == extent
+    assert _decoded_pixels(hw, third) < _decoded_pixels(hw, default) * 0.8
+
+
+def test_auto_tiles_are_sized_to_the_free_memory(tiny_a, monkeypatch):
+    """vae_tiling='auto' with the tile fields at their defaults: a decode that does not fit
+    whole runs in the fewest-pixel tiles the free memory allows (here 2 where the default
+    tiles are 3), equal to a tiled decode with those sizes."""
+    from fastvideo.pipelines.stages import decoding
+
+    folder, _ = tiny_a
+    run = dict(RUN, height=64, width=512)
+    free = {"bytes": 1 << 50}
+    monkeypatch.setattr(decoding, "free_memory_bytes", lambda device: free["bytes"])
+    with VideoGenerator.from_pretrained(str(folder), executor="inproc") as gen:
+        latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **run)
+        vae = gen.executor._worker.pipeline.components["vae"]
+        z_shape = (1, *latents.latents.shape)
+        assert len(vae.decode_grid(z_shape, TileSizes())) == 3
+        free["bytes"] = int(vae.decode_memory_bytes(z_shape) * 0.99)
+        video = gen.generate_video(PROMPT, guidance_scale=1.0, **run)
+    sizes = vae.fit_tiles(z_shape, TileSizes(), int(free["bytes"] * decoding.FIT_MARGIN))
+    assert sizes != TileSizes() and len(vae.decode_grid(z_shape, sizes)) == 2
+    assert video.stats["vae_tiles"] == 2
+    tiled = load_vae(folder)
+    tiled.enable_tiling(sizes)
+    with torch.no_grad():
+        z = tiled.unnormalize_latents(latents.latents[None].to(tiled.dtype))
+        expected = to_uint8_frames(tiled.decode(z))[0].numpy()
+    assert np.array_equal(video.frames, expected)

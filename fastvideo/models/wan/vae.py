@@ -33,6 +33,7 @@ from fastvideo.layers.vae_tiling import (
     TileSizes,
     decode_grid,
     encode_grid,
+    fitted_tile_sizes,
     run_tiles,
 )
 from fastvideo.models.wan.vae22 import (
@@ -294,6 +295,10 @@ class WanVAE(nn.Module):
         video plus the decoder's full-resolution activations for one latent frame (tensors
         of ``decoder_dim * dim_mult[0]`` channels over the frames one latent frame becomes
         and the causal cache). Used only to decide on tiling (``vae_tiling='auto'``)."""
+        return sum(self._decode_bytes(z_shape))
+
+    def _decode_bytes(self, z_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(output video, decoder activations) bytes of decoding latents ``z_shape``."""
         b, _, frames, h, w = z_shape
         cfg = self.config
         s, size = cfg.spatial_factor, self.dtype.itemsize
@@ -301,7 +306,22 @@ class WanVAE(nn.Module):
         video = b * 3 * (1 + (frames - 1) * per_frame) * h * s * w * s * size
         width = cfg.decoder_dim * cfg.dim_mult[0]
         activations = _LIVE_DECODER_TENSORS * b * width * (per_frame + 2) * h * s * w * s * size
-        return video + activations
+        return video, activations
+
+    def fit_tiles(self, z_shape: tuple[int, ...], sizes: TileSizes, budget: int) -> TileSizes:
+        """Tile sizes for a tiled decode of latents ``z_shape`` estimated to peak within
+        ``budget`` bytes (``fitted_tile_sizes``: the fewest decoded pixels; ``sizes`` when no
+        larger tiles fit). A tile's estimate: the whole output video, the previous row of
+        tile outputs the blend keeps, and the tile's own decode."""
+        b, c, frames, h, w = z_shape
+        s = self.config.spatial_factor
+        video, _ = self._decode_bytes(z_shape)
+
+        def fits(tile_h: int, tile_w: int) -> bool:
+            tile = sum(self._decode_bytes((b, c, frames, tile_h // s, tile_w // s)))
+            return video + video * tile_h // (h * s) + tile <= budget
+
+        return fitted_tile_sizes((h, w), sizes, s, fits)
 
     def decode_tile(self, z: Tensor) -> Tensor:
         """One spatial tile of latents [B, z_dim, T', h, w] -> [B, out_channels, T, s/p*h,
