@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import html
 import re
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -66,43 +64,11 @@ def _tied_keys(model: nn.Module) -> dict[str, str]:
     return {t: source for t in tied if t != source}
 
 
-_prefetched: dict[Path, Future] = {}
-
-
-def prefetch_tokenizers(model_dir: Path) -> None:
-    """Start loading the checkpoint's ``tokenizer*`` folders on a thread of their own, so
-    that ``load_tokenizer`` finds them loaded: most of a tokenizer's load is importing
-    transformers (2-3 s of a worker's start-up on the H200 machine), which then overlaps
-    the weight reads and module building instead of following them."""
-    folders = [p.resolve() for p in sorted(model_dir.glob("tokenizer*")) if p.is_dir()]
-    folders = [f for f in folders if f not in _prefetched]
-    if not folders:
-        return
-    futures = {f: Future() for f in folders}
-    _prefetched.update(futures)
-
-    def run() -> None:
-        for folder, future in futures.items():
-            try:
-                future.set_result(_load_tokenizer(folder))
-            except BaseException as e:  # noqa: BLE001 - raised by load_tokenizer
-                future.set_exception(e)
-
-    threading.Thread(target=run, name="fastvideo-tokenizers", daemon=True).start()
-
-
 def load_tokenizer(folder: Path):
-    """``AutoTokenizer.from_pretrained(folder)``'s tokenizer (see ``_load_tokenizer``); the
-    one ``prefetch_tokenizers`` loaded when it did."""
-    future = _prefetched.pop(folder.resolve(), None)
-    return future.result() if future is not None else _load_tokenizer(folder)
-
-
-def _load_tokenizer(folder: Path):
-    """The tokenizer built from the class ``tokenizer_config.json`` names (its fast variant
-    first, as AutoTokenizer picks) without importing transformers' auto classes: on some
-    installs they import its whole modeling and generation stack (10 s of a worker's
-    start-up measured on the H200 machine)."""
+    """``AutoTokenizer.from_pretrained(folder)``'s tokenizer, built from the class its
+    ``tokenizer_config.json`` names (its fast variant first, as AutoTokenizer picks) without
+    importing transformers' auto classes: on some installs they import its whole modeling
+    and generation stack (10 s of a worker's start-up measured on the H200 machine)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"missing tokenizer folder {folder}")
     import transformers

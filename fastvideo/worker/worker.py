@@ -41,7 +41,6 @@ from fastvideo.logger import init_logger
 from fastvideo.models.loader import DTYPES, WeightSource, checkpoint_files, reading_from
 from fastvideo.models.lora import LoraManager, parse_lora_arg
 from fastvideo.models.registry import family_for_dir
-from fastvideo.models.text_encoders import prefetch_tokenizers
 from fastvideo.models.weight_reader import WeightReader
 from fastvideo.pipelines.base import (
     CompileSettings,
@@ -257,7 +256,6 @@ class Worker:
         if self._source is not None:
             return
         start = time.perf_counter()
-        prefetch_tokenizers(self.model_dir)
         # Before anything is allocated or planned on the device.
         cap_device_memory(self.device, self.config.offload_config.device_memory_gb)
         plan = self._plan_load()
