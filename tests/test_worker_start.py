@@ -23,6 +23,8 @@ def cuda_state(monkeypatch):
 
 
 def test_auto_forks_cuda_workers_only_when_safe(cuda_state, monkeypatch):
+    threads = {"others": False}
+    monkeypatch.setattr(forked, "other_python_threads", lambda: threads["others"])
     assert forked.start_method("cuda")[0] == "fork"
     method, why = forked.start_method("cpu")
     assert method == "spawn" and "CPU workers" in why
@@ -30,16 +32,20 @@ def test_auto_forks_cuda_workers_only_when_safe(cuda_state, monkeypatch):
     method, why = forked.start_method("cuda")
     assert method == "spawn" and "CUDA is initialised" in why
     cuda_state["initialized"] = False
+    threads["others"] = True
+    method, why = forked.start_method("cuda")
+    assert method == "spawn" and "threads" in why
+
+
+def test_another_python_thread_is_seen():
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
-        method, why = forked.start_method("cuda")
-        assert method == "spawn" and "threads" in why
+        assert forked.other_python_threads()
     finally:
         stop.set()
         other.join()
-    assert forked.start_method("cuda")[0] == "fork"
 
 
 def test_the_environment_variable_picks_the_start(cuda_state, monkeypatch):

@@ -65,6 +65,11 @@ def cuda_driver_initialized() -> bool:
         return True
 
 
+def other_python_threads() -> bool:
+    """Whether a Python thread besides this one is alive."""
+    return threading.active_count() > 1
+
+
 def start_method(device: str) -> tuple[str, str]:
     """('fork' or 'spawn', why) for a worker on ``device`` ('cuda' or 'cpu')."""
     asked = envs.worker_start()
@@ -84,7 +89,7 @@ def start_method(device: str) -> tuple[str, str]:
         return "fork", "FASTVIDEO_WORKER_START=fork"
     if device != "cuda":
         return "spawn", "CPU workers use all their threads (set FASTVIDEO_WORKER_START=fork)"
-    if threading.active_count() > 1:
+    if other_python_threads():
         return "spawn", "this process runs other Python threads"
     return "fork", "CUDA is not initialised and no other thread runs"
 

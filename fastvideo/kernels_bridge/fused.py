@@ -79,7 +79,7 @@ def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> to
 # --- dispatch --------------------------------------------------------------------------
 def _fused(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether the Triton kernel takes these tensors (else the torch ops run)."""
-    if not envs.fused_kernels() or torch.compiler.is_compiling() or x.ndim != 3:
+    if torch.compiler.is_compiling() or not envs.fused_kernels() or x.ndim != 3:
         return False
     if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
         return False
