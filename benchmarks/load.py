@@ -70,8 +70,10 @@ def child_ours(model: Path, device: str) -> dict[str, Any]:
     )
     ready = time.perf_counter()
     breakdown = dict(getattr(gen.executor, "load_breakdown", {}) or {})
+    from fastvideo.executor.forked import ForkedWorker
+
     procs = getattr(gen.executor, "_procs", [])
-    start_by = "fork" if procs and type(procs[0]).__name__ == "ForkedWorker" else "spawn"
+    start_by = "fork" if procs and isinstance(procs[0], ForkedWorker) else "spawn"
     gen.shutdown()
     return {
         "worker_start": start_by,

@@ -22,6 +22,7 @@ executor uses.
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import signal
 import subprocess
@@ -141,25 +142,18 @@ class ForkedWorker:
         self.send_signal(signal.SIGKILL)
 
 
-class _DriverEnd:
-    """The driver's end of a forked worker's stdin: write, flush, close."""
+class _DriverEnd(io.BufferedWriter):
+    """The driver's end of a forked worker's stdin; closing it also drops it from the ends
+    later children close."""
 
     def __init__(self, fd: int):
-        self._file = os.fdopen(fd, "wb", buffering=0)
+        super().__init__(io.FileIO(fd, "wb"))
         self._fd = fd
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[self._file.write(view) or 0 :]
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         with _driver_ends_lock:
             _driver_ends.discard(self._fd)
-        self._file.close()
+        super().close()
 
 
 def fork_worker(env: dict[str, str], target: Callable[[int], object] | None = None) -> ForkedWorker:

@@ -36,7 +36,9 @@ import zmq
 
 from fastvideo import envs
 from fastvideo.config import PipelineConfig
+from fastvideo.executor import forked
 from fastvideo.executor.base import Executor, ProgressCallback
+from fastvideo.executor.forked import ForkedWorker
 from fastvideo.logger import init_logger
 from fastvideo.wire.codec import Decoder, Encoder
 from fastvideo.wire.errors import (
@@ -62,8 +64,6 @@ from fastvideo.wire.messages import (
 from fastvideo.worker.main import encode_args
 
 if TYPE_CHECKING:
-    from fastvideo.executor.forked import ForkedWorker
-
     WorkerProcess = subprocess.Popen | ForkedWorker
 
 logger = init_logger(__name__)
@@ -129,25 +129,20 @@ def spawn_workers(count: int, device: str = "cpu") -> list[WorkerProcess]:
     else ``python -m fastvideo.worker.main`` (which imports torch and fastvideo
     meanwhile). Each then waits for its arguments on stdin, which
     ``MultiprocExecutor(..., spawned=...)`` writes. ``stop_spawned`` ends unused ones."""
-    from fastvideo.executor import forked
-
-    env = dict(os.environ)
     # gloo's pairs and NCCL's bootstrap listen on loopback only (one machine).
     loopback = loopback_interface()
-    env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    env.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    sockets = {k: os.environ.get(k, loopback) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
     method, why = forked.start_method(device)
     logger.debug("starting %d %s worker(s) by %s: %s", count, device, method, why)
     if method == "fork":
-        extra = {k: env[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
-        return [forked.fork_worker(extra) for _ in range(count)]
+        return [forked.fork_worker(sockets) for _ in range(count)]
     return [
         subprocess.Popen(
             [sys.executable, "-m", "fastvideo.worker.main"],
             stdin=subprocess.PIPE,
             close_fds=True,
             start_new_session=True,
-            env=env,
+            env={**os.environ, **sockets},
         )
         for _ in range(count)
     ]

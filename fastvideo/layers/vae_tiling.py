@@ -161,8 +161,9 @@ def fitted_tile_sizes(
             if (n_h, n_w) == (1, 1) or a is None or b is None or not fits(a[0], b[0]):
                 continue
             candidate = TileSizes(a[0], b[0], a[1], b[1])
-            if decoded(candidate) < best_px:
-                best, best_px = candidate, decoded(candidate)
+            pixels = decoded(candidate)
+            if pixels < best_px:
+                best, best_px = candidate, pixels
     return best
 
 
