@@ -58,6 +58,54 @@ def test_the_switch_and_the_devices_pick_the_path(monkeypatch):
     assert not fused._fused(x)
 
 
+def test_rotary_and_gelu_torch_paths_are_the_models_ops(monkeypatch):
+    """Off the GPU both ops are what the Wan attention and FFN computed before: the
+    RMSNorm, then apply_rotary; the linear layer, then the tanh GELU."""
+    from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary, norm_and_rotate
+    from fastvideo.layers.sequence import TokenGrid
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 12, 32).to(torch.bfloat16)
+    norm = torch.nn.RMSNorm(32, eps=1e-6).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    cos, sin = RotaryEmbedding3D(16)(TokenGrid(frames=2, height=2, width=3), None, x.device)
+    with torch.no_grad():
+        want = apply_rotary(norm(x).unflatten(2, (2, 16)), cos, sin).flatten(2)
+        assert torch.equal(norm_and_rotate(x, norm, cos, sin), want)
+        linear = torch.nn.Linear(32, 48).to(torch.bfloat16)
+        want = torch.nn.functional.gelu(linear(x), approximate="tanh")
+        assert torch.equal(fused.linear_gelu(x, linear, "tanh"), want)
+
+
+def test_the_rotary_and_gelu_fusions_refuse_what_they_do_not_compute(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused, "triton_available", lambda: True)
+    x = torch.randn(1, 6, 32)
+    cos, sin = torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8)
+    norm = torch.nn.RMSNorm(32)
+    assert fused.rotary_fusable(x, norm, cos, sin)
+    with pytest.raises(ValueError, match="rotary_fusable"):
+        fused.rms_norm_rotary(x, norm, cos[:, :5], sin[:, :5])
+    assert not fused.rotary_fusable(x, torch.nn.RMSNorm(32, elementwise_affine=False), cos, sin)
+    assert not fused.rotary_fusable(x, torch.nn.LayerNorm(32), cos, sin), "not an RMSNorm"
+    assert not fused.rotary_fusable(x, norm, cos[:, :5], sin[:, :5]), "other token count"
+    assert not fused.rotary_fusable(x, norm, cos.double(), sin.double()), "fp32 tables only"
+    assert not fused.rotary_fusable(x, torch.nn.RMSNorm(30), cos, sin), "norm width"
+    odd = torch.randn(1, 6, 1, 12)
+    assert not fused.rotary_fusable(x, norm, odd, odd), "32 is not a multiple of 24"
+    # The GELU epilogue: CUDA only, tanh only, plain half-precision nn.Linear, no hooks.
+    linear = torch.nn.Linear(32, 48).to(torch.bfloat16)
+    assert not fused._fused_linear_gelu(x.to(torch.bfloat16), linear, "tanh"), "CPU tensor"
+    if torch.cuda.is_available():
+        xc, lc = x.cuda().to(torch.bfloat16), linear.cuda()
+        assert fused._fused_linear_gelu(xc, lc, "tanh")
+        assert not fused._fused_linear_gelu(xc, lc, "none")
+        assert not fused._fused_linear_gelu(xc.float(), lc.float(), "tanh")
+        handle = lc.register_forward_hook(lambda *a: None)
+        assert not fused._fused_linear_gelu(xc, lc, "tanh"), "hooks must run"
+        handle.remove()
+
+
 triton_cpu = pytest.mark.skipif(not fused.triton_available(), reason="Triton is not installed")
 
 # Triton's interpreter must be chosen before triton is first imported: a fresh process.
@@ -65,6 +113,8 @@ INTERPRETED = """
 import torch
 from fastvideo.kernels_bridge import fused
 from fastvideo.models.wan.transformer import FP32LayerNorm
+from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
+from fastvideo.layers.sequence import SequenceShard, TokenGrid
 from tests.test_fused_kernels import _mods, _unfused_norm
 
 torch.manual_seed(0)
@@ -91,15 +141,33 @@ for dtype in (torch.bfloat16, torch.float32):
             got, want = fused.gated_residual(x, out, gate), (out * gate).add_(x).type_as(x)
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
             cases += 1
+# RMSNorm + rotary: 2 and 3 heads of 16 (the last row masked), a grid and a shard of it.
+for dtype in (torch.bfloat16, torch.float32):
+    for heads in (2, 3):
+        for shard in (None, SequenceShard.split(12, 2, 1)):
+            grid = TokenGrid(frames=2, height=2, width=3)
+            length = grid.num_tokens if shard is None else shard.length
+            cos, sin = RotaryEmbedding3D(16)(grid, shard, torch.device("cpu"))
+            x = (torch.randn(b, length, heads * 16) * 2).to(dtype)
+            norm = torch.nn.RMSNorm(heads * 16, eps=1e-6).to(dtype)
+            torch.nn.init.normal_(norm.weight)
+            assert fused.rotary_fusable(x, norm, cos, sin)
+            with torch.no_grad():
+                got = fused.rms_norm_rotary(x, norm, cos, sin)
+                want = apply_rotary(norm(x).unflatten(2, (heads, 16)), cos, sin).flatten(2)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert got.dtype == dtype and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+            cases += 1
 print("cases", cases)
 """
 
 
 @triton_cpu
 def test_triton_kernels_equal_the_torch_ops():
-    """Both kernels through Triton's CPU interpreter: bf16 and fp32, a row that fills the
+    """The kernels through Triton's CPU interpreter: bf16 and fp32, a row that fills the
     block and one that is masked, per-sample and per-token modulation, with and without
-    the norm's affine terms."""
+    the norm's affine terms; RMSNorm + rotary over whole grids and over a shard."""
     import os
     import subprocess
     import sys
@@ -108,4 +176,4 @@ def test_triton_kernels_equal_the_torch_ops():
     run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["cases", "8"]
+    assert run.stdout.split() == ["cases", "16"]

@@ -5,7 +5,11 @@ Each block of the Wan DiT normalises, modulates and gates its residual stream in
 Written as torch ops those are five and three passes over a [B, L, D] tensor (copies to
 fp32 and back included); here each is one pass: a row of ``D`` per Triton program, the
 statistics and the arithmetic in fp32, one rounding to the output dtype at the end (as the
-torch ops round once, at ``type_as``).
+torch ops round once, at ``type_as``). Self-attention's queries and keys get the same
+treatment: RMSNorm over all heads, then the rotary embedding, in one pass
+(``rms_norm_rotary``, rounding where the torch ops round: after the norm and after the
+rotation); and the FFN's first linear layer applies its tanh GELU in cuBLASLt's epilogue
+(``linear_gelu``), so the widest activation of the block is written once.
 
 The torch ops stay the reference and the path everywhere else: on CPU, inside
 ``torch.compile`` (Inductor fuses them itself), for non-contiguous inputs, without Triton,
@@ -22,6 +26,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastvideo import envs
@@ -76,6 +81,38 @@ def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> to
     return y
 
 
+def rms_norm_rotary(
+    x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """RMSNorm of x [B, L, D] over D (``norm``: an ``nn.RMSNorm``), then the rotary
+    embedding of its interleaved pairs by cos, sin (fp32 [1, L, 1, Dh/2], heads of Dh),
+    in one pass -> [B, L, D] in x's dtype. The norm's output is rounded to x's dtype
+    before the rotation, as the torch ops round it. Only where ``rotary_fusable``
+    (``fastvideo.layers.rotary.norm_and_rotate`` picks)."""
+    if not rotary_fusable(x, norm, cos, sin):
+        raise ValueError("rms_norm_rotary: inputs the kernel does not take (see rotary_fusable)")
+    b, length, dim = x.shape
+    y = torch.empty_like(x)
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    block, warps = _block(dim // 2)
+    _kernels()["rms_norm_rotary"][(b * length,)](
+        x, norm.weight, cos, sin, y, length, dim // 2, cos.shape[-1], cos.stride(1),
+        sin.stride(1), float(eps), BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.Tensor:
+    """``F.gelu(linear(x), approximate=approximate)``; on a GPU, for a plain bf16/fp16
+    ``nn.Linear`` and the tanh GELU, one cuBLASLt matmul with a bias + GELU epilogue (the
+    GELU taken on the fp32 accumulator, then rounded once)."""
+    if not _fused_linear_gelu(x, linear, approximate):
+        return F.gelu(linear(x), approximate=approximate)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 # --- dispatch --------------------------------------------------------------------------
 def _fused(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether the Triton kernel takes these tensors (else the torch ops run)."""
@@ -97,6 +134,36 @@ def _fused(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
         if t.shape == x.shape and not t.is_contiguous():
             return False
     return True
+
+
+def rotary_fusable(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rms_norm_rotary`` takes these tensors (else the torch ops run)."""
+    if not _fused(x) or type(norm) is not nn.RMSNorm or norm.weight is None:
+        return False
+    if norm.weight.shape != (x.shape[2],) or norm.weight.device != x.device:
+        return False
+    half = cos.shape[-1]
+    for t in (cos, sin):
+        if t.device != x.device or t.dtype != torch.float32 or t.ndim != 4:
+            return False
+        if t.shape != (1, x.shape[1], 1, half) or t.stride(-1) != 1:
+            return False
+    return x.shape[2] % (2 * half) == 0
+
+
+def _fused_linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> bool:
+    if approximate != "tanh" or not x.is_cuda or x.requires_grad:
+        return False
+    if torch.compiler.is_compiling() or not envs.fused_kernels():
+        return False
+    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+        return False
+    w, bias = linear.weight, linear.bias
+    if type(w) is not nn.Parameter or bias is None or type(bias) is not nn.Parameter:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
+        return False
+    return bias.dtype == x.dtype and w.device == x.device and x.is_contiguous()
 
 
 def _row_strides(t: torch.Tensor, b: int, length: int, dim: int) -> tuple[int, int]:
@@ -160,4 +227,32 @@ def _kernels() -> dict[str, Any]:
         g = tl.load(G + b * sgb + tok * sgl + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + row * D + cols, (o * g + x).to(Y.dtype.element_ty), mask=m)
 
-    return {"norm_modulate": norm_modulate_kernel, "gated_residual": gated_residual_kernel}
+    @triton.jit
+    def rms_norm_rotary_kernel(X, W, C, S, Y, L, PAIRS, HALF, csl, ssl, eps,
+                               BLOCK: tl.constexpr):  # fmt: skip
+        # A row of D = 2 * PAIRS values, read as its even and odd halves of each pair.
+        row = tl.program_id(0).to(tl.int64)
+        tok = row % L
+        i = tl.arange(0, BLOCK)
+        m = i < PAIRS
+        base = X + row * 2 * PAIRS
+        xe = tl.load(base + 2 * i, mask=m, other=0.0).to(tl.float32)
+        xo = tl.load(base + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+        ms = (tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / (2 * PAIRS)
+        r = 1.0 / tl.sqrt(ms + eps)
+        we = tl.load(W + 2 * i, mask=m, other=0.0).to(tl.float32)
+        wo = tl.load(W + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+        ye = (xe * r * we).to(Y.dtype.element_ty).to(tl.float32)
+        yo = (xo * r * wo).to(Y.dtype.element_ty).to(tl.float32)
+        j = i % HALF
+        c = tl.load(C + tok * csl + j, mask=m, other=0.0)
+        s = tl.load(S + tok * ssl + j, mask=m, other=0.0)
+        out = Y + row * 2 * PAIRS
+        tl.store(out + 2 * i, (ye * c - yo * s).to(Y.dtype.element_ty), mask=m)
+        tl.store(out + 2 * i + 1, (ye * s + yo * c).to(Y.dtype.element_ty), mask=m)
+
+    return {
+        "norm_modulate": norm_modulate_kernel,
+        "gated_residual": gated_residual_kernel,
+        "rms_norm_rotary": rms_norm_rotary_kernel,
+    }

@@ -5,7 +5,9 @@ a height and a width part, each rotated by its own axis position.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from fastvideo.kernels_bridge import fused
 from fastvideo.layers.sequence import SequenceShard, TokenGrid
 
 
@@ -79,3 +81,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out
+
+
+def norm_and_rotate(
+    x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``apply_rotary(norm(x).unflatten(2, (-1, Dh)), cos, sin).flatten(2)`` for x
+    [B, L, D] (heads of Dh = 2 * cos.shape[-1]); one fused pass on a GPU
+    (``kernels_bridge.fused.rms_norm_rotary``) when ``norm`` is an ``nn.RMSNorm`` over D."""
+    if fused.rotary_fusable(x, norm, cos, sin):
+        return fused.rms_norm_rotary(x, norm, cos, sin)
+    return apply_rotary(norm(x).unflatten(2, (-1, 2 * cos.shape[-1])), cos, sin).flatten(2)

@@ -31,10 +31,14 @@ import torch.nn.functional as F
 from fastvideo.cache.base import StepCacheCall
 from fastvideo.distributed.runtime import ParallelRuntime
 from fastvideo.kernels_bridge.eager import keep_eager_regions
-from fastvideo.kernels_bridge.fused import gated_residual, norm_modulate
+from fastvideo.kernels_bridge.fused import (
+    gated_residual,
+    linear_gelu,
+    norm_modulate,
+)
 from fastvideo.kernels_bridge.sta import STAConfig
 from fastvideo.layers.attention import DistributedAttention
-from fastvideo.layers.rotary import RotaryEmbedding3D, apply_rotary
+from fastvideo.layers.rotary import RotaryEmbedding3D, norm_and_rotate
 from fastvideo.layers.sequence import SequenceShard, TokenGrid, patchify, unpatchify
 
 # Parameters kept in fp32 when the model runs in half precision (as diffusers does).
@@ -117,7 +121,7 @@ class GeluProjection(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
+        return linear_gelu(x, self.proj, self.approximate)
 
 
 class FeedForward(nn.Module):
@@ -271,13 +275,23 @@ class WanAttention(nn.Module):
             # No norm_added_q: the reference's checkpoints may carry one, which it ignores.
             self.norm_added_k = nn.RMSNorm(dim, eps=eps)
 
-    def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """q, k, v as [B, L, H, D_head] (k, v from ``context`` for cross-attention)."""
+    def _project(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """q, k, v as [B, L, H, D_head] (k, v from ``context`` for cross-attention); with
+        ``rope`` (self-attention) q and k are normalised and rotated in one pass."""
         kv_src = x if context is None else context
         heads = (self.heads, -1)
         # Each raw projection is dropped as soon as it is normalised (peak memory).
-        q = self.norm_q(self.to_q(x)).unflatten(2, heads)
-        k = self.norm_k(self.to_k(kv_src)).unflatten(2, heads)
+        if rope is not None:
+            q = norm_and_rotate(self.to_q(x), self.norm_q, *rope).unflatten(2, heads)
+            k = norm_and_rotate(self.to_k(kv_src), self.norm_k, *rope).unflatten(2, heads)
+        else:
+            q = self.norm_q(self.to_q(x)).unflatten(2, heads)
+            k = self.norm_k(self.to_k(kv_src)).unflatten(2, heads)
         return q, k, self.to_v(kv_src).unflatten(2, heads)
 
     def _attend_image(self, q: torch.Tensor, image_context: torch.Tensor) -> torch.Tensor:
@@ -300,12 +314,12 @@ class WanAttention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, L, D]; context: [B, Lt, D] for cross-attention; image_context:
         [B, L_img, D] embedded image states (image-to-video cross-attention) -> [B, L, D]."""
-        q, k, v = self._project(x, context)
         if context is None:
             assert rope is not None
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k, v = self._project(x, None, rope)
             out = self.dist_attn(q, k, v, shard, grid).flatten(2).type_as(q)
         else:
+            q, k, v = self._project(x, context)
             out = self.dist_attn.local(q, k, v).flatten(2).type_as(q)
             if image_context is not None:
                 # Each attention output is cast to the query dtype before the sum, as in
