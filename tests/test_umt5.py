@@ -6,6 +6,7 @@ transformers), and the tokenizer.json tokenizer against AutoTokenizer."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,10 +107,121 @@ PROMPTS = [
 ]
 
 
-def test_tokenizer_is_autotokenizers_without_the_auto_classes(tmp_path):
-    """load_tokenizer: the class tokenizer_config.json names (fast variant first), so the
-    ids are AutoTokenizer's whatever transformers version builds them; a folder naming no
-    class still loads through AutoTokenizer."""
+TRANSFORMERS_KWARGS = dict(padding="max_length", truncation=True, add_special_tokens=True,
+                           return_attention_mask=True, return_tensors="pt")  # fmt: skip
+
+
+def _spm_tokenizer(folder: Path, sequence_normalizer: bool) -> Path:
+    """A UMT5-like tokenizer: a SentencePiece unigram model with nmt_nfkc normalisation
+    (whose charsmap lands in tokenizer.json as a ``Precompiled`` normaliser, as in UMT5's),
+    converted and saved by transformers; optionally with that normaliser inside a Sequence
+    (as transformers 4's converter writes it)."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import T5Tokenizer
+
+    folder.mkdir()
+    words = ["fox", "forest", "snowy", "cinematic", "running", "café", "ligature", "red"]
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(200)]
+    lines += ["Ünïcödé ＦＵＬＬＷＩＤＴＨ ﬁ", "abcdefghijklmnopqrstuvwxyz 0123456789 .,!?"]
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=60,
+        model_type="unigram", normalization_rule_name="nmt_nfkc", pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 3})
+    )
+    out = folder / "saved"
+    T5Tokenizer.from_pretrained(str(folder)).save_pretrained(str(out))
+    data = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert data["normalizer"]["type"] == "Precompiled"
+    if sequence_normalizer:
+        replace = {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}
+        data["normalizer"] = {"type": "Sequence", "normalizers": [data["normalizer"], replace]}
+        (out / "tokenizer.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["demo", "spm", "spm-sequence"])
+def test_t5_tokenizer_gives_transformers_ids_without_importing_it(tmp_path, kind):
+    """load_tokenizer builds T5 tokenizers with the tokenizers library alone, and they give
+    the ids and masks of transformers' AutoTokenizer on the same folder: raw and cleaned
+    prompts, empty, unicode, truncated, with an extra-id token; for the demo checkpoint's
+    tokenizer and for SentencePiece ones with UMT5's Precompiled normaliser."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from fastvideo.models import t5_tokenizer
+    from fastvideo.models.text_encoders import clean_prompt, load_tokenizer
+    from fastvideo.models.wan.demo import _write_tokenizer
+
+    if kind == "demo":
+        folder = tmp_path / "tok"
+        folder.mkdir()
+        _write_tokenizer(folder)
+    else:
+        folder = _spm_tokenizer(tmp_path / "spm", sequence_normalizer=kind == "spm-sequence")
+    ours, ref = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert isinstance(ours, t5_tokenizer.T5UnigramTokenizer)
+    prompts = PROMPTS + [clean_prompt(p) for p in PROMPTS] + ["a <extra_id_1> b", "café"]
+    for length in (24, 7):
+        got, want = ours(prompts, length), ref(prompts, max_length=length, **TRANSFORMERS_KWARGS)
+        assert torch.equal(got.input_ids, want.input_ids), length
+        assert torch.equal(got.attention_mask, want.attention_mask), length
+    assert (got.attention_mask == 0).any() and got.attention_mask[len(PROMPTS) - 1].all()
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from fastvideo.models.text_encoders import load_tokenizer\n"
+        f"load_tokenizer(Path({str(folder)!r}))\n"
+        "print(sorted(n for n in sys.modules if n.startswith('transformers')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_t5_tokenizer_refuses_what_transformers_would_build_otherwise(tmp_path, monkeypatch):
+    """Other classes, byte-fallback or other-unk Unigram files and transformers 4 go to
+    transformers' own classes; bad padding sides and pad tokens fail clearly."""
+    from fastvideo.models import t5_tokenizer
+    from fastvideo.models.wan.demo import _write_tokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    _write_tokenizer(folder)
+    assert t5_tokenizer.builds_t5(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    for change in ({"byte_fallback": True}, {"unk_id": 1}):
+        other = tmp_path / f"other{len(list(tmp_path.iterdir()))}"
+        other.mkdir()
+        (other / "tokenizer_config.json").write_bytes(
+            (folder / "tokenizer_config.json").read_bytes()
+        )
+        (other / "tokenizer.json").write_text(
+            json.dumps({**data, "model": {**data["model"], **change}})
+        )
+        assert not t5_tokenizer.builds_t5(other), change
+    monkeypatch.setattr(t5_tokenizer, "_transformers_major", lambda: 4)
+    assert not t5_tokenizer.builds_t5(folder)
+    monkeypatch.undo()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "up"}))
+    with pytest.raises(ValueError, match="padding_side"):
+        t5_tokenizer.T5UnigramTokenizer.from_folder(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<nope>"}))
+    with pytest.raises(ValueError, match="pad token"):
+        t5_tokenizer.T5UnigramTokenizer.from_folder(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "X"}))
+    assert not t5_tokenizer.builds_t5(folder)
+
+
+def test_other_tokenizers_are_autotokenizers_without_the_auto_classes(tmp_path):
+    """load_tokenizer for a class other than T5's: the class tokenizer_config.json names
+    (fast variant first), so the ids are AutoTokenizer's whatever transformers version
+    builds them; a folder naming no class still loads through AutoTokenizer."""
     import subprocess
     import sys
 
@@ -121,14 +233,16 @@ def test_tokenizer_is_autotokenizers_without_the_auto_classes(tmp_path):
     folder = tmp_path / "tok"
     folder.mkdir()
     _write_tokenizer(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
     ours, ref = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
     assert type(ours) is type(ref)
-    kwargs = dict(padding="max_length", max_length=24, truncation=True, add_special_tokens=True,
-                  return_attention_mask=True, return_tensors="pt")  # fmt: skip
+    kwargs = dict(max_length=24, **TRANSFORMERS_KWARGS)
     got, want = ours(PROMPTS, **kwargs), ref(PROMPTS, **kwargs)
     assert torch.equal(got.input_ids, want.input_ids)
     assert torch.equal(got.attention_mask, want.attention_mask)
-    assert (got.attention_mask == 0).any() and got.attention_mask[-1].all()
     code = (
         "import sys; from pathlib import Path\n"
         "from fastvideo.models.text_encoders import load_tokenizer\n"
@@ -137,7 +251,6 @@ def test_tokenizer_is_autotokenizers_without_the_auto_classes(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
-    config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("tokenizer_class")
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     plain = AutoTokenizer.from_pretrained(str(folder))(PROMPTS, **kwargs).input_ids

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from fastvideo.logger import init_logger
+from fastvideo.models import t5_tokenizer
 from fastvideo.models.loader import fill_meta_buffers, load_checkpoint, meta_module
 from fastvideo.models.registry import read_json
 
@@ -65,12 +66,16 @@ def _tied_keys(model: nn.Module) -> dict[str, str]:
 
 
 def load_tokenizer(folder: Path):
-    """``AutoTokenizer.from_pretrained(folder)``'s tokenizer, built from the class its
-    ``tokenizer_config.json`` names (its fast variant first, as AutoTokenizer picks) without
-    importing transformers' auto classes: on some installs they import its whole modeling
-    and generation stack (10 s of a worker's start-up measured on the H200 machine)."""
+    """``AutoTokenizer.from_pretrained(folder)``'s tokenizer: T5's built by
+    ``t5_tokenizer`` (the same ids, without importing transformers), the others from the
+    class its ``tokenizer_config.json`` names (its fast variant first, as AutoTokenizer
+    picks) without importing transformers' auto classes: on some installs they import its
+    whole modeling and generation stack (10 s of a worker's start-up measured on the H200
+    machine)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"missing tokenizer folder {folder}")
+    if t5_tokenizer.builds_t5(folder):  # Wan's UMT5 tokenizer: no transformers import
+        return t5_tokenizer.T5UnigramTokenizer.from_folder(folder)
     import transformers
 
     config = folder / "tokenizer_config.json"
@@ -104,15 +109,19 @@ def encode_prompts(
 ) -> torch.Tensor:
     """Prompts -> [B, max_length, D] encoder states, zero past each prompt's last token."""
     device = next(encoder.parameters()).device
-    inputs = tokenizer(
-        [clean_prompt(p) for p in prompts],
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
+    texts = [clean_prompt(p) for p in prompts]
+    if isinstance(tokenizer, t5_tokenizer.T5UnigramTokenizer):
+        inputs = tokenizer(texts, max_length)
+    else:
+        inputs = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
     ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
     states = encoder(ids, mask).last_hidden_state.to(dtype)
     keep = torch.arange(max_length, device=device)[None, :] < mask.gt(0).sum(dim=1)[:, None]
