@@ -305,14 +305,14 @@ def test_fused_elementwise_kernels_match_the_torch_ops(monkeypatch, dim, per_tok
         # Self-attention's q/k (RMSNorm over all heads + rotary, heads of 128) and the
         # FFN's first layer with its GELU (the epilogue's GELU is on the fp32 accumulator,
         # the torch ops' on the bf16-rounded output: two roundings apart at most).
-        from fastvideo.layers.rotary import RotaryEmbedding3D
+        from fastvideo.layers.rotary import RotaryEmbedding3D, norm_and_rotate
         from fastvideo.layers.sequence import TokenGrid
 
         rms = torch.nn.RMSNorm(dim, eps=1e-6).to(dev, torch.bfloat16)
         torch.nn.init.normal_(rms.weight)
         rope = RotaryEmbedding3D(128)(TokenGrid(frames=4, height=32, width=32), None, x.device)
         assert fused.rotary_fusable(x, rms, *rope)
-        cases["rms_norm_rotary"] = both(lambda: fused.rms_norm_rotary(x, rms, *rope))
+        cases["rms_norm_rotary"] = both(lambda: norm_and_rotate(x, rms, *rope))
         linear = torch.nn.Linear(dim, 4 * dim).to(dev, torch.bfloat16)
         assert fused._fused_linear_gelu(x, linear, "tanh")
         gelu = both(lambda: fused.linear_gelu(x, linear, "tanh"))
