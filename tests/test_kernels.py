@@ -9,6 +9,7 @@ and really compiling; the pipeline-level ones also under 2-rank sequence paralle
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -532,3 +533,21 @@ def test_compiled_blocks_under_ulysses_equal_eager(tiny_a, eager_latents):
         out = gen.generate_video("a fox", **TEA)
     assert out.plan == "Ulysses 2"
     assert _rel(out.latents, eager_latents) < 1e-5
+
+
+def test_fa4_compiled_kernels_persist_on_disk_unless_the_user_says_otherwise(monkeypatch, tmp_path):
+    """FlashAttention-4's persistent JIT cache is switched on, under FASTVIDEO_CACHE_DIR,
+    before flash_attn.cute is imported; the user's own settings of its switches stay."""
+    from fastvideo.kernels_bridge import attention
+
+    for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FASTVIDEO_CACHE_DIR", str(tmp_path))
+    attention.fa4_disk_cache()
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path / "fa4")
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "/elsewhere")
+    attention.fa4_disk_cache()
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == "/elsewhere"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastvideo import envs
 from fastvideo.kernels_bridge.eager import eager_under_compile
 from fastvideo.kernels_bridge.grid import TokenGrid
 from fastvideo.kernels_bridge.sta import STAConfig, sta_attention, sta_attention_with_lse
@@ -139,7 +141,17 @@ def _flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out.transpose(1, 2)
 
 
+def fa4_disk_cache() -> None:
+    """Keep FlashAttention-4's compiled kernels on disk across processes (its JIT compile
+    took 11 s of every worker's start-up on an H200): its own switches, read when
+    ``flash_attn.cute`` is imported, defaulted to on and to FASTVIDEO_CACHE_DIR/fa4; values
+    the user set are kept."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(envs.cache_dir() / "fa4"))
+
+
 def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    fa4_disk_cache()
     from flash_attn.cute import flash_attn_func
 
     # FlashAttention-4 (CuTe DSL) takes [B, L, H, D] and returns (out, lse) in its 4.0
