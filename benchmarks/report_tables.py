@@ -243,7 +243,8 @@ def load(r: dict[str, Any]) -> Lines:
         return out + render_generic(r)
     runs = list(best.items())
     for key, label in (("spawned_workers_same_call", "workers spawned, not forked"),
-                       ("tokenizer_prefetch", "tokenizers prefetched")):  # fmt: skip
+                       ("tokenizer_prefetch", "tokenizers prefetched"),
+                       ("fa4_without_disk_cache", "FA4 installed, JIT not cached")):  # fmt: skip
         extra = r.get(key) or {}
         tag = f"{label}, commit {extra['commit']}" if extra.get("commit") else label
         runs += [(f"{name} ({tag})", b) for name, b in (extra.get("best") or {}).items()]
@@ -303,6 +304,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "latency": latency,
     "latency_e2e": latency,
     "latency_fused": latency,
+    "latency_previous": latency,
     "models": models,
     "parallel_scaling": parallel_scaling,
     "diffusers_cp": diffusers_cp,
