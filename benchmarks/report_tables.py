@@ -257,7 +257,7 @@ def memory_fit(r: dict[str, Any]) -> Lines:
     rows = []
     for c in r.get("results", []):
         if c["kind"] == "vae":
-            tiles = "tiled" if c["tiled"] else "whole"
+            tiles = {True: "tiled", False: "whole"}.get(c["tiled"], f"{c['tiled']} tiles")
             what = f"VAE decode {c['resolution']} {c['precision']} {tiles}"
         elif c["kind"] == "dit":
             what = f"DiT 14B {c['resolution']} {c['mode']}, budget {fmt(c['budget_gb'], '.0f')} GiB"

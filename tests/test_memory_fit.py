@@ -673,36 +673,101 @@ def test_memory_fit_end_to_end_part_runs_on_cpu(tmp_path):
     assert case["memory_plan"] and "memory plan" in case["memory_plan"][0]
 
 
-def _decoded_pixels(latent_hw, sizes: TileSizes, spatial: int = 8) -> int:
-    grid = decode_grid(latent_hw, sizes, spatial)
-    h, w = latent_hw
-    rows = sum(min(grid.rows.size, h - s) for s in grid.rows.starts)
-    return rows * sum(min(grid.cols.size, w - s) for s in grid.cols.starts) * spatial**2
+def _random_vae(config: dict, conv_out_scale: float = 1.0) -> WanVAE:
+    """A WanVAE with seeded random weights; ``conv_out_scale`` keeps the video off the
+    clamp (a saturated pixel would hide a wrong one)."""
+    torch.manual_seed(0)
+    vae = WanVAE(WanVAEConfig.from_dict(config)).eval()
+    for p in vae.parameters():
+        nn.init.normal_(p, std=0.2)
+    vae.decoder.conv_out.weight.data *= conv_out_scale
+    return vae
 
 
-def test_fitted_tile_sizes_decode_the_fewest_pixels_that_fit():
-    """Auto-sized tiles: the tiling that decodes the fewest pixels among those whose tile
-    fits, the default tiles' 64-pixel overlap kept; the default when nothing larger fits."""
-    from fastvideo.layers.vae_tiling import fitted_tile_sizes
-
-    default, hw = TileSizes(), (90, 160)  # 720x1280 latents of a VAE with 8 px per latent
-    roomy = fitted_tile_sizes(hw, default, 8, lambda h, w: True)
-    assert roomy == TileSizes(720, 704, 720, 640)  # one row of two tiles
-    assert _decoded_pixels(hw, roomy) == 720 * (704 + 640)
-    assert fitted_tile_sizes(hw, default, 8, lambda h, w: h * w <= 200 * 200) == default
-    limit = 720 * 1280 // 3
-    third = fitted_tile_sizes(hw, default, 8, lambda h, w: h * w <= limit)
-    assert third.min_height * third.min_width <= limit
-    for size, stride, extent in ((third.min_height, third.stride_height, 720),
-                                 (third.min_width, third.stride_width, 1280)):  # fmt: skip
-        assert size - stride == 64 or size == stride == extent
-    assert _decoded_pixels(hw, third) < _decoded_pixels(hw, default) * 0.8
+def _corner_kernels(vae: WanVAE) -> None:
+    """Every 3x3 kernel after the mid block reads only its top-left input: each layer
+    shifts the picture by one row and one column, so the zero padding at a tile's edge
+    travels inward undamped, a row per layer (random kernels spread it thinly)."""
+    g = torch.Generator().manual_seed(1)
+    for m in [*vae.decoder.up_blocks.modules(), vae.decoder.conv_out]:
+        if isinstance(m, nn.Conv3d | nn.Conv2d) and m.weight.shape[-1] == 3:
+            w = torch.zeros_like(m.weight)
+            w[..., 0, 0] = torch.randn(w[..., 0, 0].shape, generator=g) * 0.5
+            m.weight.data.copy_(w)
 
 
-def test_auto_tiles_are_sized_to_the_free_memory(tiny_a, monkeypatch):
+EXACT_VAES = {
+    "wan2.1": (TINY_VAE21, (20, 22)),
+    "wan2.2": (TINY_VAE22, (9, 11)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXACT_VAES))
+def test_exact_tiles_decode_the_whole_decodes_video(family):
+    """decode_exact_tiles: any grid (one tile, 2x3, one latent row per tile) gives the
+    untiled decode's video to fp32 rounding, for Wan 2.1's VAE and Wan 2.2's (residual
+    levels, 2x2 patches); the video is not saturated, so every pixel counts."""
+    config, hw = EXACT_VAES[family]
+    vae = _random_vae(config, conv_out_scale=0.05)
+    z = torch.randn(1, vae.z_dim, 3, *hw)
+    with torch.no_grad():
+        whole = vae.decode(z)
+        assert (whole.abs() < 0.99).float().mean() > 0.99
+        for rows, cols in ((1, 1), (2, 3), (hw[0], 1)):
+            tiled = vae.decode_exact_tiles(z, rows, cols)
+            assert tiled.shape == whole.shape
+            torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    for bad in ((0, 1), (1, hw[1] + 1), (True, 1), (1.5, 1)):
+        with pytest.raises(ValueError, match="decode_exact_tiles"):
+            vae.decode_exact_tiles(z, *bad)
+
+
+@pytest.mark.parametrize("family", sorted(EXACT_VAES))
+def test_exact_tile_halos_are_needed(family, monkeypatch):
+    """With kernels that carry a tile's edge inward a row per layer, the halos of
+    Decoder.tile_halos still give the whole decode's video exactly, and one row less at
+    the last up block or at the head shows at the tile edges."""
+    config, hw = EXACT_VAES[family]
+    vae = _random_vae(config, conv_out_scale=0.05)
+    _corner_kernels(vae)
+    z = torch.randn(1, vae.z_dim, 3, *hw)
+    halos = vae.decoder.tile_halos
+    with torch.no_grad():
+        whole = vae.decode(z)
+        assert (whole.abs() < 0.99).float().mean() > 0.99
+        assert torch.equal(vae.decode_exact_tiles(z, 2, 3), whole)
+        for level in (-2, -1):
+            short = [list(h) for h in halos()]
+            short[level][0] -= 1
+            monkeypatch.setattr(vae.decoder, "tile_halos", lambda s=short: [tuple(h) for h in s])
+            assert (vae.decode_exact_tiles(z, 2, 3) - whole).abs().max() > 1e-4, level
+            monkeypatch.undo()
+
+
+def test_exact_tile_grids_fit_the_budget_with_the_fewest_pixels():
+    """fit_exact_tiles: a roomier budget never gives more tiles; nothing fits a budget
+    the output video alone exceeds; tile_work grows with every cut."""
+    with torch.device("meta"):  # full-size Wan 2.1: only its shapes are read
+        vae = WanVAE(WanVAEConfig())
+    z_shape = (1, 16, 21, 90, 160)  # 720x1280, 81 frames
+    whole = vae.decode_memory_bytes(z_shape)
+    grids = {}
+    for share in (0.5, 0.25, 0.12):
+        grid = vae.fit_exact_tiles(z_shape, int(whole * share))
+        assert grid is not None and grid[0] * grid[1] > 1, share
+        grids[share] = grid[0] * grid[1]
+    assert grids[0.5] <= grids[0.25] <= grids[0.12]
+    # Work relative to one whole-frame pass: halos make every cut cost more.
+    work = [vae.decoder.tile_work((90, 160), 1, n) for n in (1, 2, 4, 8)]
+    assert work[0] == 1.0 and work == sorted(work) and work[1] > 1.0
+    video, _ = vae._decode_bytes(z_shape)
+    assert vae.fit_exact_tiles(z_shape, video) is None
+
+
+def test_auto_tiling_decodes_in_exact_tiles_when_short(tiny_a, monkeypatch):
     """vae_tiling='auto' with the tile fields at their defaults: a decode that does not fit
-    whole runs in the fewest-pixel tiles the free memory allows (here 2 where the default
-    tiles are 3), equal to a tiled decode with those sizes."""
+    whole runs in exact tiles sized to the free memory, and the frames are the whole
+    decode's."""
     from fastvideo.pipelines.stages import decoding
 
     folder, _ = tiny_a
@@ -713,15 +778,13 @@ def test_auto_tiles_are_sized_to_the_free_memory(tiny_a, monkeypatch):
         latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **run)
         vae = gen.executor._worker.pipeline.components["vae"]
         z_shape = (1, *latents.latents.shape)
-        assert len(vae.decode_grid(z_shape, TileSizes())) == 3
         free["bytes"] = int(vae.decode_memory_bytes(z_shape) * 0.99)
         video = gen.generate_video(PROMPT, guidance_scale=1.0, **run)
-    sizes = vae.fit_tiles(z_shape, TileSizes(), int(free["bytes"] * decoding.FIT_MARGIN))
-    assert sizes != TileSizes() and len(vae.decode_grid(z_shape, sizes)) == 2
-    assert video.stats["vae_tiles"] == 2
-    tiled = load_vae(folder)
-    tiled.enable_tiling(sizes)
+    rows, cols = vae.fit_exact_tiles(z_shape, int(free["bytes"] * decoding.FIT_MARGIN))
+    assert rows * cols > 1 and video.stats["vae_tiles"] == rows * cols
+    whole = load_vae(folder)
     with torch.no_grad():
-        z = tiled.unnormalize_latents(latents.latents[None].to(tiled.dtype))
-        expected = to_uint8_frames(tiled.decode(z))[0].numpy()
-    assert np.array_equal(video.frames, expected)
+        z = whole.unnormalize_latents(latents.latents[None].to(whole.dtype))
+        expected = to_uint8_frames(whole.decode(z))[0].numpy()
+    diff = np.abs(video.frames.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999

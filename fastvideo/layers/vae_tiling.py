@@ -123,50 +123,6 @@ def decode_grid(latent_hw: tuple[int, int], sizes: TileSizes, spatial: int, patc
     )  # fmt: skip
 
 
-def fitted_tile_sizes(
-    latent_hw: tuple[int, int],
-    sizes: TileSizes,
-    spatial: int,
-    fits: Callable[[int, int], bool],
-    max_tiles: int = 16,
-) -> TileSizes:
-    """Tiles as large as memory allows for a decode of latents ``latent_hw``: of the
-    tilings into ``n_h x n_w`` tiles (each axis in equal strides, keeping the blend overlap
-    of ``sizes``; one tile spans an axis whole) whose tile of ``h x w`` pixels
-    ``fits(h, w)``, the one that decodes the fewest pixels (overlaps are decoded twice);
-    ``sizes`` itself when none decodes fewer pixels than it does."""
-    h, w = latent_hw
-    overlaps = (sizes.min_height - sizes.stride_height, sizes.min_width - sizes.stride_width)
-
-    def axis(extent_lat: int, n: int, overlap: int) -> tuple[int, int] | None:
-        """(tile, stride) in pixels of ``n`` tiles along an axis, or None."""
-        if n == 1:
-            return extent_lat * spatial, extent_lat * spatial
-        stride_lat = math.ceil(extent_lat / n)
-        if stride_lat * spatial <= overlap or overlap % spatial:
-            return None
-        return stride_lat * spatial + overlap, stride_lat * spatial
-
-    def decoded(t: TileSizes) -> int:
-        grid = decode_grid(latent_hw, t, spatial)
-        if grid is None:
-            return h * w
-        rows = sum(min(grid.rows.size, h - s) for s in grid.rows.starts)
-        return rows * sum(min(grid.cols.size, w - s) for s in grid.cols.starts)
-
-    best, best_px = sizes, decoded(sizes)
-    for n_h in range(1, max_tiles + 1):
-        for n_w in range(1, max_tiles // n_h + 1):
-            a, b = axis(h, n_h, overlaps[0]), axis(w, n_w, overlaps[1])
-            if (n_h, n_w) == (1, 1) or a is None or b is None or not fits(a[0], b[0]):
-                continue
-            candidate = TileSizes(a[0], b[0], a[1], b[1])
-            pixels = decoded(candidate)
-            if pixels < best_px:
-                best, best_px = candidate, pixels
-    return best
-
-
 def encode_grid(sample_hw: tuple[int, int], sizes: TileSizes, spatial: int, patch: int = 1):
     """Tiles of an encode: pixels folded by ``patch`` [..., H/p, W/p] -> latents
     [..., H/s, W/s]. As in diffusers, tiles are cut from the *folded* input with the pixel

@@ -33,7 +33,6 @@ from fastvideo.layers.vae_tiling import (
     TileSizes,
     decode_grid,
     encode_grid,
-    fitted_tile_sizes,
     run_tiles,
 )
 from fastvideo.models.wan.vae22 import (
@@ -240,11 +239,73 @@ class Decoder(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
-        x = cache.causal_conv(self.conv_in, x)
-        x = self.mid_block(x, cache)
+        x = self.middle(x, cache)
         for block in self.up_blocks:
             x = block(x, cache)
+        return self.head(x, cache)
+
+    def middle(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        """conv_in and the mid block (whose attention spans the whole frame)."""
+        return self.mid_block(cache.causal_conv(self.conv_in, x), cache)
+
+    def head(self, x: Tensor, cache: FeatureCache) -> Tensor:
         return cache.causal_conv(self.conv_out, F.silu(self.norm_out(x), inplace=True))
+
+    def tile_halos(self) -> list[tuple[int, int]]:
+        """(halo, scale) of each up block's input, then of the head's: the rows (and
+        columns) of context on each side that block's input needs, in its own pixels, for
+        the decoder's output to be exact over a region; ``scale`` is the block's spatial
+        upsampling. After the mid block every layer is local: per-pixel norms and
+        activations, 3x3 convolutions (one row of context each), nearest 2x upsampling and
+        the parameter-free DupUp3D shortcut."""
+        halo = _spatial_pad(self.conv_out)
+        out = [(halo, 1)]
+        for block in reversed(self.up_blocks):
+            convs = sum(_spatial_pad(c) for r in block.resnets for c in (r.conv1, r.conv2))
+            up = _upsampler(block)
+            if up is None:
+                halo, scale = convs + halo, 1
+            else:  # nearest 2x, then a 3x3 conv at the doubled size: one more output row
+                halo, scale = convs + -(-(halo + _spatial_pad(up.resample[1])) // 2), 2
+            out.append((halo, scale))
+        return out[::-1]
+
+    def tile_work(self, latent_hw: tuple[int, int], rows: int, cols: int) -> float:
+        """Convolution work of the up blocks and head over a ``rows x cols`` grid of exact
+        tiles of a latent frame, relative to one whole-frame pass (1.0 for one tile): at
+        each level, the tiles' areas with their halos (clipped at the frame) weighted by
+        that level's multiply-adds per pixel (its convolutions' channels, and the frames a
+        latent frame has become there)."""
+        levels = [*self.up_blocks, None]
+        halos = self.tile_halos()
+        scale, frames, total, whole = 1, 1, 0.0, 0.0
+        for block, (halo, up) in zip(levels, halos, strict=True):
+            convs = [self.conv_out] if block is None else [
+                c for r in block.resnets for c in (r.conv1, r.conv2)]  # fmt: skip
+            per_pixel = frames * sum(c.in_channels * c.out_channels for c in convs)
+            area = 1.0
+            for extent, parts in zip(latent_hw, (rows, cols), strict=True):
+                n = extent * scale
+                spans = _spans(extent, parts)
+                area *= sum(min(n, e * scale + halo) - max(0, a * scale - halo)
+                            for a, e in spans) / n  # fmt: skip
+            total += per_pixel * scale**2 * area
+            whole += per_pixel * scale**2
+            if block is not None and (up_ := _upsampler(block)) is not None:
+                frames *= 2 if up_.time_conv is not None else 1
+            scale *= up
+        return total / whole
+
+
+def _spatial_pad(conv: nn.Module) -> int:
+    pad = conv.space_pad[2] if isinstance(conv, CausalConv3d) else conv.padding[0]
+    return int(pad)
+
+
+def _upsampler(block: nn.Module) -> Upsample | None:
+    if isinstance(block, UpBlock):
+        return None if block.upsamplers is None else block.upsamplers[0]
+    return block.upsampler
 
 
 class WanVAE(nn.Module):
@@ -308,20 +369,33 @@ class WanVAE(nn.Module):
         activations = _LIVE_DECODER_TENSORS * b * width * (per_frame + 2) * h * s * w * s * size
         return video, activations
 
-    def fit_tiles(self, z_shape: tuple[int, ...], sizes: TileSizes, budget: int) -> TileSizes:
-        """Tile sizes for a tiled decode of latents ``z_shape`` estimated to peak within
-        ``budget`` bytes (``fitted_tile_sizes``: the fewest decoded pixels; ``sizes`` when no
-        larger tiles fit). A tile's estimate: the whole output video, the previous row of
-        tile outputs the blend keeps, and the tile's own decode."""
+    def fit_exact_tiles(
+        self, z_shape: tuple[int, ...], budget: int, max_tiles: int = 64
+    ) -> tuple[int, int] | None:
+        """The ``(rows, cols)`` grid for :meth:`decode_exact_tiles` of latents ``z_shape``
+        estimated to peak within ``budget`` bytes: of the grids of at most ``max_tiles``
+        tiles that fit, the one with the least convolution work, halos included
+        (:meth:`Decoder.tile_work`); None when none fits. A grid's peak estimate: the output
+        video, the mid block's output over all latent frames, and one tile's decode with
+        its full-resolution halo."""
         b, c, frames, h, w = z_shape
         s = self.config.spatial_factor
         video, _ = self._decode_bytes(z_shape)
-
-        def fits(tile_h: int, tile_w: int) -> bool:
-            tile = sum(self._decode_bytes((b, c, frames, tile_h // s, tile_w // s)))
-            return video + video * tile_h // (h * s) + tile <= budget
-
-        return fitted_tile_sizes((h, w), sizes, s, fits)
+        mid = b * self.config.decoder_dim * self.config.dim_mult[-1] * frames * h * w
+        fixed = video + mid * self.dtype.itemsize
+        halo_last, _ = self.decoder.tile_halos()[-2]
+        pad = -(-halo_last * self.config.patch // s)  # the last level's halo, in latents
+        best: tuple[float, tuple[int, int]] | None = None
+        for rows in range(1, min(h, max_tiles) + 1):
+            for cols in range(1, min(w, max_tiles // rows) + 1):
+                th = min(h, -(-h // rows) + 2 * pad) if rows > 1 else h
+                tw = min(w, -(-w // cols) + 2 * pad) if cols > 1 else w
+                if fixed + self._decode_bytes((b, c, frames, th, tw))[1] > budget:
+                    continue
+                work = self.decoder.tile_work((h, w), rows, cols)
+                if best is None or work < best[0]:
+                    best = (work, (rows, cols))
+        return None if best is None else best[1]
 
     def decode_tile(self, z: Tensor) -> Tensor:
         """One spatial tile of latents [B, z_dim, T', h, w] -> [B, out_channels, T, s/p*h,
@@ -387,6 +461,52 @@ class WanVAE(nn.Module):
             return self.finish_decode(out)
         return self._decode_frames(z, unfold=True).clamp_(-1.0, 1.0)
 
+    def decode_exact_tiles(self, z: Tensor, rows: int, cols: int) -> Tensor:
+        """:meth:`decode` with the up blocks run over a ``rows x cols`` grid of tiles of the
+        latent frame, one tile at a time: the same video (the same arithmetic on every
+        output pixel; only the convolutions' algorithms may differ with the shapes), with
+        a peak of about one tile's activations instead of the whole frame's.
+
+        Each tile takes, at every level, the halo its remaining convolutions need
+        (:meth:`Decoder.tile_halos`) and is cut back to it after each block; its causal
+        caches are its own, so every tile runs through all latent frames alone. The mid
+        block (its attention spans the frame) runs once over the whole frame first.
+        """
+        self._check_latents(z)
+        b, _, frames, h, w = z.shape
+        for name, n, extent in (("rows", rows, h), ("cols", cols, w)):
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= extent:
+                raise ValueError(f"decode_exact_tiles: {name} must be an int in 1..{extent}")
+        dec = self.decoder
+        x = self.post_quant_conv(z.to(self.dtype))
+        cache = FeatureCache()
+        mid = torch.cat([dec.middle(x[:, :, i : i + 1], cache) for i in range(frames)], 2)
+        del x, cache
+        halos = dec.tile_halos()
+        p = self.config.patch
+        out = None
+        for r0, r1 in _spans(h, rows):
+            for c0, c1 in _spans(w, cols):
+                cache = FeatureCache()
+                written = 0
+                for i in range(frames):
+                    tile = _exact_tile(dec, mid[:, :, i : i + 1], (r0, r1), (c0, c1), halos,
+                                       cache)  # fmt: skip
+                    if p > 1:
+                        tile = unpatchify_space(tile, p)
+                    if out is None:
+                        per_frame = 2 ** sum(self.config.temperal_downsample)
+                        total = tile.shape[2] + (frames - 1) * per_frame
+                        k = tile.shape[3] // (r1 - r0)  # output pixels per latent
+                        out = tile.new_empty(b, tile.shape[1], total, h * k, w * k)
+                    k = out.shape[3] // h
+                    t = tile.shape[2]
+                    out[:, :, written : written + t, r0 * k : r1 * k, c0 * k : c1 * k] = tile
+                    written += t
+                    del tile
+        assert out is not None
+        return out.clamp_(-1.0, 1.0)
+
     def _check_latents(self, z: Tensor) -> None:
         if z.ndim != 5 or z.shape[1] != self.z_dim:
             raise ValueError(f"decode expects [B, {self.z_dim}, T, h, w], got {tuple(z.shape)}")
@@ -440,3 +560,40 @@ class WanVAE(nn.Module):
         """
         mean, std = self._latent_stats(mean_latents)
         return (mean_latents - mean) * (1.0 / std)
+
+
+def _spans(extent: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` near-equal consecutive [start, end) ranges covering ``extent``."""
+    bounds = [round(i * extent / parts) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _exact_tile(
+    dec: Decoder,
+    mid: Tensor,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    halos: list[tuple[int, int]],
+    cache: FeatureCache,
+) -> Tensor:
+    """One latent frame's mid-block output [B, C, 1, h, w] -> the decoder's output over the
+    tile ``rows x cols`` (latent units): each level's input cut to the tile plus its halo
+    (clipped at the frame, where zero padding is the untiled decode's own)."""
+    size = mid.shape[-2:]
+    core = [rows, cols]  # the tile at the current level, in that level's pixels
+    start = [0, 0]  # the frame position of x's first row / column
+    x = mid
+    blocks = [*dec.up_blocks, None]
+    for block, (halo, scale) in zip(blocks, halos, strict=True):
+        want = [(max(0, a - halo), min(n, e + halo)) for (a, e), n in zip(core, size, strict=True)]
+        x = x[..., want[0][0] - start[0] : want[0][1] - start[0],
+              want[1][0] - start[1] : want[1][1] - start[1]]  # fmt: skip
+        if block is None:
+            x = dec.head(x, cache)
+            return x[..., core[0][0] - want[0][0] : core[0][1] - want[0][0],
+                     core[1][0] - want[1][0] : core[1][1] - want[1][0]]  # fmt: skip
+        x = block(x, cache)
+        start = [a * scale for a, _ in want]
+        core = [(a * scale, e * scale) for a, e in core]
+        size = (size[0] * scale, size[1] * scale)
+    raise AssertionError("unreachable: the head returns")

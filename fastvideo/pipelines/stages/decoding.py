@@ -20,8 +20,8 @@ from fastvideo.pipelines.base import ForwardBatch, PipelineRuntime, PipelineStag
 
 logger = init_logger(__name__)
 
-# Of the free memory, the share auto-sized tiles are planned within (the estimates are
-# rough: about 9% above the measured whole-decode peak on the H200 at 720p).
+# Of the free memory, the share auto-sized exact tiles are planned within (the estimates
+# are rough: about 9% above the measured whole-decode peak on the H200 at 720p).
 FIT_MARGIN = 0.8
 
 
@@ -108,6 +108,10 @@ class DecodingStage(PipelineStage):
         vae = self.vae
         assert vae is not None
         grid = self._tile_grid(z, parallel)
+        if isinstance(grid, tuple):  # exact tiles, on the output rank alone
+            batch.stats["vae_tiles"] = float(grid[0] * grid[1])
+            batch.stats["vae_decode_ranks"] = 1.0
+            return vae.decode_exact_tiles(z, *grid)  # type: ignore[attr-defined]
         if grid is None:
             return vae.decode(z) if self.env.is_output_rank else None
         group = self.env.runtime.groups.replica if parallel else None
@@ -116,9 +120,10 @@ class DecodingStage(PipelineStage):
         blended = run_tiles(z, grid, vae.decode_tile, group)  # type: ignore[union-attr]
         return None if blended is None else vae.finish_decode(blended)  # type: ignore[union-attr]
 
-    def _tile_grid(self, z: torch.Tensor, parallel: bool) -> TileGrid | None:
-        """The tiles to decode in, or None for a whole decode. Under parallel decode every
-        rank of the replica takes the same decision (tiled if any rank is short)."""
+    def _tile_grid(self, z: torch.Tensor, parallel: bool) -> TileGrid | tuple[int, int] | None:
+        """The blended tiles to decode in, an exact-tile grid ``(rows, cols)``, or None for
+        a whole decode. Under parallel decode every rank of the replica takes the same
+        decision (tiled if any rank is short)."""
         memory = self.env.settings.memory
         vae = self.vae
         if memory.vae_tiling is False or not can_tile(vae):
@@ -135,14 +140,18 @@ class DecodingStage(PipelineStage):
             short = self.env.runtime.all_reduce_max_(replica, flag).cpu()
         if not short.item():
             return None
+        if not parallel and memory.tile_sizes == TileSizes() and hasattr(vae, "fit_exact_tiles"):
+            # Tile fields left at their defaults: exact tiles (the whole decode's video, not
+            # a blend) as large as the free memory allows. Parallel decode keeps the
+            # blended default tiles, which every rank computes alike.
+            exact = vae.fit_exact_tiles(tuple(z.shape), int(free * FIT_MARGIN))
+            if exact is not None:
+                logger.info(
+                    "decode of latents %s needs ~%.2f GiB, %.2f GiB free: decoding in %dx%d "
+                    "exact tiles", tuple(z.shape), need / GiB, free / GiB, *exact,
+                )  # fmt: skip
+                return exact
         sizes = memory.tile_sizes
-        if not parallel and sizes == TileSizes() and hasattr(vae, "fit_tiles"):
-            # Tile fields left at their defaults: tiles as large as the free memory allows
-            # (fewer overlaps decoded twice). Parallel decode keeps the default tiles,
-            # which every rank computes alike and which spread over more ranks.
-            sizes = vae.fit_tiles(tuple(z.shape), sizes, int(free * FIT_MARGIN))
-            grid = vae.decode_grid(tuple(z.shape), sizes)
-            assert grid is not None
         logger.info(
             "decode of latents %s needs ~%.2f GiB, %.2f GiB free: decoding in %d tiles "
             "of %dx%d pixels",
