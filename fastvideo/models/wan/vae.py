@@ -480,7 +480,13 @@ class WanVAE(nn.Module):
         dec = self.decoder
         x = self.post_quant_conv(z.to(self.dtype))
         cache = FeatureCache()
-        mid = torch.cat([dec.middle(x[:, :, i : i + 1], cache) for i in range(frames)], 2)
+        mid = None  # written frame by frame: no second copy from a concatenation
+        for i in range(frames):
+            m = dec.middle(x[:, :, i : i + 1], cache)
+            if mid is None:
+                mid = m.new_empty(*m.shape[:2], frames, *m.shape[3:])
+            mid[:, :, i : i + 1] = m
+        assert mid is not None
         del x, cache
         halos = dec.tile_halos()
         p = self.config.patch
