@@ -107,6 +107,22 @@ PROMPTS = [
 ]
 
 
+def _modules_loading_imports(folder: Path, condition: str) -> str:
+    """The modules named ``n`` with ``condition`` that load_tokenizer(folder) imports in a
+    fresh interpreter, as printed there."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from fastvideo.models.text_encoders import load_tokenizer\n"
+        f"load_tokenizer(Path({str(folder)!r}))\n"
+        f"print(sorted(n for n in sys.modules if {condition}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 TRANSFORMERS_KWARGS = dict(padding="max_length", truncation=True, add_special_tokens=True,
                            return_attention_mask=True, return_tensors="pt")  # fmt: skip
 
@@ -150,8 +166,6 @@ def test_t5_tokenizer_gives_transformers_ids_without_importing_it(tmp_path, kind
     the ids and masks of transformers' AutoTokenizer on the same folder: raw and cleaned
     prompts, empty, unicode, truncated, with an extra-id token; for the demo checkpoint's
     tokenizer and for SentencePiece ones with UMT5's Precompiled normaliser."""
-    import subprocess
-    import sys
 
     from transformers import AutoTokenizer
 
@@ -173,14 +187,7 @@ def test_t5_tokenizer_gives_transformers_ids_without_importing_it(tmp_path, kind
         assert torch.equal(got.input_ids, want.input_ids), length
         assert torch.equal(got.attention_mask, want.attention_mask), length
     assert (got.attention_mask == 0).any() and got.attention_mask[len(PROMPTS) - 1].all()
-    code = (
-        "import sys; from pathlib import Path\n"
-        "from fastvideo.models.text_encoders import load_tokenizer\n"
-        f"load_tokenizer(Path({str(folder)!r}))\n"
-        "print(sorted(n for n in sys.modules if n.startswith('transformers')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert _modules_loading_imports(folder, "n.startswith('transformers')") == "[]"
 
 
 def test_t5_tokenizer_refuses_what_transformers_would_build_otherwise(tmp_path, monkeypatch):
@@ -222,8 +229,6 @@ def test_other_tokenizers_are_autotokenizers_without_the_auto_classes(tmp_path):
     """load_tokenizer for a class other than T5's: the class tokenizer_config.json names
     (fast variant first), so the ids are AutoTokenizer's whatever transformers version
     builds them; a folder naming no class still loads through AutoTokenizer."""
-    import subprocess
-    import sys
 
     from transformers import AutoTokenizer
 
@@ -243,14 +248,7 @@ def test_other_tokenizers_are_autotokenizers_without_the_auto_classes(tmp_path):
     got, want = ours(PROMPTS, **kwargs), ref(PROMPTS, **kwargs)
     assert torch.equal(got.input_ids, want.input_ids)
     assert torch.equal(got.attention_mask, want.attention_mask)
-    code = (
-        "import sys; from pathlib import Path\n"
-        "from fastvideo.models.text_encoders import load_tokenizer\n"
-        f"load_tokenizer(Path({str(folder)!r}))\n"
-        "print(sorted(n for n in sys.modules if 'tokenization_auto' in n or '.modeling_' in n))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert _modules_loading_imports(folder, "'tokenization_auto' in n or '.modeling_' in n") == "[]"
     config.pop("tokenizer_class")
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     plain = AutoTokenizer.from_pretrained(str(folder))(PROMPTS, **kwargs).input_ids
