@@ -257,9 +257,11 @@ class VAEConfig:
 
     vae_precision: str = _help("VAE weights/activations: fp32, bf16 or fp16.", "fp32")
     vae_tiling: bool | str = _help(
-        "Encode/decode in overlapping spatial tiles blended linearly (diffusers' "
-        "enable_tiling): True, False, or 'auto' (decode tiled only when its estimated memory "
-        "exceeds what is free on the device; logged).",
+        "True: encode/decode in overlapping spatial tiles blended linearly (diffusers' "
+        "enable_tiling, the tile_sample_* fields). 'auto': with the tile fields at their "
+        "defaults, decode in exact tiles (the untiled decode's video) when the whole decode "
+        "does not fit in free memory, and always under parallel decode; with other tile "
+        "fields, blended tiles when it does not fit (logged). False: never tiled.",
         "auto",
     )
     tile_sample_min_height: int = _help(
@@ -277,8 +279,9 @@ class VAEConfig:
     )
     vae_parallel_decode: bool = _help(
         "When a decode is tiled, every rank of the replica decodes a share of the tiles and "
-        "the output rank blends them (the same result as one rank). Loads the VAE on every "
-        "rank unless vae_tiling=False.",
+        "the output rank joins them (the same result as one rank; with vae_tiling='auto' "
+        "and default tile fields, exact tiles: the whole decode's video). Loads the VAE on "
+        "every rank unless vae_tiling=False.",
         True,
     )
 

@@ -561,6 +561,24 @@ def test_parallel_decode_equals_single_rank_tiled_decode(tiny_a, num_gpus, monke
     assert all(r.host_rss_bytes > 100 << 20 for r in ready.values())  # torch alone is more
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("num_gpus", [2, 3])
+def test_parallel_decode_in_exact_tiles_gives_the_whole_decode(tiny_a, num_gpus):
+    """The default vae_tiling='auto' on 2 and 3 ranks: each decodes its share of exact
+    tiles (a multiple of the ranks of them) and the output rank's frames are the whole
+    decode's."""
+    folder, _ = tiny_a
+    with VideoGenerator.from_pretrained(str(folder), num_gpus=num_gpus, device="cpu") as gen:
+        video = gen.generate_video(PROMPT, guidance_scale=1.0, **RUN)
+        latents = gen.generate_video(PROMPT, guidance_scale=1.0, output_type="latent", **RUN)
+    tiles = video.stats["vae_tiles"]
+    assert video.stats["vae_decode_ranks"] == num_gpus and tiles >= num_gpus
+    assert tiles % num_gpus == 0
+    _, whole = local_decodes(folder, latents.latents, num_threads=1)
+    diff = np.abs(video.frames.astype(int) - whole.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
 @pytest.fixture(scope="module")
 def tiny_deep(tmp_path_factory):
     """A tiny checkpoint with 8 blocks, so the blocks hold most of the DiT's weights."""

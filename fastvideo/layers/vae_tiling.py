@@ -24,7 +24,7 @@ Shapes: B batch, C channels, T frames; tiles cut the last two dims (H, W).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -218,28 +218,39 @@ def run_tiles(
         for index in order:
             assembler.add(fn(grid.crop(x, index)))
         return assembler.result()
+    mine = [fn(grid.crop(x, index)) for index in order[group.rank :: group.size]]
+    assembler = TileAssembler(grid) if group.rank == 0 else None
+    for tile in gather_tiles(group, mine, len(order), x):
+        assert assembler is not None
+        assembler.add(tile)
+    return assembler.result() if assembler is not None else None
+
+
+def gather_tiles(
+    group: GroupView, mine: list[torch.Tensor], count: int, like: torch.Tensor
+) -> Iterator[torch.Tensor]:
+    """The ``count`` tiles that rank q of ``group`` computed as ``mine`` (its tiles q,
+    q + n, ...), yielded in order on the group's first rank (nothing elsewhere); one round
+    of n tiles in flight at a time, each padded to the round's largest shape. ``mine`` is
+    emptied as its tiles are sent. ``like``: device (and dtype when a rank has no tile)."""
     n, me = group.size, group.rank
-    mine = [fn(grid.crop(x, index)) for index in order[me::n]]
-    rounds = math.ceil(len(order) / n)
-    shapes = _exchange_shapes(group, mine, rounds, x.ndim, x.device)  # [n, rounds, ndim]
-    assembler = TileAssembler(grid) if me == 0 else None
-    dtype = mine[0].dtype if mine else x.dtype
+    rounds = math.ceil(count / n)
+    shapes = _exchange_shapes(group, mine, rounds, like.ndim, like.device)  # [n, rounds, ndim]
+    dtype = mine[0].dtype if mine else like.dtype
     for r in range(rounds):
-        present = [q for q in range(n) if r * n + q < len(order)]
+        present = [q for q in range(n) if r * n + q < count]
         biggest = shapes[present, r].amax(dim=0).tolist()
-        padded = x.new_zeros(biggest, dtype=dtype)
+        padded = like.new_zeros(biggest, dtype=dtype)
         if r < len(mine):
             tile = mine[r]
             padded[tuple(slice(0, s) for s in tile.shape)] = tile
         parts = [torch.empty_like(padded) for _ in range(n)] if me == 0 else None
         dist.gather(padded, parts, dst=group.ranks[0], group=group.group)
         del padded
-        if assembler is not None:
+        if parts is not None:
             for q in present:
-                real = tuple(slice(0, s) for s in shapes[q, r].tolist())
-                assembler.add(parts[q][real])  # type: ignore[index]
+                yield parts[q][tuple(slice(0, s) for s in shapes[q, r].tolist())]
     mine.clear()
-    return assembler.result() if assembler is not None else None
 
 
 def _exchange_shapes(

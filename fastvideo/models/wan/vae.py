@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvideo.distributed.runtime import GroupView
 from fastvideo.layers.vae_tiling import (
     TileGrid,
     TileSizes,
     decode_grid,
     encode_grid,
+    gather_tiles,
     run_tiles,
 )
 from fastvideo.models.wan.vae22 import (
@@ -370,14 +372,15 @@ class WanVAE(nn.Module):
         return video, activations
 
     def fit_exact_tiles(
-        self, z_shape: tuple[int, ...], budget: int, max_tiles: int = 64
+        self, z_shape: tuple[int, ...], budget: int, max_tiles: int = 64, multiple_of: int = 1
     ) -> tuple[int, int] | None:
         """The ``(rows, cols)`` grid for :meth:`decode_exact_tiles` of latents ``z_shape``
         estimated to peak within ``budget`` bytes: of the grids of at most ``max_tiles``
         tiles that fit, the one with the least convolution work, halos included
         (:meth:`Decoder.tile_work`); None when none fits. A grid's peak estimate: the output
         video, the mid block's output over all latent frames, and one tile's decode with
-        its full-resolution halo."""
+        its full-resolution halo. ``multiple_of``: only tile counts divisible by it (one
+        share per rank of a parallel decode)."""
         b, c, frames, h, w = z_shape
         s = self.config.spatial_factor
         video, _ = self._decode_bytes(z_shape)
@@ -388,6 +391,8 @@ class WanVAE(nn.Module):
         best: tuple[float, tuple[int, int]] | None = None
         for rows in range(1, min(h, max_tiles) + 1):
             for cols in range(1, min(w, max_tiles // rows) + 1):
+                if (rows * cols) % multiple_of:
+                    continue
                 th = min(h, -(-h // rows) + 2 * pad) if rows > 1 else h
                 tw = min(w, -(-w // cols) + 2 * pad) if cols > 1 else w
                 if fixed + self._decode_bytes((b, c, frames, th, tw))[1] > budget:
@@ -461,7 +466,9 @@ class WanVAE(nn.Module):
             return self.finish_decode(out)
         return self._decode_frames(z, unfold=True).clamp_(-1.0, 1.0)
 
-    def decode_exact_tiles(self, z: Tensor, rows: int, cols: int) -> Tensor:
+    def decode_exact_tiles(
+        self, z: Tensor, rows: int, cols: int, group: GroupView | None = None
+    ) -> Tensor | None:
         """:meth:`decode` with the up blocks run over a ``rows x cols`` grid of tiles of the
         latent frame, one tile at a time: the same video (the same arithmetic on every
         output pixel; only the convolutions' algorithms may differ with the shapes), with
@@ -471,47 +478,65 @@ class WanVAE(nn.Module):
         (:meth:`Decoder.tile_halos`) and is cut back to it after each block; its causal
         caches are its own, so every tile runs through all latent frames alone. The mid
         block (its attention spans the frame) runs once over the whole frame first.
+
+        With a ``group`` of several ranks (all calling this alike), rank q decodes tiles q,
+        q + n, ... (each rank runs the mid block) and the group's first rank writes them
+        into the video, which it returns (None elsewhere): the same video again.
         """
         self._check_latents(z)
         b, _, frames, h, w = z.shape
         for name, n, extent in (("rows", rows, h), ("cols", cols, w)):
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= extent:
                 raise ValueError(f"decode_exact_tiles: {name} must be an int in 1..{extent}")
-        dec = self.decoder
+        cfg = self.config
+        k = cfg.spatial_factor  # output pixels per latent
+        per_frame = 2 ** sum(cfg.temperal_downsample)
+        tiles = [(r, c) for r in _spans(h, rows) for c in _spans(w, cols)]
+        ranks, me = (1, 0) if group is None else (group.size, group.rank)
+        mid = self._exact_mid(z)
+        halos = self.decoder.tile_halos()
+        decoded = (self._exact_tile_video(mid, r, c, halos) for r, c in tiles[me::ranks])
+        if ranks > 1:
+            assert group is not None
+            decoded = gather_tiles(group, list(decoded), len(tiles), mid)
+        out = None
+        if me == 0:
+            out = mid.new_empty(b, cfg.out_channels // cfg.patch**2,
+                                1 + (frames - 1) * per_frame, h * k, w * k)  # fmt: skip
+        for ((r0, r1), (c0, c1)), tile in zip(tiles, decoded, strict=False):
+            if out is not None:
+                out[:, :, :, r0 * k : r1 * k, c0 * k : c1 * k] = tile
+            del tile
+        return None if out is None else out.clamp_(-1.0, 1.0)
+
+    def _exact_mid(self, z: Tensor) -> Tensor:
+        """conv_in + mid block of every latent frame: [B, C_mid, T', h, w]."""
         x = self.post_quant_conv(z.to(self.dtype))
         cache = FeatureCache()
         mid = None  # written frame by frame: no second copy from a concatenation
-        for i in range(frames):
-            m = dec.middle(x[:, :, i : i + 1], cache)
+        for i in range(x.shape[2]):
+            m = self.decoder.middle(x[:, :, i : i + 1], cache)
             if mid is None:
-                mid = m.new_empty(*m.shape[:2], frames, *m.shape[3:])
+                mid = m.new_empty(*m.shape[:2], x.shape[2], *m.shape[3:])
             mid[:, :, i : i + 1] = m
         assert mid is not None
-        del x, cache
-        halos = dec.tile_halos()
-        p = self.config.patch
-        out = None
-        for r0, r1 in _spans(h, rows):
-            for c0, c1 in _spans(w, cols):
-                cache = FeatureCache()
-                written = 0
-                for i in range(frames):
-                    tile = _exact_tile(dec, mid[:, :, i : i + 1], (r0, r1), (c0, c1), halos,
-                                       cache)  # fmt: skip
-                    if p > 1:
-                        tile = unpatchify_space(tile, p)
-                    if out is None:
-                        per_frame = 2 ** sum(self.config.temperal_downsample)
-                        total = tile.shape[2] + (frames - 1) * per_frame
-                        k = tile.shape[3] // (r1 - r0)  # output pixels per latent
-                        out = tile.new_empty(b, tile.shape[1], total, h * k, w * k)
-                    k = out.shape[3] // h
-                    t = tile.shape[2]
-                    out[:, :, written : written + t, r0 * k : r1 * k, c0 * k : c1 * k] = tile
-                    written += t
-                    del tile
-        assert out is not None
-        return out.clamp_(-1.0, 1.0)
+        return mid
+
+    def _exact_tile_video(
+        self,
+        mid: Tensor,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        halos: list[tuple[int, int]],
+    ) -> Tensor:
+        """One exact tile through every latent frame -> its video [B, C, T, rows*k, cols*k]."""
+        cache = FeatureCache()
+        chunks = []
+        for i in range(mid.shape[2]):
+            tile = _exact_tile(self.decoder, mid[:, :, i : i + 1], rows, cols, halos, cache)
+            chunks.append(unpatchify_space(tile, self.config.patch) if self.config.patch > 1
+                          else tile)  # fmt: skip
+        return torch.cat(chunks, dim=2)
 
     def _check_latents(self, z: Tensor) -> None:
         if z.ndim != 5 or z.shape[1] != self.z_dim:

@@ -108,13 +108,13 @@ class DecodingStage(PipelineStage):
         vae = self.vae
         assert vae is not None
         grid = self._tile_grid(z, parallel)
-        if isinstance(grid, tuple):  # exact tiles, on the output rank alone
+        group = self.env.runtime.groups.replica if parallel else None
+        if isinstance(grid, tuple):  # exact tiles: the whole decode's video
             batch.stats["vae_tiles"] = float(grid[0] * grid[1])
-            batch.stats["vae_decode_ranks"] = 1.0
-            return vae.decode_exact_tiles(z, *grid)  # type: ignore[attr-defined]
+            batch.stats["vae_decode_ranks"] = float(group.size if group is not None else 1)
+            return vae.decode_exact_tiles(z, *grid, group)  # type: ignore[attr-defined]
         if grid is None:
             return vae.decode(z) if self.env.is_output_rank else None
-        group = self.env.runtime.groups.replica if parallel else None
         batch.stats["vae_tiles"] = float(len(grid))
         batch.stats["vae_decode_ranks"] = float(group.size if group is not None else 1)
         blended = run_tiles(z, grid, vae.decode_tile, group)  # type: ignore[union-attr]
@@ -122,17 +122,32 @@ class DecodingStage(PipelineStage):
 
     def _tile_grid(self, z: torch.Tensor, parallel: bool) -> TileGrid | tuple[int, int] | None:
         """The blended tiles to decode in, an exact-tile grid ``(rows, cols)``, or None for
-        a whole decode. Under parallel decode every rank of the replica takes the same
-        decision (tiled if any rank is short)."""
+        a whole decode. Every rank of a parallel decode takes the same decision.
+
+        ``vae_tiling='auto'`` with the tile fields at their defaults decodes in exact tiles
+        (the whole decode's video): under parallel decode always, a multiple of the ranks
+        of them within the least free memory of any rank; on one rank only when the whole
+        decode does not fit, as large as the free memory allows."""
         memory = self.env.settings.memory
         vae = self.vae
         if memory.vae_tiling is False or not can_tile(vae):
             return None
+        exact = (memory.vae_tiling == "auto" and memory.tile_sizes == TileSizes()
+                 and hasattr(vae, "fit_exact_tiles"))  # fmt: skip
+        free = free_memory_bytes(z.device)
+        if exact and parallel:
+            replica = self.env.runtime.groups.replica
+            least = torch.tensor([-float(free)], device=self.env.device)
+            free = int(-self.env.runtime.all_reduce_max_(replica, least).item())
+            grid = vae.fit_exact_tiles(  # type: ignore[union-attr]
+                tuple(z.shape), int(free * FIT_MARGIN), multiple_of=replica.size
+            )
+            if grid is not None:
+                return grid
         grid = vae.decode_grid(tuple(z.shape), memory.tile_sizes)  # type: ignore[union-attr]
         if grid is None or memory.vae_tiling is True:
             return grid
         need = vae.decode_memory_bytes(tuple(z.shape))  # type: ignore[union-attr]
-        free = free_memory_bytes(z.device)
         short = torch.tensor([float(need > free)])
         if parallel:
             replica = self.env.runtime.groups.replica
@@ -140,17 +155,14 @@ class DecodingStage(PipelineStage):
             short = self.env.runtime.all_reduce_max_(replica, flag).cpu()
         if not short.item():
             return None
-        if not parallel and memory.tile_sizes == TileSizes() and hasattr(vae, "fit_exact_tiles"):
-            # Tile fields left at their defaults: exact tiles (the whole decode's video, not
-            # a blend) as large as the free memory allows. Parallel decode keeps the
-            # blended default tiles, which every rank computes alike.
-            exact = vae.fit_exact_tiles(tuple(z.shape), int(free * FIT_MARGIN))
-            if exact is not None:
+        if exact and not parallel:
+            fitted = vae.fit_exact_tiles(tuple(z.shape), int(free * FIT_MARGIN))
+            if fitted is not None:
                 logger.info(
                     "decode of latents %s needs ~%.2f GiB, %.2f GiB free: decoding in %dx%d "
-                    "exact tiles", tuple(z.shape), need / GiB, free / GiB, *exact,
+                    "exact tiles", tuple(z.shape), need / GiB, free / GiB, *fitted,
                 )  # fmt: skip
-                return exact
+                return fitted
         sizes = memory.tile_sizes
         logger.info(
             "decode of latents %s needs ~%.2f GiB, %.2f GiB free: decoding in %d tiles "
