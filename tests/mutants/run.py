@@ -101,6 +101,16 @@ MUTANTS = [
     Mutant("lora-files-outside-the-folder-allowed", "fastvideo/entrypoints/http.py",
            "    if not target.is_relative_to(root):", "    if False:",
            ("tests/test_lora.py::test_loras_over_http_match_diffusers",)),
+    Mutant("exact-tiles-one-row-short-at-the-head", "fastvideo/models/wan/vae.py",
+           "        halo = _spatial_pad(self.conv_out)\n",
+           "        halo = _spatial_pad(self.conv_out) - 1\n",
+           ("tests/test_memory_fit.py::test_exact_tile_halos_are_needed",)),
+    Mutant("parallel-exact-tiles-all-ranks-decode-the-same", "fastvideo/models/wan/vae.py",
+           "for r, c in tiles[me::ranks])", "for r, c in tiles[::ranks])",
+           ("tests/test_memory_fit.py::test_parallel_decode_in_exact_tiles_gives_the_whole_decode",)),
+    Mutant("t5-tokenizer-splits-punctuation", "fastvideo/models/t5_tokenizer.py",
+           "pre_tokenizers.WhitespaceSplit(),", "pre_tokenizers.Whitespace(),",
+           ("tests/test_umt5.py::test_t5_tokenizer_gives_transformers_ids_without_importing_it",)),
 ]  # fmt: skip
 
 
