@@ -39,7 +39,9 @@ ATTENTION_BACKENDS = (
 )  # fmt: skip
 # Backends ring attention runs with: it merges partial results by log-sum-exp, which only
 # the SDPA kernels expose (cuDNN, flash, memory-efficient, CPU).
-RING_BACKENDS = ("auto", "sdpa")
+# Backends ring attention runs on (it merges partials by their log-sum-exp: SDPA's
+# kernels, or FA4's own).
+RING_BACKENDS = ("auto", "sdpa", "fa4")
 
 T = TypeVar("T")
 
@@ -568,7 +570,7 @@ class PipelineConfig:
         if backend not in RING_BACKENDS and (self.parallel_config.ring_degree or 1) > 1:
             raise ValueError(
                 f"attention_backend={backend!r} cannot run ring attention: use Ulysses "
-                f"(ulysses_degree), not ring_degree={self.ring_degree}, or 'auto'/'sdpa'"
+                f"(ulysses_degree), not ring_degree={self.ring_degree}, or 'auto'/'sdpa'/'fa4'"
             )
         replicas = self.replicas()
         if self.num_gpus % replicas:

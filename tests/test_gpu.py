@@ -99,6 +99,22 @@ def test_attention_backend_matches_fp32(attention_cases, backend, shape):
     assert _rel(wrong, ref) > POWER * tol, "the reference cannot tell a wrong answer"
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fa4_log_sum_exp_matches_sdpas(attention_cases, shape):
+    """Ring attention's partials from FA4 (attention_with_lse with the fa4 backend): the
+    output as accurate as FA4's own and the log-sum-exp equal to SDPA's kernel's."""
+    why = bridge._BACKENDS["fa4"].why_unavailable(CUDA, torch.bfloat16)
+    why = why or bridge._probe("fa4", CUDA, torch.bfloat16)
+    if why is not None:
+        pytest.skip(f"fa4 cannot run here: {why}")
+    q, k, v, ref, _ = attention_cases[shape]
+    out, lse = bridge.attention_with_lse(q, k, v, "fa4")
+    sdpa_out, sdpa_lse = bridge.attention_with_lse(q, k, v)
+    assert out.shape == q.shape and lse.shape == sdpa_lse.shape and lse.dtype == torch.float32
+    assert _rel(out, ref) < BACKEND_TOL.get("fa4", BF16_TOL)
+    assert (lse - sdpa_lse).abs().max() < 1e-2, (lse - sdpa_lse).abs().max()
+
+
 # --- sliding-tile attention at 480p ------------------------------------------------------------
 GRID_480P = TokenGrid(21, 30, 52)  # 480x832x81: 21 latent frames, 60x104 latents, patch 2x2
 TILE = (3, 8, 8)

@@ -551,3 +551,34 @@ def test_fa4_compiled_kernels_persist_on_disk_unless_the_user_says_otherwise(mon
     attention.fa4_disk_cache()
     assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
     assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == "/elsewhere"
+
+
+def test_fa4_log_sum_exp_feeds_ring_attentions_merge(fake_fa4):
+    """attention_with_lse with the fa4 backend calls FA4 for its log-sum-exp ([B, H, L],
+    natural log): the partials over two halves of the keys, merged as the ring merges
+    them, equal attention over all keys, and SDPA's own (out, lse)."""
+    from fastvideo.layers.attention import _merge
+
+    calls = []
+
+    def flash_attn_func(q, k, v, return_lse=False):
+        calls.append(return_lse)
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * q.shape[-1] ** -0.5
+        out = torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v.float()).to(q.dtype)
+        return out, (torch.logsumexp(scores, -1) if return_lse else None)
+
+    fake_fa4.flash_attn_func = flash_attn_func
+    q, k, v = (torch.randn(2, 12, 3, 8) for _ in range(3))
+    out, lse = bridge.attention_with_lse(q, k, v, "fa4")
+    ref_out, ref_lse = bridge.attention_with_lse(q, k, v)  # SDPA's kernel
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    merged = merged_lse = None
+    for keys in (slice(0, 5), slice(5, None)):  # two ring chunks of the keys
+        part = bridge.attention_with_lse(q, k[:, keys], v[:, keys], "fa4")
+        merged, merged_lse = _merge(merged, merged_lse, *part)
+    assert merged is not None and merged_lse is not None
+    torch.testing.assert_close(merged.to(q.dtype), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_lse, ref_lse, rtol=1e-5, atol=1e-5)
+    assert calls and all(calls)

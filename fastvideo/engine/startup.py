@@ -87,7 +87,7 @@ def check_plans(config: PipelineConfig, info: ModelInfo) -> None:
                 f"num_gpus={config.num_gpus} and {heads} heads the plan with guidance "
                 f"{'on' if use_cfg else 'off'} is {plan.describe()}. Use a GPU count whose "
                 f"Ulysses degree divides the heads (ulysses_degree=, cfg_parallel=), or "
-                f"attention_backend 'auto' or 'sdpa'"
+                f"attention_backend 'auto', 'sdpa' or 'fa4'"
             )
 
 

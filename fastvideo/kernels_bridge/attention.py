@@ -60,6 +60,9 @@ class AttentionBackend:
     # The start-up probe also compares the output with an fp32 reference (for kernels
     # whose packages are young: one that computes something else is passed over).
     checked: bool = False
+    # ``forward_lse(q, k, v)`` -> (out, lse [B, H, L] natural-log, fp32), for ring
+    # attention's merge; None: SDPA's kernels that expose it (``_fused_lse``).
+    forward_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -161,6 +164,19 @@ def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return out.transpose(1, 2)
 
 
+def _fa4_forward_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4 with its log-sum-exp ([B, H, L], natural log, fp32): [B, H, L, D] in and out."""
+    fa4_disk_cache()
+    from flash_attn.cute import flash_attn_func
+
+    # A ring chunk is a slice of the keys: strided in batch, so made dense for the kernel.
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    return out.transpose(1, 2), lse
+
+
 def _sage_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from sageattention import sageattn
 
@@ -202,6 +218,7 @@ register_backend(
         _needs_package("flash_attn.cute", "'fastvideo[fa4]'", min_capability=(9, 0)),
         _fa4_forward,
         checked=True,
+        forward_lse=_fa4_forward_lse,
     )
 )
 register_backend(AttentionBackend("sta", _always, _sta_forward, video_only=True))
@@ -333,17 +350,20 @@ def sta_with_lse(
 
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns the log-sum-exp of each query's scores.
 
     Args:
         q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+        backend: a resolved backend name (the model's): its own kernel when it returns
+            the log-sum-exp (FA4), else SDPA's kernels that do.
     Returns:
         out [B, Lq, H, D] (q's dtype) and lse [B, H, Lq] (fp32).
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out, lse = _fused_lse(qt, kt, vt)
+    own = _BACKENDS[active_backend(backend)].forward_lse
+    out, lse = (own or _fused_lse)(qt, kt, vt)
     return out.transpose(1, 2), lse.float().reshape(q.shape[0], q.shape[2], q.shape[1])
 
 

@@ -82,7 +82,7 @@ class DistributedAttention:
             """Attention over the Ulysses-gathered chunk [B, L/ring, h, D]."""
             if groups.ring.size == 1:
                 return attention(q, k[:, :total], v[:, :total], grid, self.backend, self.sta)
-            return _ring_attention(groups.ring, q, k, v, q.shape[1], total)
+            return _ring_attention(groups.ring, q, k, v, q.shape[1], total, self.backend)
 
         if groups.ulysses.size == 1:
             return attend(q, k, v)
@@ -199,11 +199,14 @@ def _ring_attention(
     v: torch.Tensor,
     chunk: int,
     total: int,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Attention of local q against every ring member's K/V chunk.
 
     Chunk r covers global tokens [r*chunk, (r+1)*chunk); its keys past ``total`` are
     padding and are cut off. The next chunk's transfer overlaps the current computation.
+    Each partial comes from ``backend``'s own kernel when it returns the log-sum-exp
+    (FA4), else from SDPA's.
     """
     size, me = view.size, view.rank
     nxt, prv = view.ranks[(me + 1) % size], view.ranks[(me - 1) % size]
@@ -221,7 +224,7 @@ def _ring_attention(
         owner = (me - step) % size
         valid = max(0, min(chunk, total - owner * chunk))
         if valid > 0:
-            part, part_lse = attention_with_lse(q, kv[0, :, :valid], kv[1, :, :valid])
+            part, part_lse = attention_with_lse(q, kv[0, :, :valid], kv[1, :, :valid], backend)
             out, lse = _merge(out, lse, part, part_lse)
         if pending is not None:
             for req in pending:
