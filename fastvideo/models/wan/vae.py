@@ -378,9 +378,9 @@ class WanVAE(nn.Module):
         estimated to peak within ``budget`` bytes: of the grids of at most ``max_tiles``
         tiles that fit, the one with the least convolution work, halos included
         (:meth:`Decoder.tile_work`); None when none fits. A grid's peak estimate: the output
-        video, the mid block's output over all latent frames, and one tile's decode with
-        its full-resolution halo. ``multiple_of``: only tile counts divisible by it (one
-        share per rank of a parallel decode)."""
+        video, the mid block's output over all latent frames, and one tile's decode (its
+        activations and its video) with its full-resolution halo. ``multiple_of``: only
+        tile counts divisible by it (one share per rank of a parallel decode)."""
         b, c, frames, h, w = z_shape
         s = self.config.spatial_factor
         video, _ = self._decode_bytes(z_shape)
@@ -395,7 +395,8 @@ class WanVAE(nn.Module):
                     continue
                 th = min(h, -(-h // rows) + 2 * pad) if rows > 1 else h
                 tw = min(w, -(-w // cols) + 2 * pad) if cols > 1 else w
-                if fixed + self._decode_bytes((b, c, frames, th, tw))[1] > budget:
+                tile_video, tile = self._decode_bytes((b, c, frames, th, tw))
+                if fixed + tile_video + tile > budget:  # the tile's video is written whole
                     continue
                 work = self.decoder.tile_work((h, w), rows, cols)
                 if best is None or work < best[0]:
@@ -531,12 +532,20 @@ class WanVAE(nn.Module):
     ) -> Tensor:
         """One exact tile through every latent frame -> its video [B, C, T, rows*k, cols*k]."""
         cache = FeatureCache()
-        chunks = []
+        video = None
+        written = 0
         for i in range(mid.shape[2]):
             tile = _exact_tile(self.decoder, mid[:, :, i : i + 1], rows, cols, halos, cache)
-            chunks.append(unpatchify_space(tile, self.config.patch) if self.config.patch > 1
-                          else tile)  # fmt: skip
-        return torch.cat(chunks, dim=2)
+            if self.config.patch > 1:
+                tile = unpatchify_space(tile, self.config.patch)
+            if video is None:  # latent frame 0 decodes to 1 frame, every later one to 2**k
+                per_frame = 2 ** sum(self.config.temperal_downsample)
+                total = tile.shape[2] + (mid.shape[2] - 1) * per_frame
+                video = tile.new_empty(*tile.shape[:2], total, *tile.shape[3:])
+            video[:, :, written : written + tile.shape[2]] = tile
+            written += tile.shape[2]
+        assert video is not None and written == video.shape[2]
+        return video
 
     def _check_latents(self, z: Tensor) -> None:
         if z.ndim != 5 or z.shape[1] != self.z_dim:
