@@ -21,6 +21,7 @@ Shapes use B batch, C channels, T frames, H height, W width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -532,20 +533,32 @@ class WanVAE(nn.Module):
     ) -> Tensor:
         """One exact tile through every latent frame -> its video [B, C, T, rows*k, cols*k]."""
         cache = FeatureCache()
-        video = None
+        dec = self.decoder
+        return self._frame_by_frame(
+            mid.shape[2], lambda i: _exact_tile(dec, mid[:, :, i : i + 1], rows, cols, halos, cache)
+        )
+
+    def _frame_by_frame(
+        self, latent_frames: int, decode: Callable[[int], Tensor], unfold: bool = True
+    ) -> Tensor:
+        """``decode(i)`` of every latent frame i (unfolded by the patch when ``unfold``),
+        written in time order into one tensor: frame 0 decodes to 1 frame, every later one
+        to 2**k."""
+        out = None
         written = 0
-        for i in range(mid.shape[2]):
-            tile = _exact_tile(self.decoder, mid[:, :, i : i + 1], rows, cols, halos, cache)
-            if self.config.patch > 1:
-                tile = unpatchify_space(tile, self.config.patch)
-            if video is None:  # latent frame 0 decodes to 1 frame, every later one to 2**k
+        for i in range(latent_frames):
+            frames = decode(i)
+            if unfold and self.config.patch > 1:
+                frames = unpatchify_space(frames, self.config.patch)
+            if out is None:
                 per_frame = 2 ** sum(self.config.temperal_downsample)
-                total = tile.shape[2] + (mid.shape[2] - 1) * per_frame
-                video = tile.new_empty(*tile.shape[:2], total, *tile.shape[3:])
-            video[:, :, written : written + tile.shape[2]] = tile
-            written += tile.shape[2]
-        assert video is not None and written == video.shape[2]
-        return video
+                total = frames.shape[2] + (latent_frames - 1) * per_frame
+                out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
+            out[:, :, written : written + frames.shape[2]] = frames
+            written += frames.shape[2]
+            del frames
+        assert out is not None and written == out.shape[2]
+        return out
 
     def _check_latents(self, z: Tensor) -> None:
         if z.ndim != 5 or z.shape[1] != self.z_dim:
@@ -556,21 +569,9 @@ class WanVAE(nn.Module):
         self._check_latents(z)
         x = self.post_quant_conv(z.to(self.dtype))
         cache = FeatureCache()
-        out = None
-        written = 0
-        for i in range(x.shape[2]):
-            frames = self.decoder(x[:, :, i : i + 1], cache)
-            if unfold and self.config.patch > 1:
-                frames = unpatchify_space(frames, self.config.patch)
-            if out is None:  # latent frame 0 decodes to 1 frame, every later one to 2**k
-                per_frame = 2 ** sum(self.config.temperal_downsample)
-                total = frames.shape[2] + (x.shape[2] - 1) * per_frame
-                out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
-            out[:, :, written : written + frames.shape[2]] = frames
-            written += frames.shape[2]
-            del frames
-        assert out is not None and written == out.shape[2]
-        return out
+        return self._frame_by_frame(
+            x.shape[2], lambda i: self.decoder(x[:, :, i : i + 1], cache), unfold
+        )
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """Config latents_mean / latents_std as [1, z_dim, 1, 1, 1] in ``like``'s dtype/device."""
