@@ -24,10 +24,12 @@ naming why, never a silent fallback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,13 +155,24 @@ def fa4_disk_cache() -> None:
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(envs.cache_dir() / "fa4"))
 
 
-def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _fa4_env() -> None:
+    """fa4_disk_cache once per process, not on every attention call."""
     fa4_disk_cache()
+
+
+def _fa4_func() -> Callable[..., Any]:
+    """``flash_attn.cute.flash_attn_func``, imported after its cache switches are set."""
+    _fa4_env()
     from flash_attn.cute import flash_attn_func
 
+    return flash_attn_func
+
+
+def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # FlashAttention-4 (CuTe DSL) takes [B, L, H, D] and returns (out, lse) in its 4.0
     # releases; an older build may return the output alone.
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = _fa4_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     out = out[0] if isinstance(out, tuple) else out
     return out.transpose(1, 2)
 
@@ -168,12 +181,9 @@ def _fa4_forward_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA4 with its log-sum-exp ([B, H, L], natural log, fp32): [B, H, L, D] in and out."""
-    fa4_disk_cache()
-    from flash_attn.cute import flash_attn_func
-
     # A ring chunk is a slice of the keys: strided in batch, so made dense for the kernel.
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    out, lse = _fa4_func()(q, k, v, return_lse=True)
     return out.transpose(1, 2), lse
 
 

@@ -114,9 +114,14 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.T
 
 
 # --- dispatch --------------------------------------------------------------------------
+def _enabled() -> bool:
+    """Fusion is on: not while torch.compile traces (Inductor fuses), nor switched off."""
+    return not torch.compiler.is_compiling() and envs.fused_kernels()
+
+
 def _fused(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether the Triton kernel takes these tensors (else the torch ops run)."""
-    if torch.compiler.is_compiling() or not envs.fused_kernels() or x.ndim != 3:
+    if not _enabled() or x.ndim != 3:
         return False
     if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
         return False
@@ -152,9 +157,7 @@ def rotary_fusable(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: tor
 
 
 def _fused_linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> bool:
-    if approximate != "tanh" or not x.is_cuda or x.requires_grad:
-        return False
-    if torch.compiler.is_compiling() or not envs.fused_kernels():
+    if approximate != "tanh" or not x.is_cuda or x.requires_grad or not _enabled():
         return False
     if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
         return False

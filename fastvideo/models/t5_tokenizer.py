@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from fastvideo.models.registry import read_json
+
 T5_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
 
 
@@ -57,10 +59,11 @@ class T5UnigramTokenizer:
         self.padding_side, self.truncation_side = padding_side, truncation_side
 
     @classmethod
-    def from_folder(cls, folder: Path) -> T5UnigramTokenizer:
+    def from_folder(cls, folder: Path, config: dict[str, Any] | None = None) -> T5UnigramTokenizer:
+        """The tokenizer of ``folder``; ``config``: its tokenizer_config.json, if read."""
         from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 
-        config = _read(folder / "tokenizer_config.json")
+        config = tokenizer_config(folder) if config is None else config
         backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
         charsmap = _precompiled_charsmap(backend.normalizer)
         backend.normalizer = normalizers.Precompiled(charsmap) if charsmap is not None else None
@@ -103,10 +106,11 @@ class T5UnigramTokenizer:
         return Tokenized(ids.reshape(len(texts), max_length), mask.reshape(len(texts), max_length))
 
 
-def builds_t5(folder: Path) -> bool:
+def builds_t5(folder: Path, config: dict[str, Any] | None = None) -> bool:
     """Whether ``T5UnigramTokenizer`` builds this folder's tokenizer as the installed
-    transformers would (a T5 class, a Unigram tokenizer.json, transformers 5)."""
-    config = _read(folder / "tokenizer_config.json")
+    transformers would (a T5 class, a Unigram tokenizer.json, transformers 5).
+    ``config``: its tokenizer_config.json, if read."""
+    config = tokenizer_config(folder) if config is None else config
     if config.get("tokenizer_class") not in T5_CLASSES:
         return False
     if not (folder / "tokenizer.json").is_file() or _transformers_major() < 5:
@@ -121,11 +125,10 @@ def _transformers_major() -> int:
         return 0
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
+def tokenizer_config(folder: Path) -> dict[str, Any]:
+    """The folder's tokenizer_config.json ({} when it has none)."""
+    path = folder / "tokenizer_config.json"
+    return read_json(path) if path.is_file() else {}
 
 
 def _token(value: Any, default: str) -> str:

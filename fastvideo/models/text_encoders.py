@@ -74,12 +74,12 @@ def load_tokenizer(folder: Path):
     machine)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"missing tokenizer folder {folder}")
-    if t5_tokenizer.builds_t5(folder):  # Wan's UMT5 tokenizer: no transformers import
-        return t5_tokenizer.T5UnigramTokenizer.from_folder(folder)
+    config = t5_tokenizer.tokenizer_config(folder)
+    if t5_tokenizer.builds_t5(folder, config):  # Wan's UMT5 tokenizer: no transformers import
+        return t5_tokenizer.T5UnigramTokenizer.from_folder(folder, config)
     import transformers
 
-    config = folder / "tokenizer_config.json"
-    name = read_json(config).get("tokenizer_class") if config.is_file() else None
+    name = config.get("tokenizer_class")
     if isinstance(name, str) and name.isidentifier():
         base = name.removesuffix("Fast")
         cls = getattr(transformers, f"{base}Fast", None) or getattr(transformers, base, None)

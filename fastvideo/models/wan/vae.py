@@ -273,14 +273,20 @@ class Decoder(nn.Module):
             out.append((halo, scale))
         return out[::-1]
 
-    def tile_work(self, latent_hw: tuple[int, int], rows: int, cols: int) -> float:
+    def tile_work(
+        self,
+        latent_hw: tuple[int, int],
+        rows: int,
+        cols: int,
+        halos: list[tuple[int, int]] | None = None,
+    ) -> float:
         """Convolution work of the up blocks and head over a ``rows x cols`` grid of exact
         tiles of a latent frame, relative to one whole-frame pass (1.0 for one tile): at
         each level, the tiles' areas with their halos (clipped at the frame) weighted by
         that level's multiply-adds per pixel (its convolutions' channels, and the frames a
-        latent frame has become there)."""
+        latent frame has become there). ``halos``: :meth:`tile_halos`, when at hand."""
         levels = [*self.up_blocks, None]
-        halos = self.tile_halos()
+        halos = self.tile_halos() if halos is None else halos
         scale, frames, total, whole = 1, 1, 0.0, 0.0
         for block, (halo, up) in zip(levels, halos, strict=True):
             convs = [self.conv_out] if block is None else [
@@ -387,7 +393,8 @@ class WanVAE(nn.Module):
         video, _ = self._decode_bytes(z_shape)
         mid = b * self.config.decoder_dim * self.config.dim_mult[-1] * frames * h * w
         fixed = video + mid * self.dtype.itemsize
-        halo_last, _ = self.decoder.tile_halos()[-2]
+        halos = self.decoder.tile_halos()
+        halo_last, _ = halos[-2]
         pad = -(-halo_last * self.config.patch // s)  # the last level's halo, in latents
         best: tuple[float, tuple[int, int]] | None = None
         for rows in range(1, min(h, max_tiles) + 1):
@@ -399,7 +406,7 @@ class WanVAE(nn.Module):
                 tile_video, tile = self._decode_bytes((b, c, frames, th, tw))
                 if fixed + tile_video + tile > budget:  # the tile's video is written whole
                     continue
-                work = self.decoder.tile_work((h, w), rows, cols)
+                work = self.decoder.tile_work((h, w), rows, cols, halos)
                 if best is None or work < best[0]:
                     best = (work, (rows, cols))
         return None if best is None else best[1]
@@ -515,14 +522,9 @@ class WanVAE(nn.Module):
         """conv_in + mid block of every latent frame: [B, C_mid, T', h, w]."""
         x = self.post_quant_conv(z.to(self.dtype))
         cache = FeatureCache()
-        mid = None  # written frame by frame: no second copy from a concatenation
-        for i in range(x.shape[2]):
-            m = self.decoder.middle(x[:, :, i : i + 1], cache)
-            if mid is None:
-                mid = m.new_empty(*m.shape[:2], x.shape[2], *m.shape[3:])
-            mid[:, :, i : i + 1] = m
-        assert mid is not None
-        return mid
+        return self._frame_by_frame(
+            x.shape[2], lambda i: self.decoder.middle(x[:, :, i : i + 1], cache), False, 1
+        )
 
     def _exact_tile_video(
         self,
@@ -539,11 +541,18 @@ class WanVAE(nn.Module):
         )
 
     def _frame_by_frame(
-        self, latent_frames: int, decode: Callable[[int], Tensor], unfold: bool = True
+        self,
+        latent_frames: int,
+        decode: Callable[[int], Tensor],
+        unfold: bool = True,
+        per_frame: int | None = None,
     ) -> Tensor:
         """``decode(i)`` of every latent frame i (unfolded by the patch when ``unfold``),
-        written in time order into one tensor: frame 0 decodes to 1 frame, every later one
-        to 2**k."""
+        written in time order into one tensor (no concatenation copy): frame 0 decodes to
+        as many frames as it gives, every later one to ``per_frame`` (default 2**k, the
+        video's frames per latent frame)."""
+        if per_frame is None:
+            per_frame = 2 ** sum(self.config.temperal_downsample)
         out = None
         written = 0
         for i in range(latent_frames):
@@ -551,7 +560,6 @@ class WanVAE(nn.Module):
             if unfold and self.config.patch > 1:
                 frames = unpatchify_space(frames, self.config.patch)
             if out is None:
-                per_frame = 2 ** sum(self.config.temperal_downsample)
                 total = frames.shape[2] + (latent_frames - 1) * per_frame
                 out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
             out[:, :, written : written + frames.shape[2]] = frames

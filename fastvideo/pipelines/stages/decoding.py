@@ -108,15 +108,14 @@ class DecodingStage(PipelineStage):
         vae = self.vae
         assert vae is not None
         grid = self._tile_grid(z, parallel)
-        group = self.env.runtime.groups.replica if parallel else None
-        if isinstance(grid, tuple):  # exact tiles: the whole decode's video
-            batch.stats["vae_tiles"] = float(grid[0] * grid[1])
-            batch.stats["vae_decode_ranks"] = float(group.size if group is not None else 1)
-            return vae.decode_exact_tiles(z, *grid, group)  # type: ignore[attr-defined]
         if grid is None:
             return vae.decode(z) if self.env.is_output_rank else None
-        batch.stats["vae_tiles"] = float(len(grid))
+        group = self.env.runtime.groups.replica if parallel else None
+        exact = isinstance(grid, tuple)  # exact tiles: the whole decode's video
+        batch.stats["vae_tiles"] = float(grid[0] * grid[1] if exact else len(grid))
         batch.stats["vae_decode_ranks"] = float(group.size if group is not None else 1)
+        if exact:
+            return vae.decode_exact_tiles(z, *grid, group)  # type: ignore[attr-defined]
         blended = run_tiles(z, grid, vae.decode_tile, group)  # type: ignore[union-attr]
         return None if blended is None else vae.finish_decode(blended)  # type: ignore[union-attr]
 
