@@ -133,6 +133,22 @@ def part_dit(args, res: dict, device: torch.device, compiled: bool) -> None:
             os.environ["FASTVIDEO_FUSED_KERNELS"] = "1"
         res["dit_eager_fused_rel_err_vs_unfused"] = rel_err(out_ours.float(), out_plain.float())
         del out_plain
+    if compiled and device.type == "cuda" and fused.triton_available() and envs.fused_kernels():
+        # The other compile mode: our fused kernels kept as ops in the graph, or Inductor's
+        # own fusion of the torch ops (FASTVIDEO_FUSED_UNDER_COMPILE picks the default).
+        default = fused._UNDER_COMPILE
+        fused._UNDER_COMPILE = not default
+        torch._dynamo.reset()
+        key = "ours_dit_compiled_inductor_fusion" if default else "ours_dit_compiled_our_kernels"
+        try:
+            out_alt = _time_dit(f"DiT compiled ours, {key.split('compiled_')[1]}", ours, inputs,
+                                device, args, res, key, warmup=1)  # fmt: skip
+        finally:
+            fused._UNDER_COMPILE = default
+            torch._dynamo.reset()
+        res["compiled_fused_under_compile"] = default
+        res[f"{key}_rel_err_vs_default"] = rel_err(out_alt.float(), out_ours.float())
+        del out_alt
     del ours
     free_memory()
     ref = WanTransformer3DModel.from_pretrained(str(args.model / "transformer"), torch_dtype=bf16)

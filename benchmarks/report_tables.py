@@ -85,6 +85,14 @@ def latency(r: dict[str, Any]) -> Lines:
         ours = _with_peak(r["ours_dit_eager_unfused_ms"], r.get("ours_dit_eager_unfused_peak_gib"))
         rows.append([f"DiT forward, eager without the fused kernels (fused rel. err {err})",
                      ours, "-", "-"])  # fmt: skip
+    for key, label in (("our_kernels", "our fused kernels as graph ops"),
+                       ("inductor_fusion", "Inductor's own fusion of the torch ops")):  # fmt: skip
+        if f"ours_dit_compiled_{key}_ms" in r:
+            ms = _with_peak(r[f"ours_dit_compiled_{key}_ms"],
+                            r.get(f"ours_dit_compiled_{key}_peak_gib"))  # fmt: skip
+            err = fmt(r.get(f"ours_dit_compiled_{key}_rel_err_vs_default"), ".1e")
+            rows.append([f"DiT forward, regional compile with {label} (rel. err vs the "
+                         f"default compile {err})", ms, "-", "-"])  # fmt: skip
     fp8 = r.get("fp8") or {}
     for tag in ("eager", "compiled"):
         if f"ours_dit_fp8_{tag}_ms" in fp8:

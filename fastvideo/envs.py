@@ -72,6 +72,15 @@ def fused_kernels() -> bool:
     return os.environ.get("FASTVIDEO_FUSED_KERNELS", "1").lower() not in ("0", "false", "no")
 
 
+def fused_under_compile() -> bool:
+    """FASTVIDEO_FUSED_UNDER_COMPILE: 1 keeps the fused kernels (as opaque ops) inside
+    graphs compiled by ``enable_torch_compile``; 0 leaves those regions to Inductor's own
+    fusion. Read once, at import of ``kernels_bridge.fused``; off with FASTVIDEO_FUSED_KERNELS=0."""
+    if not fused_kernels():
+        return False
+    return os.environ.get("FASTVIDEO_FUSED_UNDER_COMPILE", "0").lower() not in ("0", "false", "no")
+
+
 def worker_start() -> str:
     """FASTVIDEO_WORKER_START: how worker processes start: ``auto`` (default: forked from
     the driver where that is safe, see ``fastvideo.executor.forked``; else spawned),

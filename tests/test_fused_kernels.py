@@ -177,3 +177,100 @@ def test_triton_kernels_equal_the_torch_ops():
                          text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["cases", "16"]
+
+
+TINY_WAN = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16,
+    "in_channels": 4, "out_channels": 4, "text_dim": 24, "freq_dim": 32, "ffn_dim": 64,
+    "num_layers": 1, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
+}  # fmt: skip
+
+
+def _compiled_block_ops(monkeypatch, under_compile: bool):
+    """A tiny bf16 Wan block regionally compiled (a recording backend that runs the graph
+    as traced): the ``fastvideo::`` ops in its graphs, the graph breaks, and its output
+    against eager."""
+    from torch._dynamo.utils import counters
+
+    from fastvideo.layers.sequence import TokenGrid
+    from fastvideo.models.wan.transformer import (
+        FP32_PARAM_PATTERNS,
+        WanTransformer3D,
+        WanTransformerConfig,
+    )
+
+    # CPU tensors count as kernel-capable (the interpreter's rule); without Triton the ops
+    # run the torch path at run time, as on a GPU without a fitting input.
+    monkeypatch.setattr(fused, "_interpreting", lambda: True)
+    monkeypatch.setattr(fused, "triton_available", lambda: False)
+    monkeypatch.setattr(fused, "_UNDER_COMPILE", under_compile)
+    torch.manual_seed(0)
+    model = WanTransformer3D(WanTransformerConfig.from_dict(TINY_WAN))
+    for name, p in model.named_parameters():
+        if name.endswith("scale_shift_table"):
+            p.data.normal_(0.0, 0.5)
+        if not any(pat in name for pat in FP32_PARAM_PATTERNS):
+            p.data = p.data.bfloat16()
+    model.eval().requires_grad_(False)
+    grid = TokenGrid(2, 2, 3)
+    tokens = torch.randn(1, grid.num_tokens, 16).bfloat16()
+    text = torch.randn(1, 5, 24).bfloat16()
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        eager = model.forward_tokens(tokens, t, text, grid)
+        ops: list[str] = []
+
+        def record(gm, example_inputs):  # noqa: ANN001, ANN202
+            ops.extend(str(n.target) for n in gm.graph.nodes if "fastvideo" in str(n.target))
+            return gm.forward
+
+        torch._dynamo.reset()
+        counters.clear()
+        model.compile_blocks(record)  # type: ignore[arg-type]
+        compiled = model.forward_tokens(tokens, t, text, grid)
+        breaks = dict(counters["graph_break"])
+        torch._dynamo.reset()
+    return ops, breaks, compiled, eager
+
+
+def test_under_compile_the_fused_kernels_stay_in_the_graph_as_ops(monkeypatch):
+    """FASTVIDEO_FUSED_UNDER_COMPILE: a compiled Wan block holds our kernels as opaque ops
+    (the three norms, both gated residuals, both q/k norm+rotary passes, the FFN's
+    GELU linear, attention), no graph break, and its output is eager's; switched off, only
+    attention is ours and Inductor gets the torch ops."""
+    ops, breaks, compiled, eager = _compiled_block_ops(monkeypatch, under_compile=True)
+    assert not breaks, breaks
+    names = sorted(set(ops))
+    assert [n.split(".")[1] for n in names] == [
+        "dense_attention", "gated_residual", "linear_gelu", "norm_modulate", "norm_rotate",
+    ], names  # fmt: skip
+    assert ops.count("fastvideo.norm_modulate") == 3
+    assert ops.count("fastvideo.norm_rotate") == 2
+    assert ops.count("fastvideo.dense_attention") == 2, "self- and cross-attention"
+    assert torch.equal(compiled, eager)
+    ops, breaks, compiled, eager = _compiled_block_ops(monkeypatch, under_compile=False)
+    assert not breaks, breaks
+    assert set(ops) == {"fastvideo.dense_attention"}, ops
+    assert torch.equal(compiled, eager)
+
+
+def test_the_fused_ops_pass_torch_library_opcheck():
+    """Each op's fake (shape, dtype, strides) matches what it computes; schemas and
+    autograd registration are consistent (torch.library.opcheck)."""
+    from fastvideo.layers.rotary import RotaryEmbedding3D
+    from fastvideo.layers.sequence import TokenGrid
+
+    x = torch.randn(2, 12, 32).to(torch.bfloat16)
+    w, b = torch.randn(32), torch.randn(32)
+    scale, shift, _ = _mods(2, 12, 32, per_token=False)
+    ops = torch.ops.fastvideo
+    torch.library.opcheck(ops.norm_modulate.default, (x, w, b, scale, shift, 1e-6))
+    torch.library.opcheck(ops.norm_modulate.default, (x, None, None, None, None, 1e-6))
+    out, gate = torch.randn(2, 12, 32).to(torch.bfloat16), torch.randn(2, 1, 32)
+    torch.library.opcheck(ops.gated_residual.default, (x, out, gate))
+    lw, lb = torch.randn(48, 32).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
+    torch.library.opcheck(ops.linear_gelu.default, (x, lw, lb))
+    cos, sin = RotaryEmbedding3D(16)(TokenGrid(frames=2, height=2, width=3), None, x.device)
+    torch.library.opcheck(ops.norm_rotate.default, (x, w.bfloat16(), 1e-6, cos, sin))
+    q, k = torch.randn(1, 12, 2, 16), torch.randn(1, 5, 2, 16)
+    torch.library.opcheck(ops.dense_attention.default, (q, k, k.clone(), "sdpa"))

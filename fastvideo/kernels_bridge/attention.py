@@ -322,7 +322,6 @@ def needs_whole_sequence(name: str | None = None) -> bool:
     return _BACKENDS[active_backend(name)].video_only
 
 
-@eager_under_compile
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -332,6 +331,10 @@ def attention(
     sta: STAConfig | None = None,
 ) -> torch.Tensor:
     """Softmax attention, no mask, default scale 1/sqrt(D).
+
+    Under ``torch.compile`` a dense backend is one opaque op of the graph
+    (``torch.ops.fastvideo.dense_attention``), so a compiled block is one graph; sparse
+    video attention (STA with its grid) stays an eager region (a graph break).
 
     Args:
         q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
@@ -343,9 +346,48 @@ def attention(
         [B, Lq, H, D] in q's dtype.
     """
     impl = _BACKENDS[active_backend(backend)]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out = impl.forward(qt, kt, vt, grid, sta) if impl.video_only else impl.forward(qt, kt, vt)
+    if impl.video_only and grid is not None:
+        return _video_attention(q, k, v, grid, impl.name, sta)
+    # A video-only backend without the grid runs dense SDPA (text cross-attention).
+    name = "sdpa" if impl.video_only else impl.name
+    if torch.compiler.is_compiling():
+        return torch.ops.fastvideo.dense_attention(q, k, v, name)
+    return _dense(q, k, v, name)
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> torch.Tensor:
+    """A dense backend over [B, L, H, D] tensors: its output as a [B, Lq, H, D] view."""
+    out = _BACKENDS[name].forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+@torch.library.custom_op("fastvideo::dense_attention", mutates_args=())
+def _dense_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """``_dense`` as one op for torch.compile: the kernels stay ours (FA4's CuTe code is not
+    traceable), the graph around them unbroken. The output is made dense [B, Lq, H, D],
+    the layout the fake below promises the compiler."""
+    return _dense(q, k, v, backend).contiguous()
+
+
+@_dense_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@eager_under_compile
+def _video_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: TokenGrid,
+    name: str,
+    sta: STAConfig | None,
+) -> torch.Tensor:
+    """A video-only backend (STA) over the whole video's tokens: [B, L, H, D] in and out."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return _BACKENDS[name].forward(qt, kt, vt, grid, sta).transpose(1, 2)
 
 
 def sta_with_lse(

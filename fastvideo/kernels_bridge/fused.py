@@ -45,6 +45,9 @@ def norm_modulate(
     """
     if (scale is None) != (shift is None):
         raise ValueError("norm_modulate takes scale and shift together")
+    if in_graph(x) and isinstance(norm, nn.LayerNorm) and norm.normalized_shape == x.shape[-1:]:
+        w, b = norm.weight, norm.bias
+        return torch.ops.fastvideo.norm_modulate(x, w, b, scale, shift, float(norm.eps))
     if not _fused(x, scale, shift):
         h = norm(x.float())
         if scale is not None:
@@ -69,6 +72,8 @@ def norm_modulate(
 def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + out * gate`` in fp32, cast to ``x``'s dtype. x, out: [B, L, D]; gate: fp32,
     broadcast to [B, L, D] from [B, 1, D] or given per token."""
+    if in_graph(x) and out.shape == x.shape:
+        return torch.ops.fastvideo.gated_residual(x, out, gate)
     if not _fused(x, out, gate) or out.shape != x.shape:
         return (out * gate).add_(x).type_as(x)
     b, length, dim = x.shape
@@ -91,12 +96,20 @@ def rms_norm_rotary(
     (``fastvideo.layers.rotary.norm_and_rotate`` picks)."""
     if not rotary_fusable(x, norm, cos, sin):
         raise ValueError("rms_norm_rotary: inputs the kernel does not take (see rotary_fusable)")
+    return rms_norm_rotary_of(x, norm.weight, norm.eps, cos, sin)
+
+
+def rms_norm_rotary_of(
+    x: torch.Tensor, weight: torch.Tensor, eps: float | None, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``rms_norm_rotary`` given the RMSNorm's weight and eps (inputs ``rotary_fusable_of``
+    takes)."""
     b, length, dim = x.shape
     y = torch.empty_like(x)
-    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    eps = eps if eps is not None else torch.finfo(x.dtype).eps
     block, warps = _block(dim // 2)
     _kernels()["rms_norm_rotary"][(b * length,)](
-        x, norm.weight, cos, sin, y, length, dim // 2, cos.shape[-1], cos.stride(1),
+        x, weight, cos, sin, y, length, dim // 2, cos.shape[-1], cos.stride(1),
         sin.stride(1), float(eps), BLOCK=block, num_warps=warps,
     )  # fmt: skip
     return y
@@ -106,11 +119,86 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.T
     """``F.gelu(linear(x), approximate=approximate)``; on a GPU, for a plain bf16/fp16
     ``nn.Linear`` and the tanh GELU, one cuBLASLt matmul with a bias + GELU epilogue (the
     GELU taken on the fp32 accumulator, then rounded once)."""
+    if in_graph(x) and approximate == "tanh" and _plain_linear(linear, x.dtype):
+        return torch.ops.fastvideo.linear_gelu(x, linear.weight, linear.bias)
     if not _fused_linear_gelu(x, linear, approximate):
         return F.gelu(linear(x), approximate=approximate)
     flat = x.reshape(-1, x.shape[-1])
     out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# --- inside torch.compile ----------------------------------------------------------------
+# FASTVIDEO_FUSED_UNDER_COMPILE, read once at import (a compiled graph cannot read it).
+_UNDER_COMPILE = envs.fused_under_compile()
+
+
+def in_graph(x: torch.Tensor) -> bool:
+    """torch.compile is tracing and our kernels stay in its graph, as opaque ops (each one
+    of the functions above at run time, kernel or torch ops as they pick), instead of the
+    torch ops Inductor would fuse itself."""
+    if not (torch.compiler.is_compiling() and _UNDER_COMPILE):
+        return False
+    return x.is_cuda or _interpreting()
+
+
+def _dense_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+class _LayerNorm:
+    """The fp32 LayerNorm over the last dim that norm_modulate's op was handed as tensors
+    (the attributes norm_modulate reads of it, and its fp32 forward)."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), x.shape[-1:], w, b, self.eps)
+
+
+@torch.library.custom_op("fastvideo::norm_modulate", mutates_args=())
+def _norm_modulate_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    norm = _LayerNorm(weight, bias, eps)
+    return norm_modulate(x, norm, scale, shift).contiguous()  # type: ignore[arg-type]
+
+
+@_norm_modulate_op.register_fake
+def _(x, weight, bias, scale, shift, eps):  # noqa: ANN001, ANN202
+    return _dense_like(x)
+
+
+@torch.library.custom_op("fastvideo::gated_residual", mutates_args=())
+def _gated_residual_op(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return gated_residual(x, out, gate).contiguous()
+
+
+@_gated_residual_op.register_fake
+def _(x, out, gate):  # noqa: ANN001, ANN202
+    return _dense_like(x)
+
+
+@torch.library.custom_op("fastvideo::linear_gelu", mutates_args=())
+def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and x.is_contiguous() and _enabled():
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh").contiguous()
+
+
+@_linear_gelu_op.register_fake
+def _(x, weight, bias):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # --- dispatch --------------------------------------------------------------------------
@@ -143,9 +231,16 @@ def _fused(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
 
 def rotary_fusable(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether ``rms_norm_rotary`` takes these tensors (else the torch ops run)."""
-    if not _fused(x) or type(norm) is not nn.RMSNorm or norm.weight is None:
+    if type(norm) is not nn.RMSNorm or norm.weight is None:
         return False
-    if norm.weight.shape != (x.shape[2],) or norm.weight.device != x.device:
+    return rotary_fusable_of(x, norm.weight, cos, sin)
+
+
+def rotary_fusable_of(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> bool:
+    """``rotary_fusable`` given the RMSNorm's weight."""
+    if not _fused(x) or weight.shape != (x.shape[2],) or weight.device != x.device:
         return False
     half = cos.shape[-1]
     for t in (cos, sin):
@@ -159,14 +254,17 @@ def rotary_fusable(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: tor
 def _fused_linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> bool:
     if approximate != "tanh" or not x.is_cuda or x.requires_grad or not _enabled():
         return False
+    return _plain_linear(linear, x.dtype) and linear.weight.device == x.device and x.is_contiguous()
+
+
+def _plain_linear(linear: nn.Module, dtype: torch.dtype) -> bool:
+    """A plain half-precision ``nn.Linear`` with a bias: no hooks, no quantised weight."""
     if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
         return False
     w, bias = linear.weight, linear.bias
     if type(w) is not nn.Parameter or bias is None or type(bias) is not nn.Parameter:
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
-        return False
-    return bias.dtype == x.dtype and w.device == x.device and x.is_contiguous()
+    return dtype in (torch.bfloat16, torch.float16) and w.dtype == dtype and bias.dtype == dtype
 
 
 def _row_strides(t: torch.Tensor, b: int, length: int, dim: int) -> tuple[int, int]:

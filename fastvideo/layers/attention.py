@@ -55,7 +55,6 @@ class DistributedAttention:
         """Attention without sequence parallelism (e.g. cross-attention to the text)."""
         return attention(q, k, v, None, self.backend, self.sta)
 
-    @eager_under_compile  # collectives and kernel dispatch stay eager under compile
     def __call__(
         self,
         q: torch.Tensor,
@@ -68,12 +67,28 @@ class DistributedAttention:
 
         ``grid`` (the whole video's token grid) lets sparse video backends (STA) lay out
         their tiles; they need the whole sequence on one rank, so not ring attention.
+        On one rank this stays inside a compiled graph (``attention`` is one op there);
+        the sequence-parallel path is an eager region.
         """
         groups = self.runtime.groups if self.runtime is not None else None
         if groups is None or groups.sp.size == 1:
             if shard is not None and shard.valid < q.shape[1]:
                 k, v = k[:, : shard.valid], v[:, : shard.valid]
             return attention(q, k, v, grid, self.backend, self.sta)
+        return self._sharded(q, k, v, shard, grid)
+
+    @eager_under_compile  # collectives and kernel dispatch stay eager under compile
+    def _sharded(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        shard: SequenceShard | None,
+        grid: TokenGrid | None,
+    ) -> torch.Tensor:
+        """``__call__`` over a sequence split across the SP group (Ulysses and/or ring)."""
+        groups = self.runtime.groups if self.runtime is not None else None
+        assert groups is not None
         assert shard is not None, "a sharded sequence needs its SequenceShard"
         total = shard.total
         self._refuse_ring(groups.ring.size)

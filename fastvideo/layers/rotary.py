@@ -5,6 +5,7 @@ a height and a width part, each rotated by its own axis position.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.kernels_bridge import fused
@@ -89,6 +90,28 @@ def norm_and_rotate(
     """``apply_rotary(norm(x).unflatten(2, (-1, Dh)), cos, sin).flatten(2)`` for x
     [B, L, D] (heads of Dh = 2 * cos.shape[-1]); one fused pass on a GPU
     (``kernels_bridge.fused.rms_norm_rotary``) when ``norm`` is an ``nn.RMSNorm`` over D."""
+    if fused.in_graph(x) and type(norm) is nn.RMSNorm and norm.weight is not None:
+        return torch.ops.fastvideo.norm_rotate(x, norm.weight, norm.eps, cos, sin)
     if fused.rotary_fusable(x, norm, cos, sin):
         return fused.rms_norm_rotary(x, norm, cos, sin)
-    return apply_rotary(norm(x).unflatten(2, (-1, 2 * cos.shape[-1])), cos, sin).flatten(2)
+    return _rotate(norm(x), cos, sin)
+
+
+def _rotate(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return apply_rotary(h.unflatten(2, (-1, 2 * cos.shape[-1])), cos, sin).flatten(2)
+
+
+@torch.library.custom_op("fastvideo::norm_rotate", mutates_args=())
+def _norm_rotate_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float | None, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``norm_and_rotate`` of an ``nn.RMSNorm`` given as its weight and eps: one opaque op
+    of a compiled graph (``fused.in_graph``), the fused kernel or the torch ops at run time."""
+    if fused.rotary_fusable_of(x, weight, cos, sin):
+        return fused.rms_norm_rotary_of(x, weight, eps, cos, sin)
+    return _rotate(F.rms_norm(x, x.shape[-1:], weight, eps), cos, sin).contiguous()
+
+
+@_norm_rotate_op.register_fake
+def _(x, weight, eps, cos, sin):  # noqa: ANN001, ANN202
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)

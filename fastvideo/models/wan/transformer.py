@@ -531,9 +531,10 @@ class WanTransformer3D(nn.Module):
         self.dist_attn.backend, self.dist_attn.sta = backend, sta
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """Regional torch.compile: each block is compiled (one graph shared by all blocks,
-        attention and its collectives left eager), so compile time stays small and it
-        works under sequence parallelism."""
+        """Regional torch.compile: each block is compiled (one graph shared by all blocks;
+        on one rank dense attention is an op of that graph, under sequence parallelism its
+        collectives stay eager), so compile time stays small. ``backend``: a
+        torch.compile backend name (or callable)."""
         keep_eager_regions()
         for block in self.blocks:
             block.compile(backend=backend, mode=mode)
