@@ -288,6 +288,12 @@ def memory_fit(r: dict[str, Any]) -> Lines:
         else:
             extra = (f"estimate {fmt(c['estimate_gib'], '.2f')} GiB" if c["kind"] == "vae"
                      else f"weights on GPU {fmt(c['weights_on_gpu_gib'], '.2f')} GiB")  # fmt: skip
+            if c["kind"] == "vae" and "peak_above_weights_gib" in c:
+                extra += f"; +{fmt(c['peak_above_weights_gib'], '.2f')} GiB above the weights"
+            if c.get("grid"):
+                extra += (f"; grid {c['grid'][0]}x{c['grid'][1]} within "
+                          f"{fmt(c.get('exact_budget_gib'), '.2f')} GiB, halo work "
+                          f"{fmt(c.get('tile_work'), '.3f')}x")  # fmt: skip
             rows.append([what, fmt(c["ms"]), fmt(c["peak_gib"], ".2f"), extra])
     return table(["case", "ms", "peak GiB", "note"], rows)
 
@@ -321,4 +327,5 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "pytest": gpu_tests,
     "load": load,
     "memory_fit": memory_fit,
+    "memory_fit_vae": memory_fit,
 }

@@ -182,6 +182,10 @@ class AttentionBlock(nn.Module):
         qkv = self.to_qkv(self.norm(frames))  # [BT, 3C, H, W]
         qkv = qkv.reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()
         q, k, v = qkv.chunk(3, dim=-1)  # each [BT, 1 head, HW, C]
+        if q.is_cuda:
+            # CUDA's fused SDPA kernels refuse k and v's offsets into qkv for some widths
+            # ("query is not correctly aligned"); a copy costs little at the VAE's sizes.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w)
         out = self.proj(out).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
