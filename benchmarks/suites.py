@@ -51,8 +51,9 @@ def _module(name: str, *args: str) -> list[str]:
 
 
 def gpu_tests(ctx: Context) -> list[Step]:
-    argv = [PY, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs",
-            "-p", "no:cacheprovider", "--durations=0", "--results-json", "{out}"]  # fmt: skip
+    argv = [PY, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "tests/test_memory_fit_gpu.py",
+            "-q", "-rs", "-p", "no:cacheprovider", "--durations=0",
+            "--results-json", "{out}"]  # fmt: skip
     return [Step("pytest", argv)]
 
 

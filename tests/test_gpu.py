@@ -346,8 +346,16 @@ def test_fused_elementwise_kernels_match_the_torch_ops(monkeypatch, dim, per_tok
     for name, (got, want) in cases.items():
         assert got.dtype == want.dtype == torch.bfloat16, name
         diff = (got.float() - want.float()).abs()
-        assert (diff <= want.float().abs() * 2**-7 + 1e-6).all(), (name, diff.max().item())
-        assert (got == want).float().mean() > 0.99, name
+        bound = want.float().abs() * 2**-7  # one bf16 rounding of the value
+        if name == "rms_norm_rotary":
+            # The torch ops round the normalised values to bf16 before the rotation, which
+            # mixes the two values of a pair: that rounding is at the pair's magnitude (the
+            # rotation keeps it), so an output near 0 may differ by one step of that scale.
+            pair = want.float().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True)
+            bound = pair.expand(*pair.shape[:-1], 2).flatten(-2) * 2**-6
+        assert (diff <= bound + 1e-6).all(), (name, diff.max().item())
+        share = (got == want).float().mean().item()
+        assert share > (0.9 if name == "rms_norm_rotary" else 0.99), (name, share)
 
 
 def test_in_process_engine_on_cuda_returns_host_frames(tiny_a):

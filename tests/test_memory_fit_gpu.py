@@ -49,8 +49,11 @@ def test_layerwise_offload_on_cuda_equals_resident_and_frees_memory():
     torch.cuda.synchronize()
     block_params = [p for b in offloaded.blocks for p in b.parameters()]
     assert all(p.device.type == "cpu" and p.is_pinned() for p in block_params)
-    # Between calls: the embedding, plus block 0 prefetched for the next call.
-    assert torch.cuda.memory_allocated() < resident * 0.5
+    # Between calls only the embedding and block 0 (prefetched for the next call) stay:
+    # the other seven blocks' bytes are freed. (Counted as a difference: the allocator's
+    # total also holds cuBLAS's workspace, 32 MiB on Hopper.)
+    block_bytes = sum(p.numel() * p.element_size() for p in offloaded.blocks[0].parameters())
+    assert resident - torch.cuda.memory_allocated() >= 6.5 * block_bytes
     assert offloaded._fastvideo_offload.copies == 8 * 3 + 1
 
 
@@ -60,9 +63,11 @@ def test_park_unpark_and_on_demand_on_cuda():
     model = Blocks(depth=2).to(CUDA).eval()
     x = torch.randn(4, 64, device=CUDA)
     expected = model(x)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     before = torch.cuda.memory_allocated()
     park(model)
-    assert is_parked(model) and torch.cuda.memory_allocated() < before / 4
+    # Every weight byte left the device (a difference: cuBLAS's workspace stays allocated).
+    assert is_parked(model) and before - torch.cuda.memory_allocated() >= 0.99 * weights
     unpark(model, CUDA)
     assert torch.equal(model(x), expected)
     park(model)

@@ -182,3 +182,38 @@ def test_config_from_dict_rejects_unknown_fields():
     assert WanVAEConfig.from_dict(base) == WanVAEConfig()
     with pytest.raises(ValueError, match="not_a_field"):
         WanVAEConfig.from_dict({**base, "not_a_field": 1})
+
+
+def test_frame_attention_falls_back_to_math_when_the_fused_kernel_refuses(monkeypatch):
+    """torch's memory-efficient CUDA kernel refuses some small frames with "query is not
+    correctly aligned (strideM)" (seen on an H200, torch 2.11, a tiny VAE's edge tiles):
+    that call takes the math kernel and gives attention's output; other errors propagate."""
+    from torch.nn.attention import SDPBackend
+    from torch.nn.functional import scaled_dot_product_attention as real
+
+    from fastvideo.models.wan import vae_layers
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 7, 16, generator=gen) for _ in range(3))
+    calls = []
+
+    def refusing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("query is not correctly aligned (strideM)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vae_layers.F, "scaled_dot_product_attention", refusing)
+    entered = []
+    original = vae_layers.sdpa_kernel
+    monkeypatch.setattr(vae_layers, "sdpa_kernel", lambda b: entered.append(b) or original(b))
+    out = vae_layers.frame_attention(q, k, v)
+    assert len(calls) == 2 and entered == [[SDPBackend.MATH]]
+    assert torch.allclose(out, real(q, k, v), atol=1e-6)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(vae_layers.F, "scaled_dot_product_attention", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        vae_layers.frame_attention(q, k, v)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "AttentionBlock",
@@ -163,6 +164,19 @@ class ResidualBlock(nn.Module):
         return h.add_(skip)
 
 
+def frame_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA over one frame's positions. torch's memory-efficient CUDA kernel (the one fp32
+    gets) refuses some small frames, e.g. a tiny VAE's edge tiles, with "query is not
+    correctly aligned (strideM)" before it launches; those frames take the math kernel."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError as e:
+        if "not correctly aligned" not in str(e):
+            raise
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 class AttentionBlock(nn.Module):
     """Single-head self-attention among the H*W positions of each frame, plus a skip.
 
@@ -182,11 +196,7 @@ class AttentionBlock(nn.Module):
         qkv = self.to_qkv(self.norm(frames))  # [BT, 3C, H, W]
         qkv = qkv.reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()
         q, k, v = qkv.chunk(3, dim=-1)  # each [BT, 1 head, HW, C]
-        if q.is_cuda:
-            # CUDA's fused SDPA kernels refuse k and v's offsets into qkv for some widths
-            # ("query is not correctly aligned"); a copy costs little at the VAE's sizes.
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = frame_attention(q, k, v)
         out = out.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w)
         out = self.proj(out).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
         # `out + x`, not `x + out`: the sum takes the first operand's strides, and the later
