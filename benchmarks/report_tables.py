@@ -319,6 +319,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "latency_e2e": latency,
     "latency_fused": latency,
     "latency_previous": latency,
+    "latency_14b": latency,
     "models": models,
     "parallel_scaling": parallel_scaling,
     "diffusers_cp": diffusers_cp,
@@ -326,6 +327,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "engine_overhead_tiny": throughput,
     "pytest": gpu_tests,
     "load": load,
+    "load_previous": load,
     "memory_fit": memory_fit,
     "memory_fit_vae": memory_fit,
 }
