@@ -743,8 +743,8 @@ def test_exact_tiles_decode_the_whole_decodes_video(family):
 @pytest.mark.parametrize("family", sorted(EXACT_VAES))
 def test_exact_tile_halos_are_needed(family, monkeypatch):
     """With kernels that carry a tile's edge inward a row per layer, the halos of
-    Decoder.tile_halos still give the whole decode's video exactly, and one row less at
-    the last up block or at the head shows at the tile edges."""
+    Decoder.tile_halos still give the whole decode's video (to fp32 rounding), and one row
+    less at the last up block or at the head shows at the tile edges (over 100x that)."""
     config, hw = EXACT_VAES[family]
     vae = _random_vae(config, conv_out_scale=0.05)
     _corner_kernels(vae)
@@ -753,7 +753,9 @@ def test_exact_tile_halos_are_needed(family, monkeypatch):
     with torch.no_grad():
         whole = vae.decode(z)
         assert (whole.abs() < 0.99).float().mean() > 0.99
-        assert torch.equal(vae.decode_exact_tiles(z, 2, 3), whole)
+        # To fp32 rounding (the convolutions of a tile and of the whole frame may take
+        # different CPU kernels: bit-equal on some CPUs, 7e-7 apart on others).
+        torch.testing.assert_close(vae.decode_exact_tiles(z, 2, 3), whole, rtol=0, atol=1e-5)
         for level in (-2, -1):
             short = [list(h) for h in halos()]
             short[level][0] -= 1
