@@ -585,3 +585,76 @@ def test_fa4_log_sum_exp_feeds_ring_attentions_merge(fake_fa4):
     torch.testing.assert_close(merged.to(q.dtype), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged_lse, ref_lse, rtol=1e-5, atol=1e-5)
     assert calls and all(calls)
+
+
+def test_lazy_package_init_defers_the_packages_own_init(tmp_path, monkeypatch):
+    """lazy_package_init (FA4's import without quack's heavy __init__): submodules import
+    without running __init__, the eager ones at once; a name only __init__ defines runs it
+    (once); an already imported package is left alone; a failing eager import leaves no
+    half-registered package behind."""
+    import sys
+
+    pkg = tmp_path / "heavypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import sys\nsys.modules['heavypkg.trace'].ran.append('init')\n"
+        "from heavypkg import slow\nVALUE = 41 + slow.ONE\n"
+    )
+    (pkg / "trace.py").write_text("ran = []\n")
+    (pkg / "slow.py").write_text("import heavypkg.trace as t\nt.ran.append('slow')\nONE = 1\n")
+    (pkg / "dsl.py").write_text("import heavypkg.trace as t\nt.ran.append('dsl')\n")
+    (pkg / "util.py").write_text("X = 3\n")
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("")
+    (tmp_path / "brokenpkg" / "dsl.py").write_text("raise ImportError('no')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("heavypkg", "brokenpkg"):
+            monkeypatch.delitem(sys.modules, name)
+    import importlib
+
+    # trace first, so __init__ can record into it (imported as a submodule: no __init__)
+    assert bridge.lazy_package_init("heavypkg", eager=("trace", "dsl"))
+    trace = sys.modules["heavypkg.trace"]
+    assert trace.ran == ["dsl"]
+    from heavypkg import util  # a submodule: still no __init__
+
+    assert util.X == 3 and trace.ran == ["dsl"]
+    heavypkg = importlib.import_module("heavypkg")
+    assert heavypkg.VALUE == 42 and trace.ran == ["dsl", "init", "slow"]
+    assert heavypkg.VALUE == 42 and trace.ran == ["dsl", "init", "slow"]  # ran once
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        heavypkg.missing  # noqa: B018
+    assert not bridge.lazy_package_init("heavypkg")
+    with pytest.raises(ImportError, match="no"):
+        bridge.lazy_package_init("brokenpkg", eager=("dsl",))
+    assert not any(n.split(".")[0] == "brokenpkg" for n in sys.modules)
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("heavypkg", "brokenpkg"):
+            del sys.modules[name]
+
+
+def test_fa4_preload_imports_on_a_thread_only_where_fa4_would_run(monkeypatch, fake_fa4):
+    """preload: on a CUDA device where auto (or an explicit fa4) would use FA4, its import
+    starts on a thread (the worker's weight reads overlap it); elsewhere nothing starts."""
+    cuda = torch.device("cuda", 0)
+    assert bridge.preload("auto", CPU) is None
+    assert bridge.preload("sdpa", cuda) is None
+    monkeypatch.setattr(bridge, "auto_preference", lambda device: ["fa4", "sdpa"])
+    import dataclasses
+
+    fa4 = bridge._BACKENDS["fa4"]
+    monkeypatch.setitem(
+        bridge._BACKENDS, "fa4", dataclasses.replace(fa4, why_unavailable=lambda d, t: "no")
+    )
+    assert bridge.preload("auto", cuda) is None
+    monkeypatch.setitem(
+        bridge._BACKENDS, "fa4", dataclasses.replace(fa4, why_unavailable=lambda d, t: None)
+    )
+    imported = []
+    monkeypatch.setattr(bridge, "_fa4_func", lambda: imported.append(True))
+    for name in ("auto", "fa4", None):
+        thread = bridge.preload(name, cuda)
+        assert thread is not None
+        thread.join(5)
+    assert imported == [True, True, True]

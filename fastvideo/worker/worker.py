@@ -258,6 +258,8 @@ class Worker:
         start = time.perf_counter()
         # Before anything is allocated or planned on the device.
         cap_device_memory(self.device, self.config.offload_config.device_memory_gb)
+        # FA4's import (seconds) overlaps the reads; the backend probe then finds it done.
+        attention_bridge.preload(self.config.attention_config.resolved_backend(), self.device)
         plan = self._plan_load()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 8
         threads = max(2, min(8, cores // max(1, min(self.world_size, 8))))
