@@ -589,17 +589,18 @@ def test_fa4_log_sum_exp_feeds_ring_attentions_merge(fake_fa4):
 
 def test_lazy_package_init_defers_the_packages_own_init(tmp_path, monkeypatch):
     """lazy_package_init (FA4's import without quack's heavy __init__): submodules import
-    without running __init__, the eager ones at once; a name only __init__ defines runs it
-    (once); an already imported package is left alone; a failing eager import leaves no
-    half-registered package behind."""
+    without running __init__, the eager ones at once; a name __init__ binds (even one that
+    is also a submodule's) runs it, once; an already imported package is left alone; a
+    failing eager import leaves no half-registered package behind."""
     import sys
 
     pkg = tmp_path / "heavypkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
         "import sys\nsys.modules['heavypkg.trace'].ran.append('init')\n"
-        "from heavypkg import slow\nVALUE = 41 + slow.ONE\n"
+        "from heavypkg import slow\nfrom heavypkg.tool import tool\nVALUE = 41 + slow.ONE\n"
     )
+    (pkg / "tool.py").write_text("def tool():\n    return 'fn'\n")
     (pkg / "trace.py").write_text("ran = []\n")
     (pkg / "slow.py").write_text("import heavypkg.trace as t\nt.ran.append('slow')\nONE = 1\n")
     (pkg / "dsl.py").write_text("import heavypkg.trace as t\nt.ran.append('dsl')\n")
@@ -621,6 +622,8 @@ def test_lazy_package_init_defers_the_packages_own_init(tmp_path, monkeypatch):
 
     assert util.X == 3 and trace.ran == ["dsl"]
     heavypkg = importlib.import_module("heavypkg")
+    # A submodule's name that __init__ rebinds (to a function) is __init__'s binding.
+    assert heavypkg.tool() == "fn" and trace.ran == ["dsl", "init", "slow"]
     assert heavypkg.VALUE == 42 and trace.ran == ["dsl", "init", "slow"]
     assert heavypkg.VALUE == 42 and trace.ran == ["dsl", "init", "slow"]  # ran once
     with pytest.raises(AttributeError, match="no attribute 'missing'"):

@@ -32,6 +32,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -166,9 +167,9 @@ def _fa4_env() -> None:
 
 def lazy_package_init(name: str, eager: tuple[str, ...] = ()) -> bool:
     """Register package ``name`` without running its ``__init__``: its submodules import
-    as usual, ``eager`` ones now, and the rest of ``__init__`` runs on the first access to
-    a name that is not a submodule. False (nothing changed) when the package is already
-    imported or not found.
+    as usual, ``eager`` ones now, and ``__init__`` runs on the first access to a name it
+    binds or that is not a submodule. False (nothing changed) when the package is already
+    imported, not found, or its ``__init__`` cannot be read.
 
     For FA4: ``flash_attn.cute`` imports quack's utility modules, and quack's ``__init__``
     also imports its RMSNorm/softmax/cross-entropy kernels, whose autotuner imports
@@ -179,11 +180,16 @@ def lazy_package_init(name: str, eager: tuple[str, ...] = ()) -> bool:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
         return False
+    # The names __init__ binds (``from .rmsnorm import rmsnorm`` makes ``rmsnorm`` a
+    # function, not the submodule) always come from running it.
+    own = _names_bound_by(spec.origin) if spec.origin else None
+    if own is None:
+        return False
     package = importlib.util.module_from_spec(spec)
     lock = threading.Lock()
 
     def __getattr__(attr: str) -> Any:  # noqa: N807 - the module-level hook
-        if not attr.startswith("__") and importlib.util.find_spec(f"{name}.{attr}") is not None:
+        if attr not in own and importlib.util.find_spec(f"{name}.{attr}") is not None:
             return importlib.import_module(f"{name}.{attr}")
         with lock:
             if package.__dict__.pop("__getattr__", None) is not None:
@@ -202,6 +208,26 @@ def lazy_package_init(name: str, eager: tuple[str, ...] = ()) -> bool:
             del sys.modules[key]
         raise
     return True
+
+
+def _names_bound_by(path: str) -> set[str] | None:
+    """Every name a module's source binds anywhere (imports, assignments, definitions,
+    dunders included; more than its globals, never fewer), or None when it cannot be read."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    names = {"__version__", "__all__", "__getattr__", "__dir__"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+    return names
 
 
 _fa4_import_lock = threading.Lock()
