@@ -327,7 +327,8 @@ def main() -> None:
         subprocess.run(cmd, check=True)
     from benchmarks.common import environment
 
-    res = {**environment(), **git_state(), "model": str(args.model), "device": args.device}
+    res = {"benchmark": "load", **environment(), **git_state(), "model": str(args.model),
+           "device": args.device}  # fmt: skip
     res.update(measure(args))
     summarise(res)
     if args.reads:

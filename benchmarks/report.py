@@ -77,7 +77,8 @@ def render_entry(name: str, entry: dict[str, Any], suite_env: dict[str, Any]) ->
     if status != "complete":
         lines += ["", f"_{status}: {entry.get('reason', '')}; the figures below are what it "
                       "measured before that_"]  # fmt: skip
-    renderer = RENDERERS.get(name, render_generic)
+    # An entry kept under another name (latency_14b, memory_fit_vae) renders as its script.
+    renderer = RENDERERS.get(name) or RENDERERS.get(result.get("benchmark", ""), render_generic)
     return lines + ["", *renderer(result), ""]
 
 

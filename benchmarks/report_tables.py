@@ -316,10 +316,6 @@ def render_generic(r: dict[str, Any]) -> Lines:
 RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "attention_kernels": attention_kernels,
     "latency": latency,
-    "latency_e2e": latency,
-    "latency_fused": latency,
-    "latency_previous": latency,
-    "latency_14b": latency,
     "models": models,
     "parallel_scaling": parallel_scaling,
     "diffusers_cp": diffusers_cp,
@@ -327,7 +323,6 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Lines]] = {
     "engine_overhead_tiny": throughput,
     "pytest": gpu_tests,
     "load": load,
-    "load_previous": load,
+    "load_previous": load,  # written before load.py named itself in its result
     "memory_fit": memory_fit,
-    "memory_fit_vae": memory_fit,
 }

@@ -123,8 +123,13 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.T
         return torch.ops.fastvideo.linear_gelu(x, linear.weight, linear.bias)
     if not _fused_linear_gelu(x, linear, approximate):
         return F.gelu(linear(x), approximate=approximate)
+    return _gelu_epilogue(x, linear.weight, linear.bias)
+
+
+def _gelu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias`` with the tanh GELU in cuBLASLt's epilogue; x [..., K]."""
     flat = x.reshape(-1, x.shape[-1])
-    out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
+    out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -142,7 +147,8 @@ def in_graph(x: torch.Tensor) -> bool:
     return x.is_cuda or _interpreting()
 
 
-def _dense_like(x: torch.Tensor) -> torch.Tensor:
+def dense_like(x: torch.Tensor) -> torch.Tensor:
+    """A dense (contiguous) empty tensor of x's shape: what each op's fake returns."""
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -174,7 +180,7 @@ def _norm_modulate_op(
 
 @_norm_modulate_op.register_fake
 def _(x, weight, bias, scale, shift, eps):  # noqa: ANN001, ANN202
-    return _dense_like(x)
+    return dense_like(x)
 
 
 @torch.library.custom_op("fastvideo::gated_residual", mutates_args=())
@@ -184,15 +190,13 @@ def _gated_residual_op(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -
 
 @_gated_residual_op.register_fake
 def _(x, out, gate):  # noqa: ANN001, ANN202
-    return _dense_like(x)
+    return dense_like(x)
 
 
 @torch.library.custom_op("fastvideo::linear_gelu", mutates_args=())
 def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and x.is_contiguous() and _enabled():
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _gelu_epilogue(x, weight, bias)
     return F.gelu(F.linear(x, weight, bias), approximate="tanh").contiguous()
 
 

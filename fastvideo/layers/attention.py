@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from fastvideo.distributed.runtime import GroupView, ParallelRuntime
+from fastvideo.distributed.runtime import GroupView, ParallelRuntime, PlanGroups
 from fastvideo.kernels_bridge.attention import (
     active_backend,
     attention,
@@ -75,11 +75,12 @@ class DistributedAttention:
             if shard is not None and shard.valid < q.shape[1]:
                 k, v = k[:, : shard.valid], v[:, : shard.valid]
             return attention(q, k, v, grid, self.backend, self.sta)
-        return self._sharded(q, k, v, shard, grid)
+        return self._sharded(groups, q, k, v, shard, grid)
 
     @eager_under_compile  # collectives and kernel dispatch stay eager under compile
     def _sharded(
         self,
+        groups: PlanGroups,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -87,8 +88,6 @@ class DistributedAttention:
         grid: TokenGrid | None,
     ) -> torch.Tensor:
         """``__call__`` over a sequence split across the SP group (Ulysses and/or ring)."""
-        groups = self.runtime.groups if self.runtime is not None else None
-        assert groups is not None
         assert shard is not None, "a sharded sequence needs its SequenceShard"
         total = shard.total
         self._refuse_ring(groups.ring.size)

@@ -114,4 +114,4 @@ def _norm_rotate_op(
 
 @_norm_rotate_op.register_fake
 def _(x, weight, eps, cos, sin):  # noqa: ANN001, ANN202
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return fused.dense_like(x)
