@@ -114,7 +114,7 @@ MUTANTS = [
     Mutant("vae-frame-attention-without-the-math-fallback", "fastvideo/models/wan/vae_layers.py",
            'if "not correctly aligned" not in str(e):', "if True:",
            ("tests/test_wan_vae.py::test_frame_attention_falls_back_to_math_when_the_fused_kernel_refuses",)),
-    Mutant("lazy-package-submodule-shadows-init-binding", "fastvideo/kernels_bridge/attention.py",
+    Mutant("lazy-package-submodule-shadows-init-binding", "fastvideo/kernels_bridge/lazy_import.py",
            "if attr not in own and importlib.util.find_spec", "if importlib.util.find_spec",
            ("tests/test_kernels.py::test_lazy_package_init_defers_the_packages_own_init",)),
     Mutant("fa4-preload-for-any-backend", "fastvideo/kernels_bridge/attention.py",
