@@ -375,6 +375,31 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
+def gpu_idle(spans: list[tuple[float, float, str]], top: int = 8) -> dict[str, Any]:
+    """GPU idle time inside one profiled forward, from kernel (start, end, name) spans in
+    microseconds: the span from the first start to the last end, the time no kernel ran,
+    and that idle time grouped by the kernel that ended each gap (the launch it waited
+    for)."""
+    if not spans:
+        return {"gpu_span_ms": 0.0, "gpu_idle_ms": 0.0, "idle_before": []}
+    spans = sorted(spans)
+    busy_until = spans[0][1]
+    idle = 0.0
+    before: dict[str, list[float]] = {}
+    for start, end, name in spans[1:]:
+        if start > busy_until:
+            idle += start - busy_until
+            before.setdefault(name, []).append(start - busy_until)
+        busy_until = max(busy_until, end)
+    ranked = sorted(before.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "gpu_span_ms": (busy_until - spans[0][0]) / 1e3,
+        "gpu_idle_ms": idle / 1e3,
+        "idle_before": [{"name": n[:120], "kind": kernel_kind(n), "gaps": len(g),
+                         "ms": sum(g) / 1e3} for n, g in ranked],
+    }  # fmt: skip
+
+
 def part_profile(args, res: dict, device: torch.device) -> None:
     """Kernel time of one eager forward of ours, by kind."""
     from torch.profiler import ProfilerActivity, profile
@@ -390,13 +415,22 @@ def part_profile(args, res: dict, device: torch.device) -> None:
     with torch.no_grad():
         model(*inputs)
         synchronize(device)
+        # Host time to enqueue one forward (no sync inside) against its wall time: equal
+        # when the GPU waits for the CPU's launches.
+        start = time.perf_counter()
+        model(*inputs)
+        host_ms = (time.perf_counter() - start) * 1e3
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(*inputs)
             synchronize(device)
     kernels: dict[str, list[float]] = {}
+    spans: list[tuple[float, float, str]] = []
     for e in prof.events():
         if e.device_type.name == "CUDA":
             kernels.setdefault(e.name, []).append(e.device_time / 1e3)
+            spans.append((e.time_range.start, e.time_range.end, e.name))
     by_kind: dict[str, float] = {}
     for name, times in kernels.items():
         kind = kernel_kind(name)
@@ -405,11 +439,17 @@ def part_profile(args, res: dict, device: torch.device) -> None:
     res["profile"] = {
         "attention_backend": env.settings.attention_backend,
         "kernel_ms_by_kind": by_kind, "kernel_ms_total": sum(by_kind.values()),
+        "host_enqueue_ms": host_ms, "wall_ms": wall_ms, **gpu_idle(spans),
         "top_kernels": [{"name": n[:120], "kind": kernel_kind(n), "calls": len(t),
                          "ms": sum(t)} for n, t in top],
     }  # fmt: skip
     print("kernel time by kind (one eager forward): " + ", ".join(
         f"{k} {v:.1f} ms" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))  # fmt: skip
+    pr = res["profile"]
+    print(f"host enqueue {host_ms:.1f} ms of {wall_ms:.1f} ms wall; GPU idle "
+          f"{pr['gpu_idle_ms']:.1f} ms of a {pr['gpu_span_ms']:.1f} ms span")  # fmt: skip
+    for g in pr["idle_before"]:
+        print(f"  idle {g['ms']:7.2f} ms {g['gaps']:5d}x before [{g['kind']}] {g['name'][:80]}")
     for k in res["profile"]["top_kernels"]:
         print(f"  {k['ms']:8.1f} ms {k['calls']:5d}x  [{k['kind']}] {k['name'][:90]}")
     del model

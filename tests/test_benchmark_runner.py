@@ -121,3 +121,16 @@ def test_pytest_results_json_records_each_test(tmp_path):
     assert data["counts"] == {"passed": 4}
     assert {t["test"].split("[")[0] for t in data["tests"]} == set(tests)
     assert all(t["outcome"] == "passed" and t["duration_s"] >= 0 for t in data["tests"])
+
+
+def test_gpu_idle_counts_the_gaps_between_kernels_and_names_the_launch_waited_for():
+    from benchmarks.latency import gpu_idle
+
+    # Microseconds: an overlap (no gap), a 30 us gap before "flash_fwd", 10 before "gemm".
+    spans = [(0, 100, "gemm"), (50, 120, "norm"), (150, 400, "flash_fwd"), (410, 500, "gemm")]
+    got = gpu_idle(spans)
+    assert got["gpu_span_ms"] == pytest.approx(0.5)
+    assert got["gpu_idle_ms"] == pytest.approx(0.04)
+    assert [(g["name"], g["gaps"]) for g in got["idle_before"]] == [("flash_fwd", 1), ("gemm", 1)]
+    assert got["idle_before"][0]["ms"] == pytest.approx(0.03)
+    assert gpu_idle([])["gpu_idle_ms"] == 0.0
