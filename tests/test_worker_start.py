@@ -97,3 +97,22 @@ def test_each_forked_child_sees_only_its_own_death_pipe():
                 child.kill()
                 child.wait(timeout=10)
         second.stdin.close()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_workers_started_early_are_told_their_device_type(monkeypatch, device):
+    """spawn_workers hands each worker (forked or spawned) the device type it will get,
+    which a CUDA worker uses while it waits for its arguments (FA4's import)."""
+    from fastvideo.executor import multiproc
+    from fastvideo.worker.main import DEVICE_HINT
+
+    envs = []
+    monkeypatch.setattr(forked, "start_method", lambda d: ("fork", "test"))
+    monkeypatch.setattr(forked, "fork_worker", lambda env: envs.append(env) or "forked")
+    assert multiproc.spawn_workers(2, device) == ["forked", "forked"]
+    assert [env[DEVICE_HINT] for env in envs] == [device, device]
+    popen = []
+    monkeypatch.setattr(forked, "start_method", lambda d: ("spawn", "test"))
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: popen.append(kw["env"]) or "proc")
+    assert multiproc.spawn_workers(1, device) == ["proc"]
+    assert popen[0][DEVICE_HINT] == device

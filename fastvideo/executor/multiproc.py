@@ -61,7 +61,7 @@ from fastvideo.wire.messages import (
     WorkerFailure,
     WorkerReady,
 )
-from fastvideo.worker.main import encode_args
+from fastvideo.worker.main import DEVICE_HINT, encode_args
 
 if TYPE_CHECKING:
     WorkerProcess = subprocess.Popen | ForkedWorker
@@ -132,6 +132,8 @@ def spawn_workers(count: int, device: str = "cpu") -> list[WorkerProcess]:
     # gloo's pairs and NCCL's bootstrap listen on loopback only (one machine).
     loopback = loopback_interface()
     sockets = {k: os.environ.get(k, loopback) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    # What a worker may prepare for while it waits for its arguments (see worker.main).
+    sockets[DEVICE_HINT] = device
     method, why = forked.start_method(device)
     logger.debug("starting %d %s worker(s) by %s: %s", count, device, method, why)
     if method == "fork":

@@ -193,7 +193,23 @@ def preload(name: str | None, device: torch.device) -> threading.Thread | None:
         return None
     if _BACKENDS["fa4"].why_unavailable(device, torch.bfloat16) is not None:
         return None
+    return _import_thread()
 
+
+def preload_before_args() -> threading.Thread | None:
+    """In a CUDA worker still waiting for its arguments (a second or so after the fork):
+    start FA4's import (seconds: the longest part of a warm start-up) when FA4 is
+    installed and FASTVIDEO_ATTENTION_BACKEND does not name another backend. A guess made
+    before the config is known: the probe still decides, and an unused import costs only
+    this worker's time while it would have waited. Touches no CUDA state."""
+    if envs.attention_backend() not in (None, "auto", "fa4"):
+        return None
+    if not _installed("flash_attn.cute"):
+        return None
+    return _import_thread()
+
+
+def _import_thread() -> threading.Thread:
     def run() -> None:
         try:
             _fa4_func()

@@ -6,10 +6,10 @@ the user's script is never re-imported in the child. Its arguments arrive on std
 length-prefixed msgspec message; stdin then stays open as the death pipe: EOF means the
 driver is gone, and the worker exits at once.
 
-Start-up: decode the arguments, start the death watch and the heartbeat thread, start
-reading this rank's weights (threads), load the plugins, join the process group, build and
-fill the modules, then send ``WorkerReady`` with the seconds each part took (or
-``WorkerFailure``).
+Start-up: a CUDA worker starts FA4's import while it waits for its arguments; then decode
+the arguments, start the death watch and the heartbeat thread, start reading this rank's
+weights (threads), load the plugins, join the process group, build and fill the modules,
+then send ``WorkerReady`` with the seconds each part took (or ``WorkerFailure``).
 Then serve batches until ``Shutdown``. A message that does not decode, or does not carry
 the engine's token, is dropped and counted; an exception in a batch is reported for that
 batch and the worker keeps serving.
@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 POLL_MS = 500
+# Set by the driver that starts a worker before its arguments exist: the device type
+# ("cuda" or "cpu") it will be given.
+DEVICE_HINT = "FASTVIDEO_WORKER_DEVICE"
 
 
 def _watch_parent(stdin_fd: int, socket_dir: str | None) -> None:
@@ -398,6 +401,12 @@ class _WorkerLoop:
 def main(stdin_fd: int | None = None) -> None:
     """``stdin_fd``: where the arguments arrive (a forked worker's pipe; default stdin)."""
     stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+    if os.environ.get(DEVICE_HINT) == "cuda":
+        # The arguments come once the driver has resolved the model (about a second after
+        # a fork): FA4's import, the longest part of a warm start, runs meanwhile.
+        from fastvideo.kernels_bridge.attention import preload_before_args
+
+        preload_before_args()
     args = _read_args(stdin_fd)
     socket_dir = None
     if args.rank == 0 and args.output_addr.startswith("ipc://"):
