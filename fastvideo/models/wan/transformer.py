@@ -22,6 +22,7 @@ rest of the model is bf16 (see ``FP32_PARAM_PATTERNS``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -157,18 +158,22 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def modulation_term(table: torch.Tensor, modulation: torch.Tensor, i: int) -> torch.Tensor:
+def modulation_terms(
+    table: torch.Tensor, modulation: torch.Tensor
+) -> Callable[[int], torch.Tensor]:
     """Term i of ``table + modulation`` in fp32, shaped to broadcast against [B, L, D].
 
     table: [1, n, D] learned; modulation: [B, n, D] (one timestep per sample) or
-    [B, L, n, D] (one per token, Wan2.2 TI2V) -> [B, 1, D] or [B, L, D]. Taken one term at a
-    time, just before use: with per-token timesteps all n terms at once would be an fp32
-    [B, L, n, D] tensor, the largest of the forward (~4 GB for TI2V-5B at 704x1280x121 with
-    CFG). The values are the reference's (it adds the whole tables, then chunks).
+    [B, L, n, D] (one per token, Wan2.2 TI2V) -> a function of i giving [B, 1, D] or
+    [B, L, D]. One per sample: all n terms in one fp32 add (small), each a view. Per token,
+    each term is taken just before use: all n at once would be an fp32 [B, L, n, D]
+    tensor, the largest of the forward (~4 GB for TI2V-5B at 704x1280x121 with CFG). The
+    values are the reference's (it adds the whole tables, then chunks).
     """
     if modulation.ndim == 3:
-        return table[:, i : i + 1] + modulation[:, i : i + 1].float()
-    return table[:, i : i + 1] + modulation[:, :, i].float()
+        terms = table.float() + modulation
+        return lambda i: terms[:, i : i + 1]
+    return lambda i: table[:, i : i + 1] + modulation[:, :, i].float()
 
 
 class MLPEmbedder(nn.Module):
@@ -360,8 +365,8 @@ class WanBlock(nn.Module):
         """x: [B, L, D]; context: [B, Lt, D]; modulation: [B, 6, D] or per token
         [B, L, 6, D]; image_context: [B, L_img, D] or None -> [B, L, D]."""
 
-        def mod(i: int) -> torch.Tensor:  # 0..5: shift, scale, gate, then the FFN's three
-            return modulation_term(self.scale_shift_table, modulation, i)
+        # 0..5: shift, scale, gate, then the FFN's three.
+        mod = modulation_terms(self.scale_shift_table, modulation)
 
         # The reference's arithmetic ((norm * (1 + scale) + shift), (x + out * gate), all in
         # fp32), one pass each on a GPU (kernels_bridge.fused), torch ops elsewhere.
