@@ -680,26 +680,3 @@ def test_fa4_preload_before_args_guesses_from_the_environment_only(monkeypatch, 
     monkeypatch.delenv("FASTVIDEO_ATTENTION_BACKEND")
     assert bridge.preload_before_args() is None
     assert imported == [True, True, True]
-
-
-@pytest.mark.parametrize("hint", ["cuda", "cpu", None])
-def test_worker_starts_the_fa4_import_before_its_arguments_only_on_cuda(monkeypatch, hint):
-    """worker.main: with the driver's device hint "cuda" the FA4 preload starts before the
-    worker blocks on its arguments; a CPU worker (or one without the hint) does not."""
-    from fastvideo.worker import main as worker_main
-
-    order = []
-    monkeypatch.setattr(bridge, "preload_before_args", lambda: order.append("preload"))
-
-    def read_args(fd):
-        order.append("args")
-        raise SystemExit("stop here")
-
-    monkeypatch.setattr(worker_main, "_read_args", read_args)
-    if hint is None:
-        monkeypatch.delenv(worker_main.DEVICE_HINT, raising=False)
-    else:
-        monkeypatch.setenv(worker_main.DEVICE_HINT, hint)
-    with pytest.raises(SystemExit, match="stop here"):
-        worker_main.main(stdin_fd=0)
-    assert order == (["preload", "args"] if hint == "cuda" else ["args"])

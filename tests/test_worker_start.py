@@ -110,9 +110,43 @@ def test_workers_started_early_are_told_their_device_type(monkeypatch, device):
     monkeypatch.setattr(forked, "start_method", lambda d: ("fork", "test"))
     monkeypatch.setattr(forked, "fork_worker", lambda env: envs.append(env) or "forked")
     assert multiproc.spawn_workers(2, device) == ["forked", "forked"]
-    assert [env[DEVICE_HINT] for env in envs] == [device, device]
+    expected = ["cuda:0", "cuda:1"] if device == "cuda" else ["cpu", "cpu"]
+    assert [env[DEVICE_HINT] for env in envs] == expected
     popen = []
     monkeypatch.setattr(forked, "start_method", lambda d: ("spawn", "test"))
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: popen.append(kw["env"]) or "proc")
     assert multiproc.spawn_workers(1, device) == ["proc"]
-    assert popen[0][DEVICE_HINT] == device
+    assert popen[0][DEVICE_HINT] == expected[0]
+
+
+@pytest.mark.parametrize("hint", ["cuda:1", "cpu", None])
+def test_a_cuda_worker_prepares_its_device_before_its_arguments(monkeypatch, hint):
+    """worker.main: with the driver's hint "cuda:i" the FA4 preload starts and device i's
+    context is made before the worker blocks on its arguments; a CPU worker (or one
+    without the hint) does neither; a failing context is left to the real start-up."""
+    import torch
+
+    from fastvideo.kernels_bridge import attention
+    from fastvideo.worker import main as worker_main
+
+    order = []
+    monkeypatch.setattr(attention, "preload_before_args", lambda: order.append("preload"))
+
+    def set_device(device):
+        order.append(str(device))
+        raise RuntimeError("no such device")  # logged, not raised
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+
+    def read_args(fd):
+        order.append("args")
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(worker_main, "_read_args", read_args)
+    if hint is None:
+        monkeypatch.delenv(worker_main.DEVICE_HINT, raising=False)
+    else:
+        monkeypatch.setenv(worker_main.DEVICE_HINT, hint)
+    with pytest.raises(SystemExit, match="stop here"):
+        worker_main.main(stdin_fd=0)
+    assert order == (["preload", "cuda:1", "args"] if hint == "cuda:1" else ["args"])

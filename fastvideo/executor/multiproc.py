@@ -123,6 +123,11 @@ class _Beat:
     progress_since: float = field(default_factory=time.monotonic)
 
 
+def rank_device(device: str, rank: int) -> str:
+    """The device of ``rank`` on this machine: ``cuda:rank``, or ``cpu``."""
+    return f"cuda:{rank}" if device == "cuda" else "cpu"
+
+
 def spawn_workers(count: int, device: str = "cpu") -> list[WorkerProcess]:
     """Start ``count`` worker processes before their arguments exist: forked from this
     process where ``forked.start_method`` finds that safe (torch is imported already),
@@ -132,21 +137,22 @@ def spawn_workers(count: int, device: str = "cpu") -> list[WorkerProcess]:
     # gloo's pairs and NCCL's bootstrap listen on loopback only (one machine).
     loopback = loopback_interface()
     sockets = {k: os.environ.get(k, loopback) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
-    # What a worker may prepare for while it waits for its arguments (see worker.main).
-    sockets[DEVICE_HINT] = device
+    # The device each will get (rank i: the i-th started), which it prepares while it
+    # waits for its arguments (see worker.main.prepare_before_args).
+    hints = [{**sockets, DEVICE_HINT: rank_device(device, i)} for i in range(count)]
     method, why = forked.start_method(device)
     logger.debug("starting %d %s worker(s) by %s: %s", count, device, method, why)
     if method == "fork":
-        return [forked.fork_worker(sockets) for _ in range(count)]
+        return [forked.fork_worker(env) for env in hints]
     return [
         subprocess.Popen(
             [sys.executable, "-m", "fastvideo.worker.main"],
             stdin=subprocess.PIPE,
             close_fds=True,
             start_new_session=True,
-            env={**os.environ, **sockets},
+            env={**os.environ, **env},
         )
-        for _ in range(count)
+        for env in hints
     ]
 
 
@@ -220,7 +226,7 @@ class MultiprocExecutor(Executor):
             raise ValueError(f"{len(self._procs)} spawned workers for num_gpus={self.world_size}")
         for rank, proc in enumerate(self._procs):
             args = self._worker_args(
-                rank, f"cuda:{rank}" if device == "cuda" else "cpu", model_dir, config_dict,
+                rank, rank_device(device, rank), model_dir, config_dict,
                 self._endpoint(f"in{rank}"), self._endpoint("out"),
                 os.path.join(self._dir, "store"),
             )  # fmt: skip

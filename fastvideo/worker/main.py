@@ -57,8 +57,8 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 POLL_MS = 500
-# Set by the driver that starts a worker before its arguments exist: the device type
-# ("cuda" or "cpu") it will be given.
+# Set by the driver that starts a worker before its arguments exist: the device it will be
+# given ("cuda:i" for the i-th worker started, or "cpu").
 DEVICE_HINT = "FASTVIDEO_WORKER_DEVICE"
 
 
@@ -82,6 +82,25 @@ def _since_exec() -> float:
     import psutil
 
     return time.time() - psutil.Process().create_time()
+
+
+def prepare_before_args(hint: str | None) -> None:
+    """What a worker started before its arguments exist does while it waits for them (they
+    come once the driver has resolved the model, about a second after a fork): on CUDA,
+    start FA4's import on a thread (the longest part of a warm start) and create the CUDA
+    context of the device the driver named. A wrong or failing guess costs only time: the
+    arguments decide, and start-up reports any real error."""
+    if not hint or not hint.startswith("cuda"):
+        return
+    from fastvideo.kernels_bridge.attention import preload_before_args
+
+    preload_before_args()
+    try:
+        import torch
+
+        torch.cuda.set_device(torch.device(hint))  # creates the context (CUDA 12+)
+    except Exception as e:  # noqa: BLE001 - the real start-up reports what is wrong
+        logger.debug("CUDA context before the arguments: %s", e)
 
 
 def encode_args(args: WorkerArgs) -> bytes:
@@ -401,12 +420,7 @@ class _WorkerLoop:
 def main(stdin_fd: int | None = None) -> None:
     """``stdin_fd``: where the arguments arrive (a forked worker's pipe; default stdin)."""
     stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
-    if os.environ.get(DEVICE_HINT) == "cuda":
-        # The arguments come once the driver has resolved the model (about a second after
-        # a fork): FA4's import, the longest part of a warm start, runs meanwhile.
-        from fastvideo.kernels_bridge.attention import preload_before_args
-
-        preload_before_args()
+    prepare_before_args(os.environ.get(DEVICE_HINT))
     args = _read_args(stdin_fd)
     socket_dir = None
     if args.rank == 0 and args.output_addr.startswith("ipc://"):
