@@ -40,8 +40,13 @@ def test_torch_path_is_the_blocks_arithmetic(affine, monkeypatch):
     assert torch.equal(fused.norm_modulate(x, norm), norm(x.float()).type_as(x))
     out = torch.randn(2, 7, 32).to(torch.bfloat16)
     assert torch.equal(fused.gated_residual(x, out, gate), (out * gate).add_(x).type_as(x))
+    total, h = fused.add_norm_modulate(x, out, norm, scale, shift)
+    assert torch.equal(total, x + out)
+    assert torch.equal(h, _unfused_norm(x + out, norm, scale, shift))
     with pytest.raises(ValueError, match="together"):
         fused.norm_modulate(x, norm, scale, None)
+    with pytest.raises(ValueError, match="together"):
+        fused.add_norm_modulate(x, out, norm, None, shift)
 
 
 def test_the_switch_and_the_devices_pick_the_path(monkeypatch):
@@ -137,6 +142,13 @@ for dtype in (torch.bfloat16, torch.float32):
                         got = fused.norm_modulate(x, norm, *mods)
                         want = _unfused_norm(x, norm, *mods)
                         assert got.dtype == dtype and got.shape == want.shape
+                        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+                        # The residual sum folded into the norm's pass: exact in fp32 (the
+                        # interpreter rounds to bf16 by truncation, a GPU to nearest even).
+                        total, got = fused.add_norm_modulate(x, out, norm, *mods)
+                        torch.testing.assert_close(total, x + out, rtol=2**-6, atol=0)
+                        assert dtype != torch.float32 or torch.equal(total, x + out)
+                        want = _unfused_norm(total, norm, *mods)  # the norm of that sum
                         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
             got, want = fused.gated_residual(x, out, gate), (out * gate).add_(x).type_as(x)
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)

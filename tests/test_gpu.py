@@ -325,6 +325,9 @@ def test_fused_elementwise_kernels_match_the_torch_ops(monkeypatch, dim, per_tok
             "affine norm": both(lambda: fused.norm_modulate(x, norm)),
             "gated_residual": both(lambda: fused.gated_residual(x, out, gate)),
         }
+        sums = both(lambda: fused.add_norm_modulate(x, out, plain, scale, shift))
+        assert torch.equal(sums[0][0], sums[1][0]), "the residual sum is torch's add"
+        cases["add_norm_modulate"] = (sums[0][1], sums[1][1])
         # Self-attention's q/k (RMSNorm over all heads + rotary, heads of 128) and the
         # FFN's first layer with its GELU (the epilogue's GELU is on the fp32 accumulator,
         # the torch ops' on the bf16-rounded output: two roundings apart at most).

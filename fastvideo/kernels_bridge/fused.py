@@ -9,7 +9,8 @@ torch ops round once, at ``type_as``). Self-attention's queries and keys get the
 treatment: RMSNorm over all heads, then the rotary embedding, in one pass
 (``rms_norm_rotary``, rounding where the torch ops round: after the norm and after the
 rotation); and the FFN's first linear layer applies its tanh GELU in cuBLASLt's epilogue
-(``linear_gelu``), so the widest activation of the block is written once.
+(``linear_gelu``), so the widest activation of the block is written once; the
+cross-attention's residual sum is taken in the next norm's pass (``add_norm_modulate``).
 
 The torch ops stay the reference and the path everywhere else: on CPU, inside
 ``torch.compile`` (Inductor fuses them itself), for non-contiguous inputs, without Triton,
@@ -53,20 +54,52 @@ def norm_modulate(
         if scale is not None:
             h = h.mul_(1 + scale).add_(shift)
         return h.type_as(x)
+    return _norm_modulate_kernel(x, None, norm, scale, shift)[1]
+
+
+def add_norm_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: nn.Module,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum ``s = x + y`` (in x's dtype, as torch adds) and
+    ``norm_modulate(s, norm, scale, shift)``: one pass on a GPU (x, y: [B, L, D])."""
+    if (scale is None) != (shift is None):
+        raise ValueError("add_norm_modulate takes scale and shift together")
+    if in_graph(x) or not _fused(x, y, scale, shift) or y.shape != x.shape or y.dtype != x.dtype:
+        total = x + y
+        return total, norm_modulate(total, norm, scale, shift)
+    total, h = _norm_modulate_kernel(x, y, norm, scale, shift)
+    assert total is not None
+    return total, h
+
+
+def _norm_modulate_kernel(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm: nn.Module,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The norm_modulate kernel on ``x`` (or on ``x + residual``, also returned)."""
     b, length, dim = x.shape
     y = torch.empty_like(x)
+    total = torch.empty_like(x) if residual is not None else None
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
     s_strides = _row_strides(scale, b, length, dim) if scale is not None else (0, 0)
     h_strides = _row_strides(shift, b, length, dim) if shift is not None else (0, 0)
     block, warps = _block(dim)
     _kernels()["norm_modulate"][(b * length,)](
-        x, weight if weight is not None else x, bias if bias is not None else x,
+        x, residual if residual is not None else x, total if total is not None else x,
+        weight if weight is not None else x, bias if bias is not None else x,
         scale if scale is not None else x, shift if shift is not None else x, y,
         length, dim, *s_strides, *h_strides, float(norm.eps),
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=scale is not None,
-        BLOCK=block, num_warps=warps,
+        HAS_ADD=residual is not None, BLOCK=block, num_warps=warps,
     )  # fmt: skip
-    return y
+    return total, y
 
 
 def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -297,15 +330,20 @@ def _kernels() -> dict[str, Any]:
     import triton.language as tl
 
     @triton.jit
-    def norm_modulate_kernel(X, W, Bias, S, SH, Y, L, D, ssb, ssl, shb, shl, eps,
+    def norm_modulate_kernel(X, R, SUM, W, Bias, S, SH, Y, L, D, ssb, ssl, shb, shl, eps,
                              HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
-                             BLOCK: tl.constexpr):  # fmt: skip
+                             HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         b = row // L
         tok = row - b * L
         cols = tl.arange(0, BLOCK)
         m = cols < D
         x = tl.load(X + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_ADD:  # the residual sum first, rounded to its dtype as torch's add rounds
+            r = tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)
+            x = (x + r).to(SUM.dtype.element_ty)
+            tl.store(SUM + row * D + cols, x, mask=m)
+            x = x.to(tl.float32)
         mean = tl.sum(x, axis=0) / D
         xc = tl.where(m, x - mean, 0.0)
         var = tl.sum(xc * xc, axis=0) / D
@@ -335,26 +373,24 @@ def _kernels() -> dict[str, Any]:
     @triton.jit
     def rms_norm_rotary_kernel(X, W, C, S, Y, L, PAIRS, HALF, csl, ssl, eps,
                                BLOCK: tl.constexpr):  # fmt: skip
-        # A row of D = 2 * PAIRS values, read as its even and odd halves of each pair.
+        # A row of D = 2 * PAIRS values, read and written whole (coalesced), split into the
+        # even and odd members of each pair for the rotation.
         row = tl.program_id(0).to(tl.int64)
         tok = row % L
-        i = tl.arange(0, BLOCK)
-        m = i < PAIRS
-        base = X + row * 2 * PAIRS
-        xe = tl.load(base + 2 * i, mask=m, other=0.0).to(tl.float32)
-        xo = tl.load(base + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
-        ms = (tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / (2 * PAIRS)
+        cols = tl.arange(0, 2 * BLOCK)
+        m = cols < 2 * PAIRS
+        x = tl.load(X + row * 2 * PAIRS + cols, mask=m, other=0.0).to(tl.float32)
+        ms = tl.sum(x * x, axis=0) / (2 * PAIRS)
         r = 1.0 / tl.sqrt(ms + eps)
-        we = tl.load(W + 2 * i, mask=m, other=0.0).to(tl.float32)
-        wo = tl.load(W + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
-        ye = (xe * r * we).to(Y.dtype.element_ty).to(tl.float32)
-        yo = (xo * r * wo).to(Y.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        y = (x * r * w).to(Y.dtype.element_ty).to(tl.float32)
+        ye, yo = tl.split(tl.reshape(y, (BLOCK, 2)))
+        i = tl.arange(0, BLOCK)
         j = i % HALF
-        c = tl.load(C + tok * csl + j, mask=m, other=0.0)
-        s = tl.load(S + tok * ssl + j, mask=m, other=0.0)
-        out = Y + row * 2 * PAIRS
-        tl.store(out + 2 * i, (ye * c - yo * s).to(Y.dtype.element_ty), mask=m)
-        tl.store(out + 2 * i + 1, (ye * s + yo * c).to(Y.dtype.element_ty), mask=m)
+        c = tl.load(C + tok * csl + j, mask=i < PAIRS, other=0.0)
+        s = tl.load(S + tok * ssl + j, mask=i < PAIRS, other=0.0)
+        out = tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), (2 * BLOCK,))
+        tl.store(Y + row * 2 * PAIRS + cols, out.to(Y.dtype.element_ty), mask=m)
 
     return {
         "norm_modulate": norm_modulate_kernel,

@@ -33,6 +33,7 @@ from fastvideo.cache.base import StepCacheCall
 from fastvideo.distributed.runtime import ParallelRuntime
 from fastvideo.kernels_bridge.eager import keep_eager_regions
 from fastvideo.kernels_bridge.fused import (
+    add_norm_modulate,
     gated_residual,
     linear_gelu,
     norm_modulate,
@@ -375,8 +376,9 @@ class WanBlock(nn.Module):
         x = gated_residual(x, out, mod(2))
         del out
         h = x if isinstance(self.norm2, nn.Identity) else norm_modulate(x, self.norm2)
-        x = x + self.attn2(h, context=context, image_context=image_context)
-        h = norm_modulate(x, self.norm3, mod(4), mod(3))
+        out = self.attn2(h, context=context, image_context=image_context)
+        x, h = add_norm_modulate(x, out, self.norm3, mod(4), mod(3))  # x + out, then norm3
+        del out
         out = self.ffn(h)
         del h
         return gated_residual(x, out, mod(5))
