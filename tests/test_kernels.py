@@ -680,3 +680,33 @@ def test_fa4_preload_before_args_guesses_from_the_environment_only(monkeypatch, 
     monkeypatch.delenv("FASTVIDEO_ATTENTION_BACKEND")
     assert bridge.preload_before_args() is None
     assert imported == [True, True, True]
+
+
+def test_the_first_fa4_import_records_when_it_ran(monkeypatch, fake_fa4):
+    """The worker's start-up breakdown reports when FA4's import started and ended; an
+    import already done records nothing new."""
+    import sys
+
+    monkeypatch.setattr(bridge, "fa4_import_times", {})
+    monkeypatch.delitem(sys.modules, "flash_attn.cute")
+    monkeypatch.setattr(bridge, "lazy_package_init", lambda *a, **k: False)
+    monkeypatch.setattr(sys.modules["flash_attn"], "__path__", [], raising=False)
+    import importlib.abc
+    import importlib.machinery
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            return importlib.machinery.ModuleSpec(name, self) if name == "flash_attn.cute" else None
+
+        def create_module(self, spec):
+            return fake_fa4
+
+        def exec_module(self, module):
+            module.flash_attn_func = _sdpa_blhd
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    assert bridge._fa4_func() is _sdpa_blhd
+    times = dict(bridge.fa4_import_times)
+    assert set(times) == {"start", "end"} and times["start"] <= times["end"]
+    bridge._fa4_func()
+    assert bridge.fa4_import_times == times

@@ -29,6 +29,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,9 @@ def _fa4_env() -> None:
 
 
 _fa4_import_lock = threading.Lock()
+# When this process imported FA4 ("start", "end": time.time()), which a worker reports in
+# its start-up breakdown (the import is the longest part of a warm start).
+fa4_import_times: dict[str, float] = {}
 
 
 def _fa4_func() -> Callable[..., Any]:
@@ -172,12 +176,18 @@ def _fa4_func() -> Callable[..., Any]:
     if "flash_attn.cute" not in sys.modules:  # the first import: one importer at a time
         with _fa4_import_lock:  # (a preload thread or the caller)
             _fa4_env()
-            if "flash_attn.cute" not in sys.modules and not os.environ.get("CUTE_DSL_PTXAS_PATH"):
+            first = "flash_attn.cute" not in sys.modules
+            if first:
+                fa4_import_times["start"] = time.time()
+            if first and not os.environ.get("CUTE_DSL_PTXAS_PATH"):
                 # quack.dsl: the side effect its __init__ exists for (CuTe tensor indexing).
                 # With CUTE_DSL_PTXAS_PATH its __init__ must patch first: imported whole.
                 with contextlib.suppress(Exception):
                     lazy_package_init("quack", eager=("dsl",))
             import flash_attn.cute  # noqa: F401
+
+            if first:
+                fa4_import_times["end"] = time.time()
     from flash_attn.cute import flash_attn_func
 
     return flash_attn_func

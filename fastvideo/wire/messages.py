@@ -85,7 +85,9 @@ class WorkerReady(msgspec.Struct, tag="ready", **_OPTS):
     memory_bytes: int = 0  # GPU memory allocated after loading (0 on CPU workers)
     token: str = ""
     host_rss_bytes: int = 0  # peak resident host memory of the worker process at load
-    # Start-up seconds by part, from the process's start (imports, reads, components, ...).
+    # Start-up seconds by part (imports, reads, components, ...; "total" from the process's
+    # start), and moments counted from that start ("fa4_import_start"/"_end",
+    # "cuda_context_done").
     load_breakdown: dict[str, float] = {}
 
 

@@ -77,11 +77,20 @@ def _watch_parent(stdin_fd: int, socket_dir: str | None) -> None:
     os._exit(1)
 
 
-def _since_exec() -> float:
-    """Seconds since this process started (the interpreter's own start-up included)."""
+def _process_start() -> float:
+    """When this process started (time.time(); a forked one: at the fork)."""
     import psutil
 
-    return time.time() - psutil.Process().create_time()
+    return psutil.Process().create_time()
+
+
+def _since_exec() -> float:
+    """Seconds since this process started (the interpreter's own start-up included)."""
+    return time.time() - _process_start()
+
+
+# What prepare_before_args did, in seconds from the process start (the start-up breakdown).
+_before_args: dict[str, float] = {}
 
 
 def prepare_before_args(hint: str | None) -> None:
@@ -99,6 +108,7 @@ def prepare_before_args(hint: str | None) -> None:
         import torch
 
         torch.cuda.set_device(torch.device(hint))  # creates the context (CUDA 12+)
+        _before_args["cuda_context_done"] = _since_exec()
     except Exception as e:  # noqa: BLE001 - the real start-up reports what is wrong
         logger.debug("CUDA context before the arguments: %s", e)
 
@@ -242,6 +252,11 @@ class _WorkerLoop:
         finally:
             sys.setswitchinterval(switch)
         breakdown.update(self.worker.breakdown)
+        breakdown.update(_before_args)
+        from fastvideo.kernels_bridge.attention import fa4_import_times
+
+        start = _process_start()
+        breakdown.update({f"fa4_import_{k}": t - start for k, t in fa4_import_times.items()})
         breakdown["total"] = _since_exec()
         memory = self.worker.memory_bytes()
         ready = WorkerReady(
