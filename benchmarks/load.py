@@ -277,13 +277,6 @@ def summarise(res: dict[str, Any]) -> None:
         )
 
 
-def git_state() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -327,7 +320,7 @@ def main() -> None:
         subprocess.run(cmd, check=True)
     from benchmarks.common import environment
 
-    res = {"benchmark": "load", **environment(), **git_state(), "model": str(args.model),
+    res = {"benchmark": "load", **environment(), "model": str(args.model),
            "device": args.device}  # fmt: skip
     res.update(measure(args))
     summarise(res)
