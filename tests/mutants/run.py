@@ -121,6 +121,15 @@ MUTANTS = [
            'if device.type != "cuda" or name not in (None, "", "auto", "fa4"):',
            'if device.type != "cuda":',
            ("tests/test_kernels.py::test_fa4_preload_imports_on_a_thread_only_where_fa4_would_run",)),
+    Mutant("early-fa4-import-for-another-backend", "fastvideo/kernels_bridge/attention.py",
+           'if envs.attention_backend() not in (None, "auto", "fa4"):', "if False:",
+           ("tests/test_kernels.py::test_fa4_preload_before_args_guesses_from_the_environment_only",)),
+    Mutant("early-workers-all-told-device-0", "fastvideo/executor/multiproc.py",
+           "DEVICE_HINT: rank_device(device, i)}", "DEVICE_HINT: rank_device(device, 0)}",
+           ("tests/test_worker_start.py::test_workers_started_early_are_told_their_device_type",)),
+    Mutant("residual-sum-before-norm3-dropped", "fastvideo/kernels_bridge/fused.py",
+           "        total = x + y\n", "        total = x\n",
+           ("tests/test_fused_kernels.py::test_torch_path_is_the_blocks_arithmetic",)),
 ]  # fmt: skip
 
 
