@@ -665,7 +665,8 @@ def test_fa4_preload_imports_on_a_thread_only_where_fa4_would_run(monkeypatch, f
 
 def test_fa4_preload_before_args_guesses_from_the_environment_only(monkeypatch, fake_fa4):
     """A CUDA worker waiting for its arguments starts FA4's import when FA4 is installed
-    and FASTVIDEO_ATTENTION_BACKEND leaves auto or names fa4; never for another backend."""
+    and the backend asked for (the driver's hint, else FASTVIDEO_ATTENTION_BACKEND) is
+    auto or fa4; never for another backend."""
     imported = []
     monkeypatch.setattr(bridge, "_fa4_func", lambda: imported.append(True))
     monkeypatch.setenv("FASTVIDEO_ATTENTION_BACKEND", "sdpa")
@@ -676,10 +677,18 @@ def test_fa4_preload_before_args_guesses_from_the_environment_only(monkeypatch, 
         assert thread is not None
         thread.join(5)
     assert imported == [True, True, True]
+    # The driver's reading of the configuration (which already took the variable into
+    # account) wins over the variable.
+    assert bridge.preload_before_args("sdpa") is None
+    monkeypatch.setenv("FASTVIDEO_ATTENTION_BACKEND", "sdpa")
+    thread = bridge.preload_before_args("fa4")
+    assert thread is not None
+    thread.join(5)
+    assert imported == [True] * 4
     monkeypatch.setattr(bridge, "_installed", lambda module: False)
     monkeypatch.delenv("FASTVIDEO_ATTENTION_BACKEND")
     assert bridge.preload_before_args() is None
-    assert imported == [True, True, True]
+    assert imported == [True] * 4
 
 
 def test_the_first_fa4_import_records_when_it_ran(monkeypatch, fake_fa4):

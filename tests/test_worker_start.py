@@ -104,19 +104,20 @@ def test_workers_started_early_are_told_their_device_type(monkeypatch, device):
     """spawn_workers hands each worker (forked or spawned) the device type it will get,
     which a CUDA worker uses while it waits for its arguments (FA4's import)."""
     from fastvideo.executor import multiproc
-    from fastvideo.worker.main import DEVICE_HINT
+    from fastvideo.worker.main import ATTENTION_HINT, DEVICE_HINT
 
     envs = []
     monkeypatch.setattr(forked, "start_method", lambda d: ("fork", "test"))
     monkeypatch.setattr(forked, "fork_worker", lambda env: envs.append(env) or "forked")
-    assert multiproc.spawn_workers(2, device) == ["forked", "forked"]
+    assert multiproc.spawn_workers(2, device, "sdpa") == ["forked", "forked"]
     expected = ["cuda:0", "cuda:1"] if device == "cuda" else ["cpu", "cpu"]
     assert [env[DEVICE_HINT] for env in envs] == expected
+    assert [env[ATTENTION_HINT] for env in envs] == ["sdpa", "sdpa"]
     popen = []
     monkeypatch.setattr(forked, "start_method", lambda d: ("spawn", "test"))
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: popen.append(kw["env"]) or "proc")
     assert multiproc.spawn_workers(1, device) == ["proc"]
-    assert popen[0][DEVICE_HINT] == expected[0]
+    assert popen[0][DEVICE_HINT] == expected[0] and popen[0][ATTENTION_HINT] == "auto"
 
 
 @pytest.mark.parametrize("hint", ["cuda:1", "cpu", None])
@@ -130,7 +131,9 @@ def test_a_cuda_worker_prepares_its_device_before_its_arguments(monkeypatch, hin
     from fastvideo.worker import main as worker_main
 
     order = []
-    monkeypatch.setattr(attention, "preload_before_args", lambda: order.append("preload"))
+    monkeypatch.setattr(
+        attention, "preload_before_args", lambda asked=None: order.append(f"preload {asked}")
+    )
 
     def set_device(device):
         order.append(str(device))
@@ -147,6 +150,7 @@ def test_a_cuda_worker_prepares_its_device_before_its_arguments(monkeypatch, hin
         monkeypatch.delenv(worker_main.DEVICE_HINT, raising=False)
     else:
         monkeypatch.setenv(worker_main.DEVICE_HINT, hint)
+    monkeypatch.setenv(worker_main.ATTENTION_HINT, "fa4")
     with pytest.raises(SystemExit, match="stop here"):
         worker_main.main(stdin_fd=0)
-    assert order == (["preload", "cuda:1", "args"] if hint == "cuda:1" else ["args"])
+    assert order == (["preload fa4", "cuda:1", "args"] if hint == "cuda:1" else ["args"])

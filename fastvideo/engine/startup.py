@@ -192,7 +192,7 @@ def _spawn_early(
         return None, []
     from fastvideo.executor.multiproc import spawn_workers
 
-    return key, spawn_workers(guess.num_gpus, key[2])
+    return key, spawn_workers(guess.num_gpus, key[2], guess.attention_config.resolved_backend())
 
 
 def _stop(spawned: list) -> None:

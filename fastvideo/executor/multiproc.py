@@ -61,7 +61,7 @@ from fastvideo.wire.messages import (
     WorkerFailure,
     WorkerReady,
 )
-from fastvideo.worker.main import DEVICE_HINT, encode_args
+from fastvideo.worker.main import ATTENTION_HINT, DEVICE_HINT, encode_args
 
 if TYPE_CHECKING:
     WorkerProcess = subprocess.Popen | ForkedWorker
@@ -128,18 +128,21 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{rank}" if device == "cuda" else "cpu"
 
 
-def spawn_workers(count: int, device: str = "cpu") -> list[WorkerProcess]:
+def spawn_workers(count: int, device: str = "cpu", attention: str = "auto") -> list[WorkerProcess]:
     """Start ``count`` worker processes before their arguments exist: forked from this
     process where ``forked.start_method`` finds that safe (torch is imported already),
     else ``python -m fastvideo.worker.main`` (which imports torch and fastvideo
     meanwhile). Each then waits for its arguments on stdin, which
-    ``MultiprocExecutor(..., spawned=...)`` writes. ``stop_spawned`` ends unused ones."""
+    ``MultiprocExecutor(..., spawned=...)`` writes. ``stop_spawned`` ends unused ones.
+    ``attention``: the backend the configuration asks for (what a worker may prepare)."""
     # gloo's pairs and NCCL's bootstrap listen on loopback only (one machine).
     loopback = loopback_interface()
     sockets = {k: os.environ.get(k, loopback) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
-    # The device each will get (rank i: the i-th started), which it prepares while it
-    # waits for its arguments (see worker.main.prepare_before_args).
-    hints = [{**sockets, DEVICE_HINT: rank_device(device, i)} for i in range(count)]
+    # The device each will get (rank i: the i-th started) and the attention backend asked
+    # for, which it prepares for while it waits for its arguments (worker.main's
+    # prepare_before_args).
+    hints = [{**sockets, DEVICE_HINT: rank_device(device, i), ATTENTION_HINT: attention}
+             for i in range(count)]  # fmt: skip
     method, why = forked.start_method(device)
     logger.debug("starting %d %s worker(s) by %s: %s", count, device, method, why)
     if method == "fork":
@@ -221,7 +224,8 @@ class MultiprocExecutor(Executor):
             self._inputs.append(sock)
         config_dict = msgspec.to_builtins(config)
         if not self._procs:
-            self._procs = spawn_workers(self.world_size, device)
+            backend = config.attention_config.resolved_backend()
+            self._procs = spawn_workers(self.world_size, device, backend)
         if len(self._procs) != self.world_size:
             raise ValueError(f"{len(self._procs)} spawned workers for num_gpus={self.world_size}")
         for rank, proc in enumerate(self._procs):

@@ -206,13 +206,14 @@ def preload(name: str | None, device: torch.device) -> threading.Thread | None:
     return _import_thread()
 
 
-def preload_before_args() -> threading.Thread | None:
+def preload_before_args(requested: str | None = None) -> threading.Thread | None:
     """In a CUDA worker still waiting for its arguments (a second or so after the fork):
     start FA4's import (seconds: the longest part of a warm start-up) when FA4 is
-    installed and FASTVIDEO_ATTENTION_BACKEND does not name another backend. A guess made
-    before the config is known: the probe still decides, and an unused import costs only
-    this worker's time while it would have waited. Touches no CUDA state."""
-    if envs.attention_backend() not in (None, "auto", "fa4"):
+    installed and the backend asked for (``requested``, the driver's reading of the
+    configuration; else FASTVIDEO_ATTENTION_BACKEND) is ``auto`` or ``fa4``. A guess made
+    before the arguments: the probe still decides, and an unused import costs only this
+    worker's time while it would have waited. Touches no CUDA state."""
+    if (requested or envs.attention_backend() or "auto") not in ("auto", "fa4"):
         return None
     if not _installed("flash_attn.cute"):
         return None

@@ -58,8 +58,10 @@ logger = init_logger(__name__)
 
 POLL_MS = 500
 # Set by the driver that starts a worker before its arguments exist: the device it will be
-# given ("cuda:i" for the i-th worker started, or "cpu").
+# given ("cuda:i" for the i-th worker started, or "cpu"), and the attention backend its
+# configuration asks for ("auto", "fa4", "sdpa", ...).
 DEVICE_HINT = "FASTVIDEO_WORKER_DEVICE"
+ATTENTION_HINT = "FASTVIDEO_WORKER_ATTENTION"
 
 
 def _watch_parent(stdin_fd: int, socket_dir: str | None) -> None:
@@ -93,17 +95,18 @@ def _since_exec() -> float:
 _before_args: dict[str, float] = {}
 
 
-def prepare_before_args(hint: str | None) -> None:
+def prepare_before_args(hint: str | None, attention: str | None = None) -> None:
     """What a worker started before its arguments exist does while it waits for them (they
     come once the driver has resolved the model, about a second after a fork): on CUDA,
-    start FA4's import on a thread (the longest part of a warm start) and create the CUDA
-    context of the device the driver named. A wrong or failing guess costs only time: the
-    arguments decide, and start-up reports any real error."""
+    start FA4's import on a thread (the longest part of a warm start) unless the
+    configuration asks for another backend, and create the CUDA context of the device the
+    driver named. A wrong or failing guess costs only time: the arguments decide, and
+    start-up reports any real error."""
     if not hint or not hint.startswith("cuda"):
         return
     from fastvideo.kernels_bridge.attention import preload_before_args
 
-    preload_before_args()
+    preload_before_args(attention)
     try:
         import torch
 
@@ -435,7 +438,7 @@ class _WorkerLoop:
 def main(stdin_fd: int | None = None) -> None:
     """``stdin_fd``: where the arguments arrive (a forked worker's pipe; default stdin)."""
     stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
-    prepare_before_args(os.environ.get(DEVICE_HINT))
+    prepare_before_args(os.environ.get(DEVICE_HINT), os.environ.get(ATTENTION_HINT))
     args = _read_args(stdin_fd)
     socket_dir = None
     if args.rank == 0 and args.output_addr.startswith("ipc://"):
