@@ -719,3 +719,25 @@ def test_the_first_fa4_import_records_when_it_ran(monkeypatch, fake_fa4):
     assert set(times) == {"start", "end"} and times["start"] <= times["end"]
     bridge._fa4_func()
     assert bridge.fa4_import_times == times
+
+
+def test_a_running_fa4_preload_is_joined_not_started_again(monkeypatch, fake_fa4):
+    """The worker's early preload is still importing when its weight reads start: the
+    second preload hands back that thread instead of starting another import."""
+    import threading
+
+    release, imported = threading.Event(), []
+    monkeypatch.setattr(bridge, "_fa4_func", lambda: (release.wait(5), imported.append(True)))
+    monkeypatch.setattr(bridge, "_import_threads", [])
+    monkeypatch.setattr(bridge, "auto_preference", lambda device: ["fa4", "sdpa"])
+    import dataclasses
+
+    fa4 = bridge._BACKENDS["fa4"]
+    monkeypatch.setitem(
+        bridge._BACKENDS, "fa4", dataclasses.replace(fa4, why_unavailable=lambda d, t: None)
+    )
+    first = bridge.preload_before_args("auto")
+    assert first is not None and bridge.preload("auto", torch.device("cuda", 0)) is first
+    release.set()
+    first.join(5)
+    assert imported == [True]

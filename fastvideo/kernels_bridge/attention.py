@@ -175,29 +175,37 @@ def _fa4_func() -> Callable[..., Any]:
     """``flash_attn.cute.flash_attn_func``, imported after its cache switches are set."""
     if "flash_attn.cute" not in sys.modules:  # the first import: one importer at a time
         with _fa4_import_lock:  # (a preload thread or the caller)
-            _fa4_env()
-            first = "flash_attn.cute" not in sys.modules
-            if first:
-                fa4_import_times["start"] = time.time()
-            if first and not os.environ.get("CUTE_DSL_PTXAS_PATH"):
-                # quack.dsl: the side effect its __init__ exists for (CuTe tensor indexing).
-                # With CUTE_DSL_PTXAS_PATH its __init__ must patch first: imported whole.
-                with contextlib.suppress(Exception):
-                    lazy_package_init("quack", eager=("dsl",))
-            import flash_attn.cute  # noqa: F401
-
-            if first:
-                fa4_import_times["end"] = time.time()
+            if "flash_attn.cute" not in sys.modules:
+                _first_fa4_import()
     from flash_attn.cute import flash_attn_func
 
     return flash_attn_func
+
+
+def _first_fa4_import() -> None:
+    """Import ``flash_attn.cute`` (its cache switches set first), timed."""
+    _fa4_env()
+    fa4_import_times["start"] = time.time()
+    if not os.environ.get("CUTE_DSL_PTXAS_PATH"):
+        # quack.dsl: the side effect its __init__ exists for (CuTe tensor indexing).
+        # With CUTE_DSL_PTXAS_PATH its __init__ must patch first: imported whole.
+        with contextlib.suppress(Exception):
+            lazy_package_init("quack", eager=("dsl",))
+    import flash_attn.cute  # noqa: F401
+
+    fa4_import_times["end"] = time.time()
+
+
+def _asks_for_fa4(name: str | None) -> bool:
+    """A requested backend under which FA4 may run: unset, ``auto`` or ``fa4``."""
+    return name in (None, "", "auto", "fa4")
 
 
 def preload(name: str | None, device: torch.device) -> threading.Thread | None:
     """Import the kernel package ``name`` would use on a thread (FA4's import takes
     seconds), so it overlaps the caller's weight reads; ``resolve_backend`` later finds it
     imported. None when there is nothing to import."""
-    if device.type != "cuda" or name not in (None, "", "auto", "fa4"):
+    if device.type != "cuda" or not _asks_for_fa4(name):
         return None
     if name != "fa4" and "fa4" not in auto_preference(device):
         return None
@@ -213,14 +221,22 @@ def preload_before_args(requested: str | None = None) -> threading.Thread | None
     configuration; else FASTVIDEO_ATTENTION_BACKEND) is ``auto`` or ``fa4``. A guess made
     before the arguments: the probe still decides, and an unused import costs only this
     worker's time while it would have waited. Touches no CUDA state."""
-    if (requested or envs.attention_backend() or "auto") not in ("auto", "fa4"):
+    if not _asks_for_fa4(requested or envs.attention_backend()):
         return None
     if not _installed("flash_attn.cute"):
         return None
     return _import_thread()
 
 
+_import_threads: list[threading.Thread] = []  # the latest preload thread
+
+
 def _import_thread() -> threading.Thread:
+    """A thread running FA4's import: the one already running (a worker's early preload
+    when its weight reads start), else a new one."""
+    if _import_threads and _import_threads[-1].is_alive():
+        return _import_threads[-1]
+
     def run() -> None:
         try:
             _fa4_func()
@@ -229,6 +245,7 @@ def _import_thread() -> threading.Thread:
 
     thread = threading.Thread(target=run, name="fastvideo-fa4-import", daemon=True)
     thread.start()
+    _import_threads[:] = [thread]
     return thread
 
 
