@@ -216,7 +216,7 @@ gen = VideoGenerator.from_pretrained(DEMO_MODEL_ID, num_gpus=2)
 print("PIDS", *[p.pid for p in gen.executor._procs], flush=True)
 print("DIR", gen.executor._dir, flush=True)
 try:
-    gen.generate_video("a long one", height=32, width=32, num_frames=5,
+    gen.generate_video("a long one", height=256, width=256, num_frames=17,
                        num_inference_steps=1000, output_type="latent")
 except KeyboardInterrupt:
     if os.environ.get("CATCH") != "1":
@@ -246,7 +246,7 @@ def _run_script(tmp_path, send, catch: bool = False):
         lines.append(line)
         if line.startswith("DIR"):
             break
-    time.sleep(2.0)  # inside the long request by now (it needs ~1 s to start)
+    time.sleep(2.0)  # inside the ~35 s request by now (it needs ~1 s to start)
     sent = time.monotonic()
     send(proc)
     out, err = proc.communicate(timeout=60)
