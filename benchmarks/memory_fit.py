@@ -114,13 +114,14 @@ def vae_case(case: dict[str, Any]) -> dict[str, Any]:
     z = torch.randn(1, 16, (case["frames"] - 1) // 4 + 1, height // 8, width // 8, device=dev)
     z = z.to(dtype)
     out: dict[str, Any] = {"estimate_gib": vae.decode_memory_bytes(tuple(z.shape)) / GIB}
+    levels = bool(case.get("levels"))  # exact tiles converted to uint8 frames tile by tile
     if case["tiled"] == "exact":  # planned within a budget, or a given grid (CPU smoke run)
         grid = case.get("exact_grid") or vae.fit_exact_tiles(
-            tuple(z.shape), int(case["exact_budget_gib"] * GIB)
+            tuple(z.shape), int(case["exact_budget_gib"] * GIB), levels=levels
         )
         assert grid is not None, "no exact-tile grid fits the budget"
         out.update(grid=list(grid), tile_work=vae.decoder.tile_work(tuple(z.shape[-2:]), *grid))
-        decode = lambda: vae.decode_exact_tiles(z, *grid)  # noqa: E731
+        decode = lambda: vae.decode_exact_tiles(z, *grid, levels=levels)  # noqa: E731
     else:
         decode = lambda: vae.decode(z)  # noqa: E731
     ms, peak = _timed(case, decode, warmup=case["warmup"])
@@ -308,8 +309,11 @@ def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                     # 3.89 GiB, bf16 1.96 GiB above the weights); 2x2 on the CPU.
                     exact = {"exact_grid": [2, 2]} if smoke else {
                         "exact_budget_gib": 1.96 if prec == "bf16" else 3.89}  # fmt: skip
-                    out.append(dict(base, kind="vae", resolution=res, precision=prec,
-                                    tiled="exact", **exact))  # fmt: skip
+                    # As the pipeline decodes them: to uint8 frames tile by tile, the
+                    # budget not spent on a float video.
+                    for levels in (False, True):
+                        out.append(dict(base, kind="vae", resolution=res, precision=prec,
+                                        tiled="exact", levels=levels, **exact))  # fmt: skip
         elif part == "dit":
             for budget in [float(b) for b in args.budgets.split(",")]:
                 for mode in args.dit_modes.split(","):
@@ -349,6 +353,7 @@ def _gib(value: float | None) -> str:
 def _row(r: dict[str, Any]) -> str:
     if r["kind"] == "vae":
         mode = {True: "tiled", False: "whole"}.get(r["tiled"], r["tiled"])
+        mode += " uint8" if r.get("levels") else ""
         what = f"VAE {r['resolution']} {r['precision']:<4} {mode}"
     elif r["kind"] == "dit":
         what = f"DiT 14B {r['resolution']} {r['mode']:<8} budget {r['budget_gb']:>4.0f} GiB"

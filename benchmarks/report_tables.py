@@ -267,6 +267,8 @@ def memory_fit(r: dict[str, Any]) -> Lines:
         if c["kind"] == "vae":
             tiles = {True: "tiled", False: "whole"}.get(c["tiled"], f"{c['tiled']} tiles")
             what = f"VAE decode {c['resolution']} {c['precision']} {tiles}"
+            if c.get("levels"):
+                what += ", to uint8 frames"
         elif c["kind"] == "dit":
             what = f"DiT 14B {c['resolution']} {c['mode']}, budget {fmt(c['budget_gb'], '.0f')} GiB"
         elif c["kind"] == "e2e":

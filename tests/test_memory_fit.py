@@ -49,22 +49,12 @@ from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.stages.decoding import to_uint8_frames
 from tests.tiny_models import TinyWan, build_diffusers_pipeline
 from tests.tiny_models import vae_pair as tiny_vae_pair
+from tests.vae_ranks import TINY_VAE21, TINY_VAE22, decode_exact_tiles_rank, random_vae
 
 # Non-square tiles small enough that a tiny video spans several of them in each direction.
 SIZES = TileSizes(min_height=32, min_width=48, stride_height=24, stride_width=32)
 # Wan 2.2 has 16 pixels per latent: sizes must be multiples of 16.
 SIZES22 = TileSizes(min_height=32, min_width=64, stride_height=16, stride_width=32)
-
-TINY_VAE21 = dict(
-    base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-    temperal_downsample=[False, True, True],
-)  # fmt: skip
-TINY_VAE22 = dict(
-    base_dim=4, decoder_base_dim=6, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-    temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
-    out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 8,
-    latents_std=[1.0] * 8,
-)  # fmt: skip
 
 
 def uint8(video: torch.Tensor) -> torch.Tensor:
@@ -691,17 +681,6 @@ def test_memory_fit_end_to_end_part_runs_on_cpu(tmp_path):
     assert case["memory_plan"] and "memory plan" in case["memory_plan"][0]
 
 
-def _random_vae(config: dict, conv_out_scale: float = 1.0) -> WanVAE:
-    """A WanVAE with seeded random weights; ``conv_out_scale`` keeps the video off the
-    clamp (a saturated pixel would hide a wrong one)."""
-    torch.manual_seed(0)
-    vae = WanVAE(WanVAEConfig.from_dict(config)).eval()
-    for p in vae.parameters():
-        nn.init.normal_(p, std=0.2)
-    vae.decoder.conv_out.weight.data *= conv_out_scale
-    return vae
-
-
 def _corner_kernels(vae: WanVAE) -> None:
     """Every 3x3 kernel after the mid block reads only its top-left input: each layer
     shifts the picture by one row and one column, so the zero padding at a tile's edge
@@ -726,7 +705,7 @@ def test_exact_tiles_decode_the_whole_decodes_video(family):
     untiled decode's video to fp32 rounding, for Wan 2.1's VAE and Wan 2.2's (residual
     levels, 2x2 patches); the video is not saturated, so every pixel counts."""
     config, hw = EXACT_VAES[family]
-    vae = _random_vae(config, conv_out_scale=0.05)
+    vae = random_vae(config, conv_out_scale=0.05)
     z = torch.randn(1, vae.z_dim, 3, *hw)
     with torch.no_grad():
         whole = vae.decode(z)
@@ -741,12 +720,54 @@ def test_exact_tiles_decode_the_whole_decodes_video(family):
 
 
 @pytest.mark.parametrize("family", sorted(EXACT_VAES))
+def test_exact_tiles_as_levels_are_the_tiled_video_converted(family):
+    """decode_exact_tiles(levels=True), each tile converted chunk by chunk: bit-equal to
+    to_uint8_frames of the float tiled video, for a video off the clamp (many levels) and
+    a saturated one (levels 0 and 255), Wan 2.1's VAE and Wan 2.2's (2x2 patches)."""
+    config, hw = EXACT_VAES[family]
+    z = torch.randn(1, EXACT_VAES[family][0]["z_dim"], 3, *hw)
+    for scale in (0.5, 4.0):
+        vae = random_vae(config, conv_out_scale=scale)
+        with torch.no_grad():
+            for rows, cols in ((1, 1), (2, 3)):
+                levels = vae.decode_exact_tiles(z, rows, cols, levels=True)
+                expected = to_uint8_frames(vae.decode_exact_tiles(z, rows, cols))
+                assert levels.dtype == torch.uint8 and levels.shape == expected.shape
+                assert torch.equal(levels, expected), (scale, rows, cols)
+        if scale == 0.5:
+            assert levels.unique().numel() > 40
+        else:
+            assert (levels == 0).any() and (levels == 255).any()
+
+
+def test_exact_tiles_as_levels_over_ranks_equal_one_rank(tmp_path):
+    """Two gloo ranks decode exact tiles as uint8 levels: the first rank gets one rank's
+    frames bit for bit (one tile: the other rank has none to send; 1x3: uneven shares;
+    2x3), the other rank gets None."""
+    import torch.multiprocessing as mp
+
+    grids = [(1, 1), (1, 3), (2, 3)]
+    z = torch.randn(1, TINY_VAE21["z_dim"], 3, 12, 14)
+    mp.spawn(decode_exact_tiles_rank, args=(2, z, grids, str(tmp_path / "init"), str(tmp_path)),
+             nprocs=2, join=True)  # fmt: skip
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    vae = random_vae(TINY_VAE21, conv_out_scale=0.5)
+    with torch.no_grad():
+        for (rows, cols), got in zip(grids, first, strict=True):
+            assert torch.equal(got, vae.decode_exact_tiles(z, rows, cols, levels=True)), (
+                rows,
+                cols,
+            )
+    assert second == [None] * len(grids)
+
+
+@pytest.mark.parametrize("family", sorted(EXACT_VAES))
 def test_exact_tile_halos_are_needed(family, monkeypatch):
     """With kernels that carry a tile's edge inward a row per layer, the halos of
     Decoder.tile_halos still give the whole decode's video (to fp32 rounding), and one row
     less at the last up block or at the head shows at the tile edges (over 100x that)."""
     config, hw = EXACT_VAES[family]
-    vae = _random_vae(config, conv_out_scale=0.05)
+    vae = random_vae(config, conv_out_scale=0.05)
     _corner_kernels(vae)
     z = torch.randn(1, vae.z_dim, 3, *hw)
     halos = vae.decoder.tile_halos
@@ -784,6 +805,37 @@ def test_exact_tile_grids_fit_the_budget_with_the_fewest_pixels():
     assert vae.fit_exact_tiles(z_shape, video) is None
 
 
+def test_exact_tiles_as_levels_fit_fewer_tiles():
+    """fit_exact_tiles(levels=True): without the float video (4 bytes a value) the same
+    budget fits grids with less halo work, never more; a parallel decode, whose ranks hold
+    their whole share of tile videos until the gather, fits no less work than one rank."""
+    with torch.device("meta"):
+        vae = WanVAE(WanVAEConfig())
+    z_shape = (1, 16, 21, 90, 160)  # 720x1280, 81 frames
+    halos = vae.decoder.tile_halos()
+
+    def work(grid):
+        return vae.decoder.tile_work((90, 160), *grid, halos)
+
+    fewer = 0
+    for gib in (2.5, 3.0, 3.89):
+        budget = int(gib * (1 << 30))
+        floats, levels = (
+            vae.fit_exact_tiles(z_shape, budget),
+            vae.fit_exact_tiles(z_shape, budget, levels=True),
+        )
+        assert work(levels) <= work(floats), gib
+        fewer += work(levels) < work(floats)
+        for ranks in (2, 4):
+            shared = vae.fit_exact_tiles(z_shape, budget, multiple_of=ranks)
+            assert shared[0] * shared[1] % ranks == 0 and work(shared) >= work(floats)
+    assert fewer == 3
+    # At diffusers' tiled fp32 peak (3.89 GiB): 2x5 tiles as floats, 2x4 as levels.
+    budget = int(3.89 * (1 << 30))
+    assert vae.fit_exact_tiles(z_shape, budget) == (2, 5)
+    assert vae.fit_exact_tiles(z_shape, budget, levels=True) == (2, 4)
+
+
 def test_auto_tiling_decodes_in_exact_tiles_when_short(tiny_a, monkeypatch):
     """vae_tiling='auto' with the tile fields at their defaults: a decode that does not fit
     whole runs in exact tiles sized to the free memory, and the frames are the whole
@@ -800,7 +852,7 @@ def test_auto_tiling_decodes_in_exact_tiles_when_short(tiny_a, monkeypatch):
         z_shape = (1, *latents.latents.shape)
         free["bytes"] = int(vae.decode_memory_bytes(z_shape) * 0.99)
         video = gen.generate_video(PROMPT, guidance_scale=1.0, **run)
-    rows, cols = vae.fit_exact_tiles(z_shape, int(free["bytes"] * decoding.FIT_MARGIN))
+    rows, cols = vae.fit_exact_tiles(z_shape, int(free["bytes"] * decoding.FIT_MARGIN), levels=True)
     assert rows * cols > 1 and video.stats["vae_tiles"] == rows * cols
     whole = load_vae(folder)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from torch import nn
 from fastvideo.layers.offload import LayerwiseOffload, OnDemand, is_parked, park, unpark
 from fastvideo.layers.vae_tiling import TileSizes
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
+from fastvideo.pipelines.stages.decoding import to_uint8_frames
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -116,3 +117,9 @@ def test_exact_tiles_on_cuda_fit_their_budget_and_equal_the_whole_decode():
     tiled, tiled_peak = peak(lambda: vae.decode_exact_tiles(z, *grid))
     assert tiled_peak <= budget < whole_peak, (grid, tiled_peak / 2**30, whole_peak / 2**30)
     assert (tiled - whole).abs().max() < 1e-4
+    # As the pipeline decodes: uint8 frames tile by tile, planned without the float video.
+    grid8 = vae.fit_exact_tiles(tuple(z.shape), budget, levels=True)
+    assert grid8 is not None
+    frames, frames_peak = peak(lambda: vae.decode_exact_tiles(z, *grid8, levels=True))
+    assert frames_peak <= budget, (grid8, frames_peak / 2**30)
+    assert (frames.int() - to_uint8_frames(whole).int()).abs().max() <= 1

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvideo.distributed.runtime import GroupView
+from fastvideo.layers.frames import to_levels
 from fastvideo.layers.vae_tiling import (
     TileGrid,
     TileSizes,
@@ -379,20 +380,30 @@ class WanVAE(nn.Module):
         return video, activations
 
     def fit_exact_tiles(
-        self, z_shape: tuple[int, ...], budget: int, max_tiles: int = 64, multiple_of: int = 1
+        self,
+        z_shape: tuple[int, ...],
+        budget: int,
+        max_tiles: int = 64,
+        multiple_of: int = 1,
+        levels: bool = False,
     ) -> tuple[int, int] | None:
         """The ``(rows, cols)`` grid for :meth:`decode_exact_tiles` of latents ``z_shape``
         estimated to peak within ``budget`` bytes: of the grids of at most ``max_tiles``
         tiles that fit, the one with the least convolution work, halos included
         (:meth:`Decoder.tile_work`); None when none fits. A grid's peak estimate: the output
-        video, the mid block's output over all latent frames, and one tile's decode (its
-        activations and its video) with its full-resolution halo. ``multiple_of``: only
-        tile counts divisible by it (one share per rank of a parallel decode)."""
+        video, the mid block's output over all latent frames, one tile's decode (its
+        activations) with its full-resolution halo, and the tiles' videos held at once.
+        ``multiple_of`` > 1: a parallel decode over that many ranks (tile counts divisible
+        by it; a rank holds its whole share until the gather, then one gathered round).
+        ``levels``: the decode returns uint8 frames (the videos are one byte per value)."""
         b, c, frames, h, w = z_shape
         s = self.config.spatial_factor
+        per_value = self.dtype.itemsize
         video, _ = self._decode_bytes(z_shape)
+        if levels:
+            video //= per_value
         mid = b * self.config.decoder_dim * self.config.dim_mult[-1] * frames * h * w
-        fixed = video + mid * self.dtype.itemsize
+        fixed = video + mid * per_value
         halos = self.decoder.tile_halos()
         halo_last, _ = halos[-2]
         pad = -(-halo_last * self.config.patch // s)  # the last level's halo, in latents
@@ -404,7 +415,13 @@ class WanVAE(nn.Module):
                 th = min(h, -(-h // rows) + 2 * pad) if rows > 1 else h
                 tw = min(w, -(-w // cols) + 2 * pad) if cols > 1 else w
                 tile_video, tile = self._decode_bytes((b, c, frames, th, tw))
-                if fixed + tile_video + tile > budget:  # the tile's video is written whole
+                if levels:
+                    tile_video //= per_value
+                # One rank writes each tile into the video at once; a rank of a parallel
+                # decode holds its whole share until the gather, then one round of it.
+                share = rows * cols // multiple_of + multiple_of if multiple_of > 1 else 1
+                held = tile_video * share
+                if fixed + held + tile > budget:
                     continue
                 work = self.decoder.tile_work((h, w), rows, cols, halos)
                 if best is None or work < best[0]:
@@ -476,7 +493,12 @@ class WanVAE(nn.Module):
         return self._decode_frames(z, unfold=True).clamp_(-1.0, 1.0)
 
     def decode_exact_tiles(
-        self, z: Tensor, rows: int, cols: int, group: GroupView | None = None
+        self,
+        z: Tensor,
+        rows: int,
+        cols: int,
+        group: GroupView | None = None,
+        levels: bool = False,
     ) -> Tensor | None:
         """:meth:`decode` with the up blocks run over a ``rows x cols`` grid of tiles of the
         latent frame, one tile at a time: the same video (the same arithmetic on every
@@ -491,6 +513,11 @@ class WanVAE(nn.Module):
         With a ``group`` of several ranks (all calling this alike), rank q decodes tiles q,
         q + n, ... (each rank runs the mid block) and the group's first rank writes them
         into the video, which it returns (None elsewhere): the same video again.
+
+        ``levels``: return the video's 8-bit frames instead, uint8 [B, T, H, W, 3] (exactly
+        ``to_levels`` of the video, channels last), each tile converted chunk by chunk as it
+        is decoded: no float video is held, neither the whole one nor a tile's, and a
+        parallel decode gathers uint8 tiles.
         """
         self._check_latents(z)
         b, _, frames, h, w = z.shape
@@ -504,19 +531,25 @@ class WanVAE(nn.Module):
         ranks, me = (1, 0) if group is None else (group.size, group.rank)
         mid = self._exact_mid(z)
         halos = self.decoder.tile_halos()
-        decoded = (self._exact_tile_video(mid, r, c, halos) for r, c in tiles[me::ranks])
+        convert = to_levels if levels else None
+        decoded = (self._exact_tile_video(mid, r, c, halos, convert) for r, c in tiles[me::ranks])
         if ranks > 1:
             assert group is not None
-            decoded = gather_tiles(group, list(decoded), len(tiles), mid)
+            like = mid.new_empty((0,) * mid.ndim, dtype=torch.uint8) if levels else mid
+            decoded = gather_tiles(group, list(decoded), len(tiles), like)
         out = None
         if me == 0:
             out = mid.new_empty(b, cfg.out_channels // cfg.patch**2,
-                                1 + (frames - 1) * per_frame, h * k, w * k)  # fmt: skip
+                                1 + (frames - 1) * per_frame, h * k, w * k,
+                                dtype=torch.uint8 if levels else mid.dtype)  # fmt: skip
         for ((r0, r1), (c0, c1)), tile in zip(tiles, decoded, strict=False):
             if out is not None:
                 out[:, :, :, r0 * k : r1 * k, c0 * k : c1 * k] = tile
             del tile
-        return None if out is None else out.clamp_(-1.0, 1.0)
+        if out is None:
+            return None
+        del mid
+        return out.permute(0, 2, 3, 4, 1).contiguous() if levels else out.clamp_(-1.0, 1.0)
 
     def _exact_mid(self, z: Tensor) -> Tensor:
         """conv_in + mid block of every latent frame: [B, C_mid, T', h, w]."""
@@ -532,12 +565,16 @@ class WanVAE(nn.Module):
         rows: tuple[int, int],
         cols: tuple[int, int],
         halos: list[tuple[int, int]],
+        convert: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """One exact tile through every latent frame -> its video [B, C, T, rows*k, cols*k]."""
+        """One exact tile through every latent frame -> its video [B, C, T, rows*k, cols*k],
+        each chunk passed through ``convert`` first when given."""
         cache = FeatureCache()
         dec = self.decoder
         return self._frame_by_frame(
-            mid.shape[2], lambda i: _exact_tile(dec, mid[:, :, i : i + 1], rows, cols, halos, cache)
+            mid.shape[2],
+            lambda i: _exact_tile(dec, mid[:, :, i : i + 1], rows, cols, halos, cache),
+            convert=convert,
         )
 
     def _frame_by_frame(
@@ -546,11 +583,12 @@ class WanVAE(nn.Module):
         decode: Callable[[int], Tensor],
         unfold: bool = True,
         per_frame: int | None = None,
+        convert: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """``decode(i)`` of every latent frame i (unfolded by the patch when ``unfold``),
-        written in time order into one tensor (no concatenation copy): frame 0 decodes to
-        as many frames as it gives, every later one to ``per_frame`` (default 2**k, the
-        video's frames per latent frame)."""
+        """``decode(i)`` of every latent frame i (unfolded by the patch when ``unfold``, then
+        passed through ``convert`` when given), written in time order into one tensor (no
+        concatenation copy): frame 0 decodes to as many frames as it gives, every later
+        one to ``per_frame`` (default 2**k, the video's frames per latent frame)."""
         if per_frame is None:
             per_frame = 2 ** sum(self.config.temperal_downsample)
         out = None
@@ -559,6 +597,8 @@ class WanVAE(nn.Module):
             frames = decode(i)
             if unfold and self.config.patch > 1:
                 frames = unpatchify_space(frames, self.config.patch)
+            if convert is not None:
+                frames = convert(frames)
             if out is None:
                 total = frames.shape[2] + (latent_frames - 1) * per_frame
                 out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from fastvideo.layers.frames import to_levels
 from fastvideo.layers.offload import GiB, free_memory_bytes, resident
 from fastvideo.layers.sequence import unpatchify
 from fastvideo.layers.vae_tiling import TileGrid, TileSizes, run_tiles
@@ -59,8 +60,7 @@ class TiledVideoDecoder(VideoDecoder, Protocol):
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] (rounded to nearest)."""
-    x = (video.float() / 2 + 0.5).clamp(0, 1)
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+    return to_levels(video).permute(0, 2, 3, 4, 1).contiguous()
 
 
 def can_tile(vae: object) -> bool:
@@ -97,27 +97,30 @@ class DecodingStage(PipelineStage):
         assert self.vae is not None, "the output rank loads the VAE"
         with resident(self.vae):
             z = self.vae.unnormalize_latents(latents.to(self.vae.dtype))
-            video = self._decode(z, batch, parallel)
+            frames = self._decode(z, batch, parallel)
         if output_rank:
-            assert video is not None
-            batch.frames = to_uint8_frames(video)
+            assert frames is not None
+            batch.frames = frames
         return batch
 
     def _decode(self, z: torch.Tensor, batch: ForwardBatch, parallel: bool) -> torch.Tensor | None:
-        """The video on the output rank (None on the others, which only decode tiles)."""
+        """The uint8 frames on the output rank (None on the others, which only decode tiles).
+        Exact tiles are converted tile by tile (no float video of the whole frame is held)."""
         vae = self.vae
         assert vae is not None
         grid = self._tile_grid(z, parallel)
         if grid is None:
-            return vae.decode(z) if self.env.is_output_rank else None
+            return to_uint8_frames(vae.decode(z)) if self.env.is_output_rank else None
         group = self.env.runtime.groups.replica if parallel else None
         exact = isinstance(grid, tuple)  # exact tiles: the whole decode's video
         batch.stats["vae_tiles"] = float(grid[0] * grid[1] if exact else len(grid))
         batch.stats["vae_decode_ranks"] = float(group.size if group is not None else 1)
         if exact:
-            return vae.decode_exact_tiles(z, *grid, group)  # type: ignore[attr-defined]
+            return vae.decode_exact_tiles(z, *grid, group, levels=True)  # type: ignore[attr-defined]
         blended = run_tiles(z, grid, vae.decode_tile, group)  # type: ignore[union-attr]
-        return None if blended is None else vae.finish_decode(blended)  # type: ignore[union-attr]
+        if blended is None:
+            return None
+        return to_uint8_frames(vae.finish_decode(blended))  # type: ignore[union-attr]
 
     def _tile_grid(self, z: torch.Tensor, parallel: bool) -> TileGrid | tuple[int, int] | None:
         """The blended tiles to decode in, an exact-tile grid ``(rows, cols)``, or None for
@@ -139,7 +142,7 @@ class DecodingStage(PipelineStage):
             least = torch.tensor([-float(free)], device=self.env.device)
             free = int(-self.env.runtime.all_reduce_max_(replica, least).item())
             grid = vae.fit_exact_tiles(  # type: ignore[union-attr]
-                tuple(z.shape), int(free * FIT_MARGIN), multiple_of=replica.size
+                tuple(z.shape), int(free * FIT_MARGIN), multiple_of=replica.size, levels=True
             )
             if grid is not None:
                 return grid
@@ -155,7 +158,7 @@ class DecodingStage(PipelineStage):
         if not short.item():
             return None
         if exact and not parallel:
-            fitted = vae.fit_exact_tiles(tuple(z.shape), int(free * FIT_MARGIN))
+            fitted = vae.fit_exact_tiles(tuple(z.shape), int(free * FIT_MARGIN), levels=True)
             if fitted is not None:
                 logger.info(
                     "decode of latents %s needs ~%.2f GiB, %.2f GiB free: decoding in %dx%d "
