@@ -23,12 +23,13 @@ from benchmarks.report_tables import RENDERERS, render_generic
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
 RESULTS = REPO / "benchmarks" / "results"
-SUITE_ORDER = ("gpu-tests", "kernels", "latency", "models", "scaling", "throughput", "load",
-               "memory")  # fmt: skip
+SUITE_ORDER = ("gpu-tests", "kernels", "latency", "latency-fp8", "models", "scaling",
+               "throughput", "load", "memory")  # fmt: skip
 TITLES = {
     "gpu-tests": "GPU tests",
     "kernels": "Attention kernels",
     "latency": "Latency, ours vs diffusers",
+    "latency-fp8": "Latency with fp8 linears (the last runs that measured fp8: older trees)",
     "models": "Large models: time per denoising step",
     "scaling": "Parallel scaling",
     "throughput": "Throughput",
