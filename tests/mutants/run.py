@@ -129,6 +129,16 @@ MUTANTS = [
     Mutant("residual-sum-before-norm3-dropped", "fastvideo/kernels_bridge/fused.py",
            "        total = x + y\n", "        total = x\n",
            ("tests/test_fused_kernels.py::test_torch_path_is_the_blocks_arithmetic",)),
+    Mutant("exact-levels-planned-with-the-float-video", "fastvideo/models/wan/vae.py",
+           "        if levels:\n            video //= per_value\n", "",
+           ("tests/test_memory_fit.py::test_exact_tiles_as_levels_fit_fewer_tiles",)),
+    Mutant("exact-levels-tiles-truncated-not-rounded", "fastvideo/models/wan/vae.py",
+           "convert = to_levels if levels else None", "convert = None",
+           ("tests/test_memory_fit.py::test_exact_tiles_as_levels_are_the_tiled_video_converted",)),
+    Mutant("exact-levels-gathered-in-the-mid-blocks-dtype", "fastvideo/models/wan/vae.py",
+           "like = mid.new_empty((0,) * mid.ndim, dtype=torch.uint8) if levels else mid",
+           "like = mid",
+           ("tests/test_memory_fit.py::test_exact_tiles_as_levels_over_ranks_equal_one_rank",)),
 ]  # fmt: skip
 
 
