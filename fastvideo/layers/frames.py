@@ -13,5 +13,5 @@ def to_levels(video: torch.Tensor) -> torch.Tensor:
     """A decoded video (any float dtype, nominally in [-1, 1]) -> uint8 levels, same shape:
     clamped to [-1, 1], then ``round(255 * (x / 2 + 0.5))`` in fp32. One fp32 temporary,
     the rest in place."""
-    x = video.float().clamp(-1.0, 1.0)  # a new tensor even when video is fp32
+    x = video.to(torch.float32, copy=True).clamp_(-1.0, 1.0)
     return x.div_(2).add_(0.5).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
