@@ -100,6 +100,8 @@ class Request:
     sink: RequestSink
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # when its batch was launched (monotonic)
+    # Set by a successful abort: no progress is reported from then on, only its end.
+    aborted: bool = False
 
     @property
     def request_id(self) -> str:
@@ -215,12 +217,15 @@ class EngineCore:
         return len(accepted)
 
     def abort(self, request_id: str) -> bool:
-        """Abort a waiting request now, or a running one at its next step boundary.
-        Returns False when the request is unknown or already over."""
+        """Abort a waiting request now, or a running one at its next step boundary; from
+        the moment this returns True no progress of it is reported, only its end (the
+        abort error, or its output when it finished first). Returns False when the
+        request is unknown or already over."""
         with self._cond:
             scheduled = self.scheduler.abort(request_id)
         if scheduled is None:
             return False
+        scheduled.payload.aborted = True
         if scheduled.state is RequestState.ABORTED:  # it was still waiting
             self._deliver(
                 scheduled.payload, RequestAbortedError(f"request {request_id} was aborted")
@@ -293,7 +298,7 @@ class EngineCore:
     def _launch(self, batch: Batch, wire: GenerateBatch) -> None:
         def on_progress(event: Progress) -> None:
             for r in batch.requests:
-                if not r.state.is_final:
+                if not r.state.is_final and not r.payload.aborted:
                     update = ProgressEvent(
                         r.request_id, event.stage, event.step, event.total_steps, event.elapsed
                     )

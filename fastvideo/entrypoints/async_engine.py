@@ -101,6 +101,8 @@ class AsyncVideoEngine:
                     await self._save(event, request.output_file)
                     yield event
                     return
+                if request.aborted:  # queued before the abort: not reported after it
+                    continue
                 yield event
         finally:
             if not finished:
@@ -150,7 +152,8 @@ class AsyncVideoEngine:
         return self.core.info.spec.image_input
 
     async def abort(self, request_id: str) -> bool:
-        """Abort a waiting request now, a running one at its next step boundary."""
+        """Abort a waiting request now, a running one at its next step boundary. Its stream
+        yields no progress from then on (not even events queued before), only its end."""
         return self.core.abort(request_id)
 
     def shutdown(self) -> None:

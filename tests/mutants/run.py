@@ -139,6 +139,9 @@ MUTANTS = [
            "like = mid.new_empty((0,) * mid.ndim, dtype=torch.uint8) if levels else mid",
            "like = mid",
            ("tests/test_memory_fit.py::test_exact_tiles_as_levels_over_ranks_equal_one_rank",)),
+    Mutant("progress-queued-before-an-abort-still-yielded", "fastvideo/entrypoints/async_engine.py",
+           "                if request.aborted:", "                if False:",
+           ("tests/test_engine_api.py::test_abort_running_request_within_one_step",)),
 ]  # fmt: skip
 
 
