@@ -181,7 +181,7 @@ def test_abort_running_request_within_one_step(engine, monkeypatch):
     """abort() of a running request whose consumer lags behind the workers (the loop
     blocked while steps pile up in its queue): no progress is reported after abort()
     returns, and the workers stop at a step boundary soon after it (their last step ends
-    within 0.5 s of the abort; a step here takes a few ms)."""
+    within 0.5 s of the abort; a step here takes a few ms, 1000 of them outlast the sleep)."""
     computed: list[tuple[int, float]] = []  # (step, when) the workers reported, in order
     real_submit = engine.core.executor.submit
 
@@ -207,7 +207,7 @@ def test_abort_running_request_within_one_step(engine, monkeypatch):
                 height=64,
                 width=64,
                 num_frames=5,
-                num_inference_steps=400,
+                num_inference_steps=1000,  # the most allowed: it outlasts the sleep anywhere
             ):
                 if isinstance(event, ProgressEvent) and event.stage == "denoising":
                     if at_abort:

@@ -100,7 +100,7 @@ class Request:
     sink: RequestSink
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # when its batch was launched (monotonic)
-    # Set by a successful abort: no progress is reported from then on, only its end.
+    # Set by a successful abort or a timeout: no progress is reported from then on.
     aborted: bool = False
 
     @property
@@ -217,10 +217,11 @@ class EngineCore:
         return len(accepted)
 
     def abort(self, request_id: str) -> bool:
-        """Abort a waiting request now, or a running one at its next step boundary; from
-        the moment this returns True no progress of it is reported, only its end (the
-        abort error, or its output when it finished first). Returns False when the
-        request is unknown or already over."""
+        """Abort a waiting request now, or a running one at its next step boundary. Once
+        this returns True the engine starts no more progress reports of it (one already
+        being handed to its sink may still arrive; the async stream drops even that), only
+        its end: the abort error, or its output when it finished first. Returns False
+        when the request is unknown or already over."""
         with self._cond:
             scheduled = self.scheduler.abort(request_id)
         if scheduled is None:
@@ -326,6 +327,9 @@ class EngineCore:
             if overdue:
                 logger.warning("request(s) %s ran over request_timeout_s=%g", overdue, limit)
                 self._timed_out.update(overdue)
+                for r in batch.requests:
+                    if r.request_id in overdue:
+                        r.payload.aborted = True  # no more progress: only its timeout error
                 self.executor.abort(batch.batch_id, overdue)
 
     # --- completion --------------------------------------------------------------------
