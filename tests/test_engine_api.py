@@ -231,6 +231,35 @@ def test_abort_running_request_within_one_step(engine, monkeypatch):
     assert after.frames is not None
 
 
+def test_timed_out_request_reports_no_progress_after_its_timeout():
+    """request_timeout_s on a request whose consumer stalls past the timeout while steps
+    pile up in its queue: the stream yields none of them after the timeout, only
+    RequestTimeoutError."""
+    from fastvideo import RequestTimeoutError
+
+    async def main(engine):
+        after: list[int] = []
+        stalled = False
+        with pytest.raises(RequestTimeoutError):
+            async for event in engine.generate(
+                "a long video", height=128, width=128, num_frames=9, num_inference_steps=1000
+            ):
+                if isinstance(event, ProgressEvent) and event.stage == "denoising":
+                    if stalled:
+                        after.append(event.step)
+                    elif event.step == 3:
+                        time.sleep(2.0)  # past the 1 s timeout: steps queue up meanwhile
+                        stalled = True
+        return after
+
+    engine = AsyncVideoEngine.from_pretrained(DEMO_MODEL_ID, request_timeout_s=1.0)
+    try:
+        after = asyncio.run(main(engine))
+    finally:
+        engine.shutdown()
+    assert after == [], after
+
+
 def test_leaving_async_for_early_aborts_the_request(engine, monkeypatch):
     aborted: list[str] = []
     real_abort = engine.core.abort

@@ -142,6 +142,9 @@ MUTANTS = [
     Mutant("progress-queued-before-an-abort-still-yielded", "fastvideo/entrypoints/async_engine.py",
            "                if request.aborted:", "                if False:",
            ("tests/test_engine_api.py::test_abort_running_request_within_one_step",)),
+    Mutant("timed-out-request-keeps-reporting-progress", "fastvideo/engine/core.py",
+           "r.payload.aborted = True  # no more progress", "pass  # no more progress",
+           ("tests/test_engine_api.py::test_timed_out_request_reports_no_progress_after_its_timeout",)),
 ]  # fmt: skip
 
 
