@@ -47,6 +47,7 @@ from fastvideo.layers.vae_tiling import TileSizes, decode_grid, encode_grid
 from fastvideo.models import loader, weight_reader
 from fastvideo.models.wan.vae import WanVAE, WanVAEConfig
 from fastvideo.pipelines.stages.decoding import to_uint8_frames
+from tests.live_bytes import traced_peak
 from tests.tiny_models import TinyWan, build_diffusers_pipeline
 from tests.tiny_models import vae_pair as tiny_vae_pair
 from tests.vae_ranks import TINY_VAE21, TINY_VAE22, decode_exact_tiles_rank, random_vae
@@ -834,6 +835,35 @@ def test_exact_tiles_as_levels_fit_fewer_tiles():
     budget = int(3.89 * (1 << 30))
     assert vae.fit_exact_tiles(z_shape, budget) == (2, 5)
     assert vae.fit_exact_tiles(z_shape, budget, levels=True) == (2, 4)
+
+
+def test_exact_tile_plans_fit_their_budget_when_traced():
+    """Full-size Wan 2.1 VAE traced under FakeTensorMode (tensor bytes, no arithmetic):
+    every grid fit_exact_tiles plans within a budget peaks at most 0.85 of it (the rest
+    is left for the convolutions' workspaces, which a trace does not see), as floats and
+    as uint8 levels; and the uint8 decode of a grid holds no float video: its peak is
+    lower by at least 0.9 of what a float video costs beyond its uint8 frames."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        vae = WanVAE(WanVAEConfig()).eval()
+        shape = (1, 16, 6, 60, 104)  # 480x832, 21 frames
+        z = torch.randn(*shape)
+        for gib in (1.5, 3.0):
+            budget = int(gib * (1 << 30))
+            for levels in (False, True):
+                grid = vae.fit_exact_tiles(shape, budget, levels=levels)
+                assert grid is not None, (gib, levels)
+                peak = traced_peak(
+                    lambda g=grid, lv=levels: vae.decode_exact_tiles(z, *g, levels=lv)
+                )
+                assert peak <= 0.85 * budget, (gib, levels, grid, peak / (1 << 30))
+        long = (1, 16, 13, 30, 52)  # 240x416, 49 frames: the video is a large share
+        z = torch.randn(*long)
+        floats = traced_peak(lambda: vae.decode_exact_tiles(z, 2, 2))
+        levels = traced_peak(lambda: vae.decode_exact_tiles(z, 2, 2, levels=True))
+    video, _ = vae._decode_bytes(long)
+    assert floats - levels >= 0.9 * (video - video // 4), (floats, levels, video)
 
 
 def test_auto_tiling_decodes_in_exact_tiles_when_short(tiny_a, monkeypatch):
