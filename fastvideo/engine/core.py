@@ -317,7 +317,7 @@ class EngineCore:
         now = time.monotonic()
         for batch in list(self._running.values()):
             overdue = [
-                r.request_id
+                r
                 for r in batch.requests
                 if not r.state.is_final
                 and r.request_id not in self._timed_out
@@ -325,12 +325,12 @@ class EngineCore:
                 and now - r.payload.started > limit
             ]
             if overdue:
-                logger.warning("request(s) %s ran over request_timeout_s=%g", overdue, limit)
-                self._timed_out.update(overdue)
-                for r in batch.requests:
-                    if r.request_id in overdue:
-                        r.payload.aborted = True  # no more progress: only its timeout error
-                self.executor.abort(batch.batch_id, overdue)
+                ids = [r.request_id for r in overdue]
+                logger.warning("request(s) %s ran over request_timeout_s=%g", ids, limit)
+                self._timed_out.update(ids)
+                for r in overdue:
+                    r.payload.aborted = True  # no more progress: only its timeout error
+                self.executor.abort(batch.batch_id, ids)
 
     # --- completion --------------------------------------------------------------------
     def _on_done(self, batch: Batch, future: Future) -> None:

@@ -260,7 +260,7 @@ class _WorkerLoop:
 
         start = _process_start()
         breakdown.update({f"fa4_import_{k}": t - start for k, t in fa4_import_times.items()})
-        breakdown["total"] = _since_exec()
+        breakdown["total"] = time.time() - start
         memory = self.worker.memory_bytes()
         ready = WorkerReady(
             a.rank,

@@ -368,13 +368,17 @@ class WanVAE(nn.Module):
         and the causal cache). Used only to decide on tiling (``vae_tiling='auto'``)."""
         return sum(self._decode_bytes(z_shape))
 
-    def _decode_bytes(self, z_shape: tuple[int, ...]) -> tuple[int, int]:
-        """(output video, decoder activations) bytes of decoding latents ``z_shape``."""
+    def _decode_bytes(
+        self, z_shape: tuple[int, ...], video_itemsize: int | None = None
+    ) -> tuple[int, int]:
+        """(output video, decoder activations) bytes of decoding latents ``z_shape``; the
+        video in the VAE's dtype, or ``video_itemsize`` bytes a value (1: uint8 frames)."""
         b, _, frames, h, w = z_shape
         cfg = self.config
         s, size = cfg.spatial_factor, self.dtype.itemsize
         per_frame = 2 ** sum(cfg.temperal_downsample)
-        video = b * 3 * (1 + (frames - 1) * per_frame) * h * s * w * s * size
+        pixels = b * 3 * (1 + (frames - 1) * per_frame) * h * s * w * s
+        video = pixels * (size if video_itemsize is None else video_itemsize)
         width = cfg.decoder_dim * cfg.dim_mult[0]
         activations = _LIVE_DECODER_TENSORS * b * width * (per_frame + 2) * h * s * w * s * size
         return video, activations
@@ -398,12 +402,10 @@ class WanVAE(nn.Module):
         ``levels``: the decode returns uint8 frames (the videos are one byte per value)."""
         b, c, frames, h, w = z_shape
         s = self.config.spatial_factor
-        per_value = self.dtype.itemsize
-        video, _ = self._decode_bytes(z_shape)
-        if levels:
-            video //= per_value
+        video_itemsize = 1 if levels else None
+        video, _ = self._decode_bytes(z_shape, video_itemsize)
         mid = b * self.config.decoder_dim * self.config.dim_mult[-1] * frames * h * w
-        fixed = video + mid * per_value
+        fixed = video + mid * self.dtype.itemsize
         halos = self.decoder.tile_halos()
         halo_last, _ = halos[-2]
         pad = -(-halo_last * self.config.patch // s)  # the last level's halo, in latents
@@ -414,9 +416,7 @@ class WanVAE(nn.Module):
                     continue
                 th = min(h, -(-h // rows) + 2 * pad) if rows > 1 else h
                 tw = min(w, -(-w // cols) + 2 * pad) if cols > 1 else w
-                tile_video, tile = self._decode_bytes((b, c, frames, th, tw))
-                if levels:
-                    tile_video //= per_value
+                tile_video, tile = self._decode_bytes((b, c, frames, th, tw), video_itemsize)
                 # One rank writes each tile into the video at once; a rank of a parallel
                 # decode holds its whole share until the gather, then one round of it.
                 share = rows * cols // multiple_of + multiple_of if multiple_of > 1 else 1
